@@ -1,0 +1,311 @@
+"""The compositional isometric network (paper §3, §4.1, App. A.1).
+
+input adapter -> L residual blocks whose parameters mix K shared templates -> output adapter
+-> dropout -> one logits head per task.
+
+Variables:
+  params/input_adapter       patchify conv (kernel = stride) + bias
+  params/templates           every block parameter stacked on a leading K axis (with BN
+                             scale/bias under "bn" when batch_norm = "mixed")
+  params/mixture_logits      [tasks, L, K]; xi = softmax over K (learned signature only)
+  params/block_bn            BN scale/bias, [L, C] ("per_layer") or [tasks, L, C] ("per_task")
+  params/output_adapter      1x1 conv to c1, average pool, dense to c2
+  params/heads/<task>        logits layer of each task
+  batch_stats/block_bn       BN moving mean/var, [tasks, L, C]: per task and layer, never mixed
+"""
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from compmod_jax.models import blocks, ops, templates
+
+DESIGNS = {"small": (128, 256), "large": (960, 1280)}  # output adapter (c1, c2), App. A.1
+BATCH_NORM_MODES = ("per_layer", "per_task", "mixed")
+LAYER_ITERATIONS = ("auto", "loop", "scan")
+# Below this depth a Python loop over layers compiles quickly enough and gives the faster CPU
+# step; deeper models use lax.scan so that compile time stays nearly flat (benchmarks/depth.py).
+AUTO_SCAN_MIN_LAYERS = 24
+
+
+def round_channels(channels, divisor=8):
+  """MobileNet rounding: nearest multiple of `divisor`, never more than 10% below."""
+  rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+  return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+  """Everything that fixes the network's shape and computation. Validated on creation."""
+  tasks: tuple  # ((name, num_classes), ...)
+  input_channels: int
+  num_layers: int = 16
+  num_templates: int = 4
+  depth_multiplier: float = 0.6
+  design: str = "small"
+  expansion: int = 6
+  use_se: bool = True
+  se_ratio: float = 0.25
+  patch_size: int = 2
+  activation: str = "relu"
+  dropout_rate: float = 0.2
+  signature: str = "mixture"
+  explicit_signature: tuple = ()
+  signature_seed: int = 0
+  mixture_init: str = "normal"
+  mixture_init_scale: float = 1.0
+  batch_norm: str = "per_layer"
+  input_skip: bool = False
+  layer_iteration: str = "auto"
+  scan_unroll: int = 1
+  conv_impl: str = "auto"
+  bn_momentum: float = 0.99
+  bn_eps: float = 1e-3
+
+  def __post_init__(self):
+    _validate(self)
+
+  @classmethod
+  def from_config(cls, model_config, tasks, input_channels):
+    """Builds the spec from `config.model`; an unknown key is an error naming it."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"tasks", "input_channels"}
+    values = dict(model_config)
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"Unknown config.model field(s) {unknown}; valid: {sorted(fields)}")
+    explicit = values.get("explicit_signature", ())
+    if isinstance(explicit, str):
+      explicit = tuple(int(t) for t in explicit.replace(" ", "").split(",") if t)
+    values["explicit_signature"] = tuple(explicit)
+    return cls(tasks=tuple((str(n), int(c)) for n, c in tasks), input_channels=input_channels,
+               **values)
+
+  @property
+  def width(self):
+    return round_channels(40 * self.depth_multiplier)
+
+  @property
+  def expanded(self):
+    return self.width * self.expansion
+
+  @property
+  def squeezed(self):
+    return max(1, int(self.expanded * self.se_ratio))
+
+  @property
+  def output_adapter_channels(self):
+    return DESIGNS[self.design]
+
+  @property
+  def bank_size(self):
+    """Number of stacked templates: L for the plain network (every layer its own block)."""
+    return self.num_layers if self.signature == "plain" else self.num_templates
+
+  @property
+  def fixed_signature(self) -> Optional[tuple]:
+    if self.signature == templates.LEARNED:
+      return None
+    return templates.build_signature(self.signature, self.num_layers, self.bank_size,
+                                     self.explicit_signature, self.signature_seed)
+
+  @property
+  def uses_scan(self):
+    if self.layer_iteration == "auto":
+      return self.num_layers >= AUTO_SCAN_MIN_LAYERS
+    return self.layer_iteration == "scan"
+
+  def task_index(self, task):
+    names = [name for name, _ in self.tasks]
+    if isinstance(task, int):
+      return task
+    if task not in names:
+      raise ValueError(f"Unknown task {task!r}; the model's tasks are {names}")
+    return names.index(task)
+
+
+def _choice(name, value, options):
+  if value not in options:
+    raise ValueError(f"config.model.{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def _validate(spec):
+  if not spec.tasks:
+    raise ValueError("The model needs at least one task (name, num_classes).")
+  for name, classes in spec.tasks:
+    if classes < 2:
+      raise ValueError(f"Task {name!r} has {classes} classes; a classifier needs at least 2.")
+  for name in ("num_layers", "num_templates", "expansion", "patch_size", "input_channels",
+               "scan_unroll"):
+    if getattr(spec, name) <= 0:
+      raise ValueError(f"config.model.{name} must be a positive integer, got "
+                       f"{getattr(spec, name)!r}")
+  if spec.depth_multiplier <= 0:
+    raise ValueError(f"config.model.depth_multiplier must be > 0, got {spec.depth_multiplier}")
+  if not 0.0 <= spec.dropout_rate < 1.0:
+    raise ValueError(f"config.model.dropout_rate must be in [0, 1), got {spec.dropout_rate}")
+  if not 0.0 < spec.bn_momentum < 1.0:
+    raise ValueError(f"config.model.bn_momentum must be in (0, 1), got {spec.bn_momentum}")
+  _choice("design", spec.design, DESIGNS)
+  _choice("activation", spec.activation, ops.ACTIVATIONS)
+  _choice("signature", spec.signature, templates.SIGNATURES)
+  _choice("mixture_init", spec.mixture_init, templates.MIXTURE_INITS)
+  _choice("batch_norm", spec.batch_norm, BATCH_NORM_MODES)
+  _choice("layer_iteration", spec.layer_iteration, LAYER_ITERATIONS)
+  _choice("conv_impl", spec.conv_impl, ops.CONV_IMPLS + ("auto",))
+  if spec.signature == "explicit":
+    sig = spec.explicit_signature
+    if len(sig) != spec.num_layers:
+      raise ValueError(f"config.model.explicit_signature has {len(sig)} entries but "
+                       f"num_layers is {spec.num_layers}; give one template per layer.")
+    if not all(1 <= t <= spec.num_templates for t in sig):
+      raise ValueError(f"config.model.explicit_signature entries are 1-based template indices "
+                       f"in 1..{spec.num_templates}, got {sig}")
+  if spec.signature == "progressive" and spec.num_layers < spec.num_templates:
+    raise ValueError(f"A progressive signature uses every template at least once, so "
+                     f"num_layers ({spec.num_layers}) must be >= num_templates "
+                     f"({spec.num_templates}).")
+
+
+class CompositionalIsometricNet(nn.Module):
+  """See the module docstring. Call with a task (index or name) to get that task's logits."""
+  spec: NetworkSpec
+
+  def setup(self):
+    spec = self.spec
+    c1, c2 = spec.output_adapter_channels
+    num_tasks = len(spec.tasks)
+    self.input_adapter = self.param("input_adapter", _init_dense_tree, {
+        "kernel": (spec.patch_size, spec.patch_size, spec.input_channels, spec.width),
+        "bias": (spec.width,)})
+    self.templates = self.param("templates", self._init_templates)
+    if spec.signature == templates.LEARNED:
+      self.mixture_logits = self.param(
+          "mixture_logits", templates.init_mixture_logits, spec.mixture_init,
+          (num_tasks, spec.num_layers, spec.bank_size), spec.mixture_init_scale)
+    bn_prefix = {"per_layer": (spec.num_layers,), "per_task": (num_tasks, spec.num_layers)}
+    if spec.batch_norm in bn_prefix:
+      self.block_bn = self.param("block_bn", _init_bn_params, self._bn_channels(),
+                                 bn_prefix[spec.batch_norm])
+    self.bn_stats = self.variable("batch_stats", "block_bn", _init_bn_stats, self._bn_channels(),
+                                  (num_tasks, spec.num_layers))
+    self.output_adapter = self.param("output_adapter", _init_dense_tree, {
+        "conv_kernel": (spec.width, c1), "conv_bias": (c1,),
+        "dense_kernel": (c1, c2), "dense_bias": (c2,)})
+    self.heads = self.param("heads", _init_dense_tree, {
+        name: {"kernel": (c2, classes), "bias": (classes,)} for name, classes in spec.tasks})
+    self.dropout = nn.Dropout(spec.dropout_rate)
+
+  def __call__(self, images, task=0, train=False):
+    """Logits of `task` for NHWC images. In training, updates that task's BN statistics."""
+    features = self.body_features(images, task, train)
+    embedding = self.embed(features)
+    embedding = self.dropout(embedding, deterministic=not train)
+    head = self.heads[self.spec.tasks[self.spec.task_index(task)][0]]
+    return embedding @ head["kernel"] + head["bias"]
+
+  def body_features(self, images, task=0, train=False):
+    """Output of the last block (the input of the output adapter), [N, H', W', C]."""
+    act = ops.ACTIVATIONS[self.spec.activation]
+    x = act(ops.patchify_conv(images, self.input_adapter["kernel"], self.input_adapter["bias"]))
+    return self._run_blocks(x, self.spec.task_index(task), train)
+
+  def embed(self, features):
+    """Output adapter: 1x1 conv + act, global average pool, dense + act."""
+    act = ops.ACTIVATIONS[self.spec.activation]
+    p = self.output_adapter
+    h = act(ops.conv1x1(features, p["conv_kernel"]) + p["conv_bias"])
+    return act(jnp.mean(h, axis=(1, 2)) @ p["dense_kernel"] + p["dense_bias"])
+
+  def layer_parameters(self, task_index):
+    """Block parameters and BN scale/bias of every layer for one task, stacked on axis L."""
+    spec = self.spec
+    signature = spec.fixed_signature
+    if signature is None:
+      xi = templates.mixture_weights(self.mixture_logits[task_index])
+      layer_params = templates.mix_templates(xi, self.templates)
+    elif signature == tuple(range(spec.bank_size)):
+      layer_params = self.templates  # plain network: the bank already is per layer
+    else:
+      layer_params = templates.select_templates(signature, self.templates)
+    layer_params = dict(layer_params)  # setup() attributes are FrozenDicts
+    if spec.batch_norm == "mixed":
+      bn = layer_params.pop("bn")
+    elif spec.batch_norm == "per_task":
+      bn = jax.tree.map(lambda p: p[task_index], self.block_bn)
+    else:
+      bn = self.block_bn
+    return layer_params, bn
+
+  def _run_blocks(self, x, task_index, train):
+    spec = self.spec
+    layer_params, bn = self.layer_parameters(task_index)
+    stats = jax.tree.map(lambda s: s[task_index], self.bn_stats.value)
+    skip = x if spec.input_skip else None
+
+    def block(h, per_layer):
+      params, bn_params, bn_stats = per_layer
+      return blocks.inverted_residual(
+          h, skip, params, bn_params, bn_stats, train=train,
+          activation=ops.ACTIVATIONS[spec.activation],
+          conv_impl=ops.resolve_conv_impl(spec.conv_impl), bn_eps=spec.bn_eps)
+
+    per_layer = (layer_params, bn, stats)
+    if spec.uses_scan:
+      x, batch_stats = jax.lax.scan(block, x, per_layer, unroll=spec.scan_unroll)
+    else:
+      outputs = []
+      for layer in range(spec.num_layers):
+        x, layer_stats = block(x, jax.tree.map(lambda a, i=layer: a[i], per_layer))
+        outputs.append(layer_stats)
+      batch_stats = jax.tree.map(lambda *a: jnp.stack(a), *outputs) if train else None
+    if train and not self.is_initializing():
+      self._update_moving_stats(task_index, stats, batch_stats)
+    return x
+
+  def _update_moving_stats(self, task_index, old, batch):
+    momentum = self.spec.bn_momentum
+    new = jax.tree.map(lambda o, b: momentum * o + (1.0 - momentum) * b, old,
+                       jax.lax.stop_gradient(batch))
+    self.bn_stats.value = jax.tree.map(lambda all_tasks, n: all_tasks.at[task_index].set(n),
+                                       self.bn_stats.value, new)
+
+  def _bn_channels(self):
+    return blocks.bn_channels(self.spec.width, self.spec.expanded)
+
+  def _init_templates(self, key):
+    spec = self.spec
+    shapes = blocks.template_shapes(spec.width, spec.expanded, spec.squeezed, spec.use_se,
+                                    spec.input_skip)
+    bank = jax.vmap(lambda k: blocks.init_template(k, shapes))(
+        jax.random.split(key, spec.bank_size))
+    if spec.batch_norm == "mixed":
+      bank["bn"] = _init_bn_params(None, self._bn_channels(), (spec.bank_size,))
+    return bank
+
+
+def _init_dense_tree(key, shapes):
+  """He-normal kernels (fan-in = all but the last axis) and zero biases for a tree of shapes."""
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  keys = jax.random.split(key, len(leaves))
+  values = []
+  for key_i, shape in zip(keys, leaves):
+    if len(shape) == 1:
+      values.append(jnp.zeros(shape))
+    else:
+      fan_in = math.prod(shape[:-1])
+      values.append((2.0 / fan_in) ** 0.5 * jax.random.truncated_normal(key_i, -2.0, 2.0, shape))
+  return jax.tree.unflatten(treedef, values)
+
+
+def _init_bn_params(key, channels, prefix):
+  del key
+  return {name: {"scale": jnp.ones(prefix + (c,)), "bias": jnp.zeros(prefix + (c,))}
+          for name, c in channels.items()}
+
+
+def _init_bn_stats(channels, prefix):
+  return {name: {"mean": jnp.zeros(prefix + (c,)), "var": jnp.ones(prefix + (c,))}
+          for name, c in channels.items()}

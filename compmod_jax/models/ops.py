@@ -1,0 +1,116 @@
+"""Array operations of the isometric block, each behind one function.
+
+XLA:CPU's grouped (depthwise) convolution and, above all, its gradient are several times slower
+than the same arithmetic written as shifted copies of the input (see DESIGN.md §6, measured in
+`benchmarks/`). TPU and GPU have fast native depthwise convolutions, so every choice here takes an
+`impl` argument that `resolve_conv_impl` fills in per backend.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+CONV_IMPLS = ("shifted", "native")
+ACTIVATIONS = {"relu": nn.relu, "hard_swish": nn.hard_swish, "swish": nn.swish}
+
+
+def resolve_conv_impl(conv_impl):
+  """'auto' picks shifted copies on CPU and the native grouped convolution elsewhere."""
+  if conv_impl == "auto":
+    return "shifted" if jax.default_backend() == "cpu" else "native"
+  return conv_impl
+
+
+def conv1x1(x, kernel):
+  """A 1x1 convolution over NHWC input: a contraction over channels."""
+  return jnp.einsum("...c,cd->...d", x, kernel)
+
+
+def patchify_conv(images, kernel, bias):
+  """A VALID convolution whose kernel size equals its stride, as one matmul over patches.
+
+  Rows and columns that do not fill a whole patch are dropped, as a VALID convolution does.
+  """
+  patch = kernel.shape[0]
+  n, h, w, c = images.shape
+  h_out, w_out = h // patch, w // patch
+  x = images[:, : h_out * patch, : w_out * patch]
+  x = x.reshape(n, h_out, patch, w_out, patch, c)
+  return jnp.einsum("nhpwqc,pqcd->nhwd", x, kernel) + bias
+
+
+def depthwise_conv3x3(x, kernel, impl):
+  """3x3 depthwise convolution, stride 1, SAME padding. x: [N, H, W, C], kernel: [3, 3, C]."""
+  if impl == "native":
+    return jax.lax.conv_general_dilated(
+        x, kernel[:, :, None, :], window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+  if impl == "shifted":
+    return _depthwise_conv3x3_shifted(x, kernel)
+  raise ValueError(f"conv_impl must be one of {CONV_IMPLS} or 'auto', got {impl!r}")
+
+
+def _shift(x, offset, axis):
+  """out[i] = x[i - offset] along `axis`, zero where that index falls outside."""
+  size = x.shape[axis]
+  zeros = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
+  if offset == 1:
+    return jnp.concatenate([zeros, jax.lax.slice_in_dim(x, 0, size - 1, axis=axis)], axis=axis)
+  return jnp.concatenate([jax.lax.slice_in_dim(x, 1, size, axis=axis), zeros], axis=axis)
+
+
+def _depthwise_conv3x3_shifted(x, kernel):
+  # out[h, w] = sum_ij x[h + i - 1, w + j - 1] * kernel[i, j]. Three width-shifted copies are
+  # shared by the three kernel rows; each row sum is then shifted along height once.
+  columns = (_shift(x, 1, axis=2), x, _shift(x, -1, axis=2))
+  rows = [sum(col * kernel[i, j] for j, col in enumerate(columns)) for i in range(3)]
+  return _shift(rows[0], 1, axis=1) + rows[1] + _shift(rows[2], -1, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, eps):
+  """Batch norm over all axes but the last, with batch statistics.
+
+  Returns (y, mean, var). The hand-written backward pass recomputes the normalised input
+  instead of storing it, which saves one activation-sized tensor per BN (the step is
+  memory-bound on CPU). mean and var feed only the moving averages, never the loss, so their
+  cotangents are ignored.
+  """
+  y, mean, var, _ = _batch_norm_forward(x, scale, bias, eps)
+  return y, mean, var
+
+
+def _batch_norm_forward(x, scale, bias, eps):
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean), 0.0)
+  inv_std = jax.lax.rsqrt(var + eps)
+  y = (x - mean) * (inv_std * scale) + bias
+  return y, mean, var, inv_std
+
+
+def _batch_norm_fwd(x, scale, bias, eps):
+  y, mean, var, inv_std = _batch_norm_forward(x, scale, bias, eps)
+  return (y, mean, var), (x, mean, inv_std, scale)
+
+
+def _batch_norm_bwd(eps, residuals, cotangents):
+  del eps
+  x, mean, inv_std, scale = residuals
+  dy = cotangents[0]
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  x_hat = (x - mean) * inv_std
+  dbias = jnp.sum(dy, axis=axes)
+  dscale = jnp.sum(dy * x_hat, axis=axes)
+  dx = (scale * inv_std) * (dy - (dbias + x_hat * dscale) / count)
+  return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm_eval(x, scale, bias, mean, var, eps):
+  """Batch norm with moving statistics (inference)."""
+  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
