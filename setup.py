@@ -25,6 +25,8 @@ setup(
         "matplotlib>=3.8,<4",
         "numpy>=1.26,<3",
         "absl-py>=2.1",
+        # tensorflow-datasets 4.9.x imports it without declaring it (tensorflow/datasets#11212).
+        "importlib_resources>=6",
     ],
     extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
     entry_points={"console_scripts": ["compmod=compmod_jax.main:run"]},

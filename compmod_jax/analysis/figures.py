@@ -1,0 +1,40 @@
+"""Pictures of what the mixture weights learned: one layers x templates heatmap per task."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def mixture_heatmaps(xi_by_task, step):
+  """Per-task heatmaps of xi (rows: layers, columns: templates) side by side.
+
+  Returns the figure as an RGB uint8 array [H, W, 3], for PNG files and TensorBoard.
+  """
+  tasks = sorted(xi_by_task)
+  num_layers, num_templates = np.asarray(xi_by_task[tasks[0]]).shape
+  width = 1.2 + len(tasks) * max(2.0, 0.35 * num_templates + 1.0)
+  fig, axes = plt.subplots(1, len(tasks), figsize=(width, 1.0 + 0.28 * num_layers),
+                           squeeze=False, constrained_layout=True)
+  for ax, task in zip(axes[0], tasks):
+    image = ax.imshow(np.asarray(xi_by_task[task]), vmin=0.0, vmax=1.0, cmap="viridis",
+                      aspect="auto", interpolation="nearest")
+    ax.set_title(task, fontsize=9)
+    ax.set_xlabel("template")
+    ax.set_xticks(range(num_templates), [str(k + 1) for k in range(num_templates)], fontsize=7)
+    ax.set_yticks(range(num_layers), [str(l + 1) for l in range(num_layers)], fontsize=7)
+  axes[0][0].set_ylabel("layer")
+  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mixture weight")
+  fig.suptitle(f"mixture weights at step {step}", fontsize=10)
+  return _to_rgb(fig)
+
+
+def _to_rgb(fig):
+  fig.canvas.draw()
+  rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return rgb
+
+
+def save_png(rgb, path):
+  plt.imsave(path, rgb)

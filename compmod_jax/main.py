@@ -1,0 +1,48 @@
+"""Trains and evaluates one experiment config.
+
+  python -m compmod_jax.main --config=configs/digits.py --workdir=/tmp/digits
+  python -m compmod_jax.main --config=configs/digits.py:tiny --workdir=/tmp/t --config.seed=1
+
+Rerunning the same command resumes from the workdir's last checkpoint. On a TPU pod, run the
+same command on every worker (see launch/tpu_pod.sh); --distributed initialises
+jax.distributed first.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from compmod_jax.train import loop  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, pictures and results.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; "
+                  "on Cloud TPU it finds the coordinator by itself).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if results:
+    for task, values in sorted(results["tasks"].items()):
+      logging.info("final %s test accuracy: %.4f", task, values["test_accuracy"])
+
+
+def run():
+  """Console-script entry point (`compmod`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,72 @@
+"""Defaults every experiment config starts from (configs/*.py override what they change).
+
+The paper's training recipe (App. A.2): RMSProp, learning rate 0.02-0.04, dropout keep 0.8,
+weight decay 1e-5 on kernels, evaluation with an exponential moving average of the weights.
+"""
+import ml_collections
+
+from compmod_jax.train import optim
+
+
+def base_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 1000
+  config.batch_size = 128          # global, per task and step
+  config.eval_batch_size = 500     # global
+  config.log_every = 50
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  config.ema_decay = 0.999         # 0 evaluates the raw weights
+  config.mesh_shape = (-1,)        # devices along the "data" axis; -1 = all
+
+  # Preprocessing shared by all tasks (compmod_jax/data/pipeline.py).
+  config.data = ml_collections.ConfigDict(dict(
+      data_dir=ml_collections.config_dict.placeholder(str), download=False,
+      train_split="train", eval_split="test", image_size=28, channels=1,
+      normalization="unit", augment="none", shuffle_buffer=10_000))
+  # Each task: a TFDS dataset name and the weight of its loss.
+  config.tasks = ml_collections.ConfigDict({
+      "mnist": ml_collections.ConfigDict(dict(dataset="embedded_digits/mnist", weight=1.0))})
+
+  config.model = ml_collections.ConfigDict(dict(
+      num_layers=16, num_templates=4, depth_multiplier=0.6, design="small", expansion=6,
+      use_se=True, se_ratio=0.25, patch_size=2, activation="relu", dropout_rate=0.2,
+      signature="mixture", explicit_signature="", signature_seed=0, mixture_init="normal",
+      mixture_init_scale=1.0, batch_norm="per_layer", input_skip=False,
+      layer_iteration="auto", scan_unroll=1, conv_impl="auto", bn_momentum=0.99,
+      bn_eps=1e-3))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="rmsprop", learning_rate=0.02, schedule="cosine", warmup_steps=50,
+      final_lr_fraction=0.01, decay_steps=1000, decay_rate=0.5, momentum=0.9,
+      rmsprop_decay=0.9, eps=1e-3, nesterov=False, adam_b1=0.9, adam_b2=0.999,
+      weight_decay=1e-5, grad_clip_norm=0.0,
+      lr_multipliers=ml_collections.ConfigDict({name: 1.0 for name, _ in
+                                                optim.PARAMETER_GROUPS})))
+
+  config.regularizers = ml_collections.ConfigDict(dict(
+      entropy_weight=0.0, clustering_weight=0.0, clustering_g="square"))
+  return config
+
+
+def validate(config, device_count):
+  """Errors for training fields, raised before any heavy work (the model spec checks its own)."""
+  for name in ("total_steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
+               "checkpoint_every", "keep_checkpoints"):
+    if config[name] <= 0:
+      raise ValueError(f"config.{name} must be a positive integer, got {config[name]!r}")
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % device_count:
+      raise ValueError(f"config.{name}={config[name]} must be divisible by the number of "
+                       f"devices ({device_count}); try {max(1, config[name] // device_count) * device_count}.")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  if not config.tasks:
+    raise ValueError("config.tasks is empty; give at least one task with a dataset.")
+  for task, task_config in config.tasks.items():
+    if "/" in task:
+      raise ValueError(f"Task name {task!r} may not contain '/'.")
+    if not task_config.get("dataset"):
+      raise ValueError(f"config.tasks.{task}.dataset must name a TFDS dataset.")

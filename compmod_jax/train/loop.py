@@ -1,0 +1,304 @@
+"""train_and_evaluate(config, workdir): the one loop every experiment runs.
+
+config -> per-task data streams (each process reads its own share) -> global batches sharded
+over the mesh's "data" axis -> jitted train step (method loss + regularisers, partitioned
+optimizer, EMA) -> metrics, mixture-weight pictures, results.json, checkpoints.
+"""
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from compmod_jax.analysis import figures
+from compmod_jax.data import pipeline
+from compmod_jax.methods import regularizers, supervised
+from compmod_jax.models import templates
+from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.train import checkpoint, defaults, optim, steps
+
+
+def make_mesh(config):
+  """A data-parallel mesh. Auto axis types: replicated params need no explicit sharding."""
+  shape = tuple(jax.device_count() if n == -1 else n for n in config.mesh_shape)
+  return jax.make_mesh(shape, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def task_data_config(config, task):
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.name = config.tasks[task].dataset
+  return data_config
+
+
+def make_streams(config, *, train):
+  """{task: DataStream} with this process's share of each task's split."""
+  batch_size = config.batch_size if train else config.eval_batch_size
+  return {task: pipeline.DataStream(
+      task_data_config(config, task), batch_size=batch_size // jax.process_count(),
+      train=train, seed=config.seed + index, process_index=jax.process_index(),
+      process_count=jax.process_count()) for index, task in enumerate(sorted(config.tasks))}
+
+
+def make_model(config, streams):
+  tasks = [(task, pipeline.num_classes(stream.builder)) for task, stream in
+           sorted(streams.items())]
+  spec = NetworkSpec.from_config(config.model, tasks, config.data.channels)
+  return CompositionalIsometricNet(spec)
+
+
+def global_batch(mesh, local_batch):
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)
+
+
+def create_train_state(config, model, mesh, example_images):
+  """Parameters are created already replicated on the mesh (jit with out_shardings)."""
+  params_shapes = jax.eval_shape(model.init, jax.random.key(0), example_images)["params"]
+  tx, schedule = optim.make_optimizer(config, params_shapes)
+  trainable = optim.trainable_mask(params_shapes, config)
+  replicated = NamedSharding(mesh, P())
+
+  def init(rng):
+    variables = model.init(rng, example_images)
+    params = variables["params"]
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            batch_stats=variables["batch_stats"], opt_state=tx.init(params),
+                            ema_params=params)
+
+  state = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  return state, tx, schedule, trainable
+
+
+def mixture_weights_by_task(model, params):
+  """{task: xi [L, K]} for a learned signature, or the one-hot fixed signature."""
+  spec = model.spec
+  if "mixture_logits" in params:
+    xi = np.asarray(templates.mixture_weights(params["mixture_logits"]))
+  else:
+    one_hot = np.eye(spec.bank_size)[np.asarray(spec.fixed_signature)]
+    xi = np.broadcast_to(one_hot, (len(spec.tasks),) + one_hot.shape)
+  return {task: xi[index] for index, (task, _) in enumerate(spec.tasks)}
+
+
+def mixture_scalars(model, params):
+  """Per-layer entropy and max of xi for each task (learned signatures only)."""
+  if "mixture_logits" not in params:
+    return {}
+  entropy = np.asarray(regularizers.mixture_entropy(params["mixture_logits"]))
+  scalars = {}
+  for task, xi in mixture_weights_by_task(model, params).items():
+    index = model.spec.task_index(task)
+    for layer in range(xi.shape[0]):
+      scalars[f"xi_entropy/{task}/layer_{layer + 1:02d}"] = entropy[index, layer]
+      scalars[f"xi_max/{task}/layer_{layer + 1:02d}"] = xi[layer].max()
+    scalars[f"xi_entropy/{task}/mean"] = entropy[index].mean()
+  return scalars
+
+
+def evaluate(state, eval_streams, eval_steps, mesh):
+  """Accuracy and loss of each task on its whole eval split (padded batches are masked)."""
+  results = {}
+  for task, stream in sorted(eval_streams.items()):
+    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+    for local_batch in stream:
+      sums = eval_steps[task](state, global_batch(mesh, local_batch))
+      for key in totals:
+        totals[key] += float(sums[key])
+    count = max(totals["count"], 1.0)
+    results[task] = {"test_accuracy": totals["correct"] / count,
+                     "test_loss": totals["loss_sum"] / count, "test_examples": int(count)}
+  return results
+
+
+def write_results(workdir, results, step, wall_time_s):
+  """results.json: the interface later tools read; rewritten atomically at each evaluation."""
+  payload = {"tasks": results, "step": int(step), "wall_time_s": float(wall_time_s)}
+  temporary = os.path.join(workdir, "results.json.tmp")
+  with open(temporary, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(temporary, os.path.join(workdir, "results.json"))
+  return payload
+
+
+def read_results(workdir):
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM (a TPU preemption notice) into a request to save and stop at the next step
+  boundary, instead of dying mid-step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def stop_requested(watcher, step):
+  """Whether to save and stop after `step` (tests patch this to simulate an interruption)."""
+  del step
+  return watcher.requested
+
+
+def prepare_workdir(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as error:
+    raise ValueError(f"The workdir {workdir!r} cannot be created or written: {error}. Pass "
+                     f"--workdir=<a writable directory>.") from error
+
+
+def train_and_evaluate(config, workdir):
+  """Trains and evaluates `config` in `workdir`, resuming from its last checkpoint if any.
+
+  Returns the final results.json payload.
+  """
+  defaults.validate(config, jax.device_count())
+  prepare_workdir(workdir)
+  mesh = make_mesh(config)
+  train_streams = make_streams(config, train=True)
+  eval_streams = make_streams(config, train=False)
+  model = make_model(config, train_streams)
+  example_images = jnp.zeros((1,) + _image_shape(config, eval_streams), jnp.float32)
+  state, tx, schedule, trainable = create_train_state(config, model, mesh, example_images)
+  checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  try:
+    state, meta = _maybe_resume(config, workdir, checkpointer, state, train_streams)
+    if int(state.step) >= config.total_steps:
+      logging.info("Run in %s already finished at step %d.", workdir, int(state.step))
+      return read_results(workdir) or write_results(
+          workdir, evaluate(state, eval_streams, _eval_steps(model, eval_streams), mesh),
+          int(state.step), meta.get("wall_time_s", 0.0))
+    return _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_streams,
+                  eval_streams, checkpointer, meta.get("wall_time_s", 0.0))
+  finally:
+    checkpointer.close()
+
+
+def _image_shape(config, eval_streams):
+  stream = next(iter(eval_streams.values()))
+  shape = next(iter(stream))["image"].shape[1:]
+  iter(stream)  # restart the pass consumed for the shape
+  return tuple(shape)
+
+
+def _eval_steps(model, eval_streams):
+  return {task: steps.jit_eval_step(model, task) for task in eval_streams}
+
+
+def _maybe_resume(config, workdir, checkpointer, state, train_streams):
+  step = checkpointer.latest_step()
+  if step is None:
+    return state, {}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  restored, meta = checkpointer.restore(step, abstract, train_streams)
+  conflicts = checkpoint.config_conflicts(meta["config"], config)
+  if conflicts:
+    raise ValueError(
+        f"The checkpoint in {workdir} was made with another config; refusing to resume:\n  "
+        + "\n  ".join(conflicts) + "\nUse a new --workdir, or the checkpoint's config "
+        f"(saved in {os.path.join(workdir, 'config.json')}).")
+  logging.info("Resumed from %s at step %d.", workdir, step)
+  return restored, meta
+
+
+def _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_streams,
+           eval_streams, checkpointer, wall_time_before):
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  first_step = int(state.step)
+  if first_step == 0:
+    parameter_overview.log_parameter_overview(state.params)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  task_weights = {task: config.tasks[task].weight for task in config.tasks}
+  loss_fn = lambda *args: supervised.classification_loss(*args, task_weights=task_weights)
+  train_step = steps.jit_train_step(
+      jax.tree.map(lambda a: a.sharding, state), model=model, tx=tx, loss_fn=loss_fn,
+      trainable=trainable, config=config)
+  eval_steps = _eval_steps(model, eval_streams)
+  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+  started = time.time()
+  pending_metrics = []
+  results = read_results(workdir)
+  train_iterators = {task: iter(stream) for task, stream in train_streams.items()}
+  with PreemptionWatcher() as watcher:
+    for step in range(first_step + 1, config.total_steps + 1):
+      local_batch = {task: next(it) for task, it in train_iterators.items()}
+      state, metrics = train_step(state, global_batch(mesh, local_batch))
+      pending_metrics.append(metrics)
+      progress(step)
+      last = step == config.total_steps
+      if step % config.log_every == 0 or last:
+        _write_train_metrics(writer, step, pending_metrics, schedule, model, state)
+        pending_metrics = []
+      if step % config.eval_every == 0 or last:
+        wall_time = wall_time_before + time.time() - started
+        results = _evaluate_and_report(workdir, writer, step, state, model, eval_streams,
+                                       eval_steps, mesh, wall_time)
+      stopping = stop_requested(watcher, step)
+      if step % config.checkpoint_every == 0 or last or stopping:
+        meta = {"config": config.to_dict(), "step": step,
+                "wall_time_s": wall_time_before + time.time() - started}
+        checkpointer.save(step, state, meta, train_streams)
+      if stopping:
+        logging.warning("Stopped at step %d after saving; rerun the same command to resume.",
+                        step)
+        break
+  writer.flush()
+  return results
+
+
+def _write_train_metrics(writer, step, pending_metrics, schedule, model, state):
+  averaged = {k: float(np.mean([float(m[k]) for m in pending_metrics]))
+              for k in pending_metrics[0]}
+  averaged["learning_rate"] = float(schedule(step - 1))
+  averaged.update(mixture_scalars(model, jax.device_get(state.params)))
+  writer.write_scalars(step, averaged)
+
+
+def _evaluate_and_report(workdir, writer, step, state, model, eval_streams, eval_steps, mesh,
+                         wall_time):
+  results = evaluate(state, eval_streams, eval_steps, mesh)
+  scalars = {f"{task}/{key}": value for task, r in results.items() for key, value in r.items()}
+  writer.write_scalars(step, scalars)
+  heatmap = figures.mixture_heatmaps(mixture_weights_by_task(model, jax.device_get(
+      state.ema_params)), step)
+  writer.write_images(step, {"mixture_weights": heatmap[None]})
+  if jax.process_index() == 0:
+    figures.save_png(heatmap, os.path.join(workdir, "mixture_weights.png"))
+    write_results(workdir, results, step, wall_time)
+  logging.info("step %d: %s", step, ", ".join(
+      f"{task} test accuracy {r['test_accuracy']:.4f}" for task, r in results.items()))
+  return {"tasks": results, "step": step, "wall_time_s": wall_time}

@@ -1,0 +1,66 @@
+"""Pure train and eval steps. The loop jits them once; sharding follows the inputs (parameters
+replicated, batches split over the mesh's "data" axis), so the same code runs on 1 device,
+N devices and several hosts."""
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from compmod_jax.methods import regularizers
+from compmod_jax.train import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any
+
+
+def train_step(state, batch, *, model, tx, loss_fn, trainable, config):
+  """One update. loss_fn(model, params, batch_stats, batch, rng) -> (loss, (stats, metrics))."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
+  def objective(params):
+    loss, (batch_stats, metrics) = loss_fn(model, params, state.batch_stats, batch, rng)
+    reg_losses = regularizers.regularization_losses(params, config)
+    return loss + sum(reg_losses.values()), (batch_stats, metrics, reg_losses)
+
+  (total, (batch_stats, metrics, reg_losses)), grads = jax.value_and_grad(
+      objective, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # Frozen parameters keep their EMA untouched too, so they stay bit-identical everywhere.
+  ema = optim.ema_update(state.ema_params, params, config.ema_decay, state.step)
+  ema = jax.tree.map(lambda t, e, old: jnp.where(t, e, old), trainable, ema, state.ema_params)
+  metrics = dict(metrics, total_loss=total, grad_norm=optax.global_norm(grads),
+                 param_norm=optax.global_norm(params),
+                 **{f"regularizer/{k}": v for k, v in reg_losses.items()})
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, ema_params=ema)
+  return new_state, metrics
+
+
+def eval_step(state, examples, *, model, task):
+  """Sums of correct predictions, cross-entropy and real examples over a padded batch, using
+  the EMA parameters and the moving BN statistics."""
+  variables = {"params": state.ema_params, "batch_stats": state.batch_stats}
+  logits = model.apply(variables, examples["image"], task=task, train=False)
+  mask = examples["mask"].astype(jnp.float32)
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
+  return {"correct": jnp.sum((jnp.argmax(logits, -1) == examples["label"]) * mask),
+          "loss_sum": jnp.sum(cross_entropy * mask), "count": jnp.sum(mask)}
+
+
+def jit_train_step(state_sharding, **kwargs):
+  return jax.jit(functools.partial(train_step, **kwargs), donate_argnums=(0,),
+                 out_shardings=(state_sharding, None))
+
+
+def jit_eval_step(model, task):
+  return jax.jit(functools.partial(eval_step, model=model, task=task))
