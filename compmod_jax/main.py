@@ -22,6 +22,10 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, pictures and results.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; "
                   "on Cloud TPU it finds the coordinator by itself).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                    "runs outside Cloud TPU (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -29,7 +33,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.distributed:
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  elif FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())

@@ -46,15 +46,6 @@ def to_uint8_pixels(unit_images):
 
 
 @pytest.fixture(scope="session")
-def embedded_dir(tmp_path_factory):
-    """Every embedded_digits config prepared once for the whole session."""
-    data_dir = tmp_path_factory.mktemp("tfds")
-    for config in embedded_digits.EmbeddedDigits.BUILDER_CONFIGS:
-        get_builder(f"embedded_digits/{config.name}", str(data_dir))
-    return data_dir
-
-
-@pytest.fixture(scope="session")
 def embedded_splits(embedded_dir):
     """{(config name, split): (images, labels)} of every prepared split."""
     return {

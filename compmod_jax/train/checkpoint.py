@@ -36,9 +36,13 @@ class Checkpointer:
                                                     meta=ocp.args.JsonSave(meta)))
     self._remove_stale_data_state()
 
+  def read_meta(self, step):
+    """The run metadata of a step (its config among it), without touching the arrays."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
   def restore(self, step, abstract_state, streams):
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract_state)))
     for task, stream in streams.items():
       prefix = self._data_prefix(step, task)
       if not os.path.exists(os.path.dirname(prefix)):
@@ -47,7 +51,7 @@ class Checkpointer:
             f"{task!r} (expected {os.path.dirname(prefix)}); the run cannot resume exactly. "
             f"Start it in a new workdir.")
       stream.restore(prefix)
-    return restored.state, restored.meta
+    return restored.state
 
   def close(self):
     """Finishes pending asynchronous saves; call on every exit path."""

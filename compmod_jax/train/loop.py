@@ -221,15 +221,16 @@ def _maybe_resume(config, workdir, checkpointer, state, train_streams):
   step = checkpointer.latest_step()
   if step is None:
     return state, {}
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          state)
-  restored, meta = checkpointer.restore(step, abstract, train_streams)
+  meta = checkpointer.read_meta(step)
   conflicts = checkpoint.config_conflicts(meta["config"], config)
   if conflicts:
     raise ValueError(
         f"The checkpoint in {workdir} was made with another config; refusing to resume:\n  "
         + "\n  ".join(conflicts) + "\nUse a new --workdir, or the checkpoint's config "
         f"(saved in {os.path.join(workdir, 'config.json')}).")
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  restored = checkpointer.restore(step, abstract, train_streams)
   logging.info("Resumed from %s at step %d.", workdir, step)
   return restored, meta
 

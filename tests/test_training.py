@@ -1,0 +1,302 @@
+"""The training loop, optimizer groups, regularisers and checkpoints (issue: training)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from compmod_jax.data import pipeline
+from compmod_jax.methods import regularizers
+from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.train import defaults, loop, optim
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import cifar100_signatures  # noqa: E402
+import digits  # noqa: E402
+
+
+def tiny_digits(data_dir, **overrides):
+  config = digits.get_config("tiny")
+  config.data.data_dir = str(data_dir)
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def final_params(workdir):
+  """The last checkpoint's parameters and EMA as numpy trees."""
+  checkpointer = loop.checkpoint.Checkpointer(str(workdir), keep=2)
+  try:
+    step = checkpointer.latest_step()
+    restored = checkpointer.manager.restore(step)
+    return step, restored["state"]
+  finally:
+    checkpointer.close()
+
+
+@pytest.fixture(scope="module")
+def finished_run(embedded_dir, tmp_path_factory):
+  """One uninterrupted tiny run, shared by the tests that inspect its workdir."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  config = tiny_digits(embedded_dir, total_steps=12, eval_every=12, checkpoint_every=4)
+  results = loop.train_and_evaluate(config, str(workdir))
+  return config, workdir, results
+
+
+def test_tiny_run_learns_and_writes_what_users_see(embedded_dir, tmp_path):
+  results = loop.train_and_evaluate(tiny_digits(embedded_dir), str(tmp_path))
+  accuracy = results["tasks"]["mnist"]["test_accuracy"]
+  assert accuracy > 0.4, f"a tiny run should beat chance (0.1) clearly, got {accuracy}"
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk["step"] == 60 and on_disk["wall_time_s"] > 0
+  assert on_disk["tasks"]["mnist"]["test_accuracy"] == accuracy
+  assert on_disk["tasks"]["mnist"]["test_examples"] == 1000
+  assert (tmp_path / "mixture_weights.png").stat().st_size > 1000
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["num_layers"] == 4
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(finished_run, tmp_path,
+                                                           monkeypatch):
+  config, reference_dir, _ = finished_run
+  with monkeypatch.context() as patch:
+    patch.setattr(loop, "stop_requested", lambda watcher, step: step == 5)
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert final_params(tmp_path)[0] == 5
+  loop.train_and_evaluate(config, str(tmp_path))
+  step, resumed = final_params(tmp_path)
+  reference_step, reference = final_params(reference_dir)
+  assert step == reference_step == 12
+  for name in ("params", "ema_params", "batch_stats", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, resumed[name], reference[name])
+
+
+def test_rerunning_a_finished_run_only_reports(finished_run):
+  config, workdir, results = finished_run
+  checkpoints = sorted(os.listdir(workdir / "checkpoints"))
+  started = time.time()
+  again = loop.train_and_evaluate(config, str(workdir))
+  assert again == json.loads((workdir / "results.json").read_text())
+  assert again["tasks"] == results["tasks"] and again["step"] == 12
+  assert sorted(os.listdir(workdir / "checkpoints")) == checkpoints
+  assert time.time() - started < 30
+
+
+def test_checkpoint_with_another_config_is_refused(finished_run):
+  config, workdir, _ = finished_run
+  changed = tiny_digits(config.data.data_dir, total_steps=12, eval_every=12,
+                        checkpoint_every=4, **{"model.num_templates": 3})
+  with pytest.raises(ValueError, match=r"model\.num_templates: checkpoint has 2, new config "
+                                       r"has 3"):
+    loop.train_and_evaluate(changed, str(workdir))
+
+
+def test_every_parameter_is_in_exactly_one_group():
+  for batch_norm in ("per_layer", "per_task", "mixed"):
+    spec = NetworkSpec(tasks=(("a", 10), ("b", 3)), input_channels=1, num_layers=3,
+                       num_templates=2, batch_norm=batch_norm)
+    params = jax.eval_shape(CompositionalIsometricNet(spec).init, jax.random.key(0),
+                            jnp.zeros((1, 8, 8, 1)))["params"]
+    labels = optim.group_labels(params)
+    flat = dict(zip(jax.tree.leaves(optim.path_names(params)), jax.tree.leaves(labels)))
+    # Each pattern a path matches must be its group's (first-match rule), and every group
+    # that exists in this model is used.
+    assert set(flat.values()) <= set(dict(optim.PARAMETER_GROUPS))
+    assert flat["mixture_logits"] == "mixture_logits"
+    assert flat["templates/expand_kernel"] == "templates"
+    assert flat["heads/b/kernel"] == "heads"
+    assert flat["input_adapter/kernel"] == flat["output_adapter/dense_bias"] == "adapters"
+    bn_path = ("templates/bn/expand/scale" if batch_norm == "mixed"
+               else "block_bn/expand/scale")
+    assert flat[bn_path] == "batch_norm"
+  with pytest.raises(ValueError, match="'extra/kernel' matches no optimizer group"):
+    optim.group_labels({"extra": {"kernel": jnp.zeros(2)}, "heads": {"a": jnp.zeros(1)}})
+
+
+def test_frozen_groups_get_exactly_zero_updates():
+  config = defaults.base_config()
+  config.optimizer.lr_multipliers.templates = 0.0
+  config.optimizer.lr_multipliers.heads = 0.5
+  params = {"templates": {"expand_kernel": jnp.ones((2, 3))},
+            "heads": {"a": {"kernel": jnp.ones((3, 2))}},
+            "mixture_logits": jnp.zeros((1, 2, 2)), "block_bn": {"s": jnp.ones(2)},
+            "input_adapter": {"bias": jnp.zeros(3)}}
+  tx, _ = optim.make_optimizer(config, params)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params["templates"]["expand_kernel"], jnp.ones((2, 3)))
+  assert bool(jnp.all(params["heads"]["a"]["kernel"] < 1.0))
+  with pytest.raises(ValueError, match="unknown group"):
+    config.optimizer.lr_multipliers["template"] = 1.0
+    optim.make_optimizer(config, params)
+
+
+def test_clustering_regulariser_is_smallest_at_one_hot_and_pulls_templates_to_the_mix():
+  bank = {"w": jax.random.normal(jax.random.key(0), (3, 5, 4)),
+          "b": jax.random.normal(jax.random.key(1), (3, 4))}
+  one_hot = jnp.array([[[0.0, -1e4, -1e4]]])
+  for g in regularizers.CLUSTERING_G:
+    at_one_hot = float(regularizers.clustering(one_hot, bank, g))
+    for logits in (jnp.zeros((1, 1, 3)), jnp.array([[[2.0, 0.0, -1.0]]]),
+                   jax.random.normal(jax.random.key(2), (1, 1, 3))):
+      assert float(regularizers.clustering(logits, bank, g)) > at_one_hot + 1e-3
+    assert abs(at_one_hot) < 1e-5
+  logits = jnp.array([[[1.0, 0.3, -0.5]]])
+  xi = jax.nn.softmax(logits[0, 0])
+  grads = jax.grad(lambda b: regularizers.clustering(logits, b, "square"))(bank)
+  for name, templates_k in bank.items():
+    mixed = jnp.tensordot(xi, templates_k, axes=1)
+    # d/d theta_k of sum_j xi_j ||theta_bar - theta_j||^2 = 2 xi_k (theta_k - theta_bar):
+    # a gradient step moves template k towards theta_bar, proportionally to xi_k.
+    expected = 2 * xi.reshape((3,) + (1,) * (templates_k.ndim - 1)) * (templates_k - mixed)
+    np.testing.assert_allclose(grads[name], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_entropy_regulariser_matches_definition():
+  logits = jnp.array([[[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]]])
+  xi = jax.nn.softmax(logits, -1)
+  np.testing.assert_allclose(regularizers.mixture_entropy(logits),
+                             -jnp.sum(xi * jnp.log(xi), -1), rtol=1e-6)
+  np.testing.assert_allclose(regularizers.mixture_entropy(logits)[0, 1], np.log(3), rtol=1e-6)
+  config = defaults.base_config()
+  config.regularizers.entropy_weight = 0.1
+  config.regularizers.clustering_weight = 0.01
+  losses = regularizers.regularization_losses(
+      {"mixture_logits": logits, "templates": {"w": jnp.ones((3, 2))}}, config)
+  np.testing.assert_allclose(losses["entropy"], 0.1 * jnp.sum(-jnp.sum(xi * jnp.log(xi), -1)),
+                             rtol=1e-6)
+  assert set(losses) == {"entropy", "clustering"}
+
+
+def checkpointable_mock_dataset(num_examples):
+  """A mock `_as_dataset` from tensor slices (mock_data's own uses from_generator, whose
+  position cannot be checkpointed): random images and labels shaped like the real features."""
+  def as_dataset(builder, split, decoders=None, read_config=None, **kwargs):
+    del split, read_config, kwargs
+    features = builder.info.features
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (num_examples,) + features["image"].shape, dtype=np.uint8)
+    labels = rng.integers(0, features["label"].num_classes, num_examples)
+    if decoders and "image" in decoders:
+      images = [tf.io.encode_png(image).numpy() for image in images]
+    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+  return as_dataset
+
+
+def write_mock_metadata(name, data_dir, num_examples):
+  """Dataset metadata with split sizes, as a prepared dataset has (mock_data reads it)."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
+      for split in ("train", "test")]))
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+def test_cifar100_signature_config_runs_under_mock_data(tmp_path):
+  config = cifar100_signatures.get_config("K=2,L=4,signature=cyclic,tiny=1")
+  config.data.data_dir = str(tmp_path / "tfds")
+  write_mock_metadata("cifar100", config.data.data_dir, 48)
+  with tfds.testing.mock_data(num_examples=48, as_dataset_fn=checkpointable_mock_dataset(48),
+                              policy=tfds.testing.MockPolicy.USE_FILES,
+                              data_dir=config.data.data_dir):
+    results = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert results["step"] == 6
+  assert results["tasks"]["cifar100"]["test_examples"] == 48
+  assert 0.0 <= results["tasks"]["cifar100"]["test_accuracy"] <= 1.0
+  with pytest.raises(ValueError, match="takes"):
+    cifar100_signatures.get_config("K=2,depth=3")
+
+
+def test_missing_dataset_fails_fast_naming_it(tmp_path):
+  config = tiny_digits(tmp_path / "empty")
+  config.tasks.mnist.dataset = "cifar100"
+  started = time.time()
+  with pytest.raises(pipeline.DatasetNotFoundError, match=r"cifar100.*empty"):
+    loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert time.time() - started < 10
+
+
+def run_main(*args, timeout=240):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-m", "compmod_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_config_typo_is_an_error_naming_the_key(tmp_path):
+  result = run_main("--config=configs/digits.py:tiny", f"--workdir={tmp_path}",
+                    "--config.model.num_layerz=3")
+  assert result.returncode != 0
+  assert "num_layerz" in result.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_eight_devices_give_the_loss_of_one_device(embedded_dir):
+  config = tiny_digits(embedded_dir)
+  losses = {}
+  for devices in (1, 8):
+    config.mesh_shape = (devices,)
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:devices])
+    streams = loop.make_streams(config, train=True)
+    model = loop.make_model(config, streams)
+    state, tx, _, trainable = loop.create_train_state(config, model, mesh,
+                                                      jnp.zeros((1, 28, 28, 1)))
+    loss_fn = lambda *args: loop.supervised.classification_loss(*args,
+                                                                task_weights={"mnist": 1.0})
+    step = loop.steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model,
+                                     tx=tx, loss_fn=loss_fn, trainable=trainable,
+                                     config=config)
+    iterator = iter(streams["mnist"])
+    losses[devices] = []
+    for _ in range(3):
+      state, metrics = step(state, loop.global_batch(mesh, {"mnist": next(iterator)}))
+      losses[devices].append(float(metrics["total_loss"]))
+  np.testing.assert_allclose(losses[8], losses[1], rtol=2e-5)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(embedded_dir, tmp_path):
+  port = free_port()
+  common = ["--config=configs/digits.py:tiny", f"--workdir={tmp_path}",
+            f"--config.data.data_dir={embedded_dir}", "--config.total_steps=4",
+            "--config.eval_every=4", "--config.checkpoint_every=4", "--config.log_every=2",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  workers = [subprocess.Popen([sys.executable, "-m", "compmod_jax.main", *common,
+                               f"--process_id={i}"], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+  outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+  assert "JAX process 1/2" in outputs[1]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["step"] == 4 and results["tasks"]["mnist"]["test_examples"] == 1000
+  assert sorted(os.listdir(tmp_path / "data_state" / "4" / "mnist")) == ["process_0",
+                                                                         "process_1"]
