@@ -103,3 +103,7 @@ def format_model_summary(spec, params):
                f"signature={spec.signature}"
                + (f" {tuple(t + 1 for t in signature)}" if signature else ""))
   return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  print(format_table7())

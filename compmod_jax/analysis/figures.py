@@ -1,4 +1,6 @@
 """Pictures of what the mixture weights learned: one layers x templates heatmap per task."""
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -36,5 +38,7 @@ def _to_rgb(fig):
   return rgb
 
 
-def save_png(rgb, path):
-  plt.imsave(path, rgb)
+def png_bytes(rgb):
+  buffer = io.BytesIO()
+  plt.imsave(buffer, rgb, format="png")
+  return buffer.getvalue()

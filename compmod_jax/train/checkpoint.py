@@ -4,11 +4,9 @@ for each process's data-stream position, so a resumed run continues exactly wher
 Layout:  <workdir>/checkpoints/<step>/{state,meta}          (orbax, async, atomic per step)
          <workdir>/data_state/<step>/<task>/process_<i>      (written before the orbax save)
 """
-import os
-import shutil
-
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 # Keys that only change how a run reports or saves, not what it computes: a resumed run may
@@ -20,9 +18,9 @@ RUN_CONTROL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpo
 class Checkpointer:
 
   def __init__(self, workdir, keep):
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)
     self.manager = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
+        self.workdir / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self):
@@ -31,7 +29,7 @@ class Checkpointer:
   def save(self, step, state, meta, streams):
     """Saves the data positions synchronously, then the state asynchronously."""
     for task, stream in streams.items():
-      stream.save(self._data_prefix(step, task))
+      stream.save(str(self._data_prefix(step, task)))
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)))
     self._remove_stale_data_state()
@@ -45,12 +43,12 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))
     for task, stream in streams.items():
       prefix = self._data_prefix(step, task)
-      if not os.path.exists(os.path.dirname(prefix)):
+      if not prefix.parent.exists():
         raise FileNotFoundError(
             f"Checkpoint step {step} in {self.workdir} has no data-stream position for task "
-            f"{task!r} (expected {os.path.dirname(prefix)}); the run cannot resume exactly. "
+            f"{task!r} (expected {prefix.parent}); the run cannot resume exactly. "
             f"Start it in a new workdir.")
-      stream.restore(prefix)
+      stream.restore(str(prefix))
     return restored.state
 
   def close(self):
@@ -59,16 +57,16 @@ class Checkpointer:
     self.manager.close()
 
   def _data_prefix(self, step, task):
-    return os.path.join(self.workdir, "data_state", str(step), task,
-                        f"process_{jax.process_index()}", "position")
+    return (self.workdir / "data_state" / str(step) / task / f"process_{jax.process_index()}"
+            / "position")
 
   def _remove_stale_data_state(self):
-    root = os.path.join(self.workdir, "data_state")
-    kept = {str(s) for s in self.manager.all_steps()}
-    oldest = min((int(s) for s in kept), default=None)
-    for name in os.listdir(root):
-      if name not in kept and oldest is not None and int(name) < oldest:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    kept = set(self.manager.all_steps())
+    if not kept:
+      return
+    for step_dir in (self.workdir / "data_state").iterdir():
+      if int(step_dir.name) < min(kept):
+        step_dir.rmtree(missing_ok=True)
 
 
 def config_conflicts(saved_config, config):

@@ -4,8 +4,6 @@ config -> per-task data streams (each process reads its own share) -> global bat
 over the mesh's "data" axis -> jitted train step (method loss + regularisers, partitioned
 optimizer, EMA) -> metrics, mixture-weight pictures, results.json, checkpoints.
 """
-import json
-import os
 import signal
 import time
 
@@ -15,14 +13,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from compmod_jax.analysis import figures
+from compmod_jax.analysis import accounting, figures
 from compmod_jax.data import pipeline
 from compmod_jax.methods import regularizers, supervised
 from compmod_jax.models import templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import checkpoint, defaults, optim, steps
+from compmod_jax.train import workdir as workdir_io
 
 
 def make_mesh(config):
@@ -119,21 +119,14 @@ def evaluate(state, eval_streams, eval_steps, mesh):
 
 
 def write_results(workdir, results, step, wall_time_s):
-  """results.json: the interface later tools read; rewritten atomically at each evaluation."""
+  """results.json: the interface later tools read; rewritten at each evaluation."""
   payload = {"tasks": results, "step": int(step), "wall_time_s": float(wall_time_s)}
-  temporary = os.path.join(workdir, "results.json.tmp")
-  with open(temporary, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(temporary, os.path.join(workdir, "results.json"))
+  workdir_io.write_json(epath.Path(workdir) / "results.json", payload)
   return payload
 
 
 def read_results(workdir):
-  path = os.path.join(workdir, "results.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return workdir_io.read_json(epath.Path(workdir) / "results.json")
 
 
 class PreemptionWatcher:
@@ -167,25 +160,13 @@ def stop_requested(watcher, step):
   return watcher.requested
 
 
-def prepare_workdir(workdir):
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as error:
-    raise ValueError(f"The workdir {workdir!r} cannot be created or written: {error}. Pass "
-                     f"--workdir=<a writable directory>.") from error
-
-
 def train_and_evaluate(config, workdir):
   """Trains and evaluates `config` in `workdir`, resuming from its last checkpoint if any.
 
   Returns the final results.json payload.
   """
   defaults.validate(config, jax.device_count())
-  prepare_workdir(workdir)
+  workdir_io.prepare(workdir)
   mesh = make_mesh(config)
   train_streams = make_streams(config, train=True)
   eval_streams = make_streams(config, train=False)
@@ -227,7 +208,7 @@ def _maybe_resume(config, workdir, checkpointer, state, train_streams):
     raise ValueError(
         f"The checkpoint in {workdir} was made with another config; refusing to resume:\n  "
         + "\n  ".join(conflicts) + "\nUse a new --workdir, or the checkpoint's config "
-        f"(saved in {os.path.join(workdir, 'config.json')}).")
+        f"(saved in {epath.Path(workdir) / 'config.json'}).")
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                           state)
   restored = checkpointer.restore(step, abstract, train_streams)
@@ -241,8 +222,10 @@ def _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_s
   first_step = int(state.step)
   if first_step == 0:
     parameter_overview.log_parameter_overview(state.params)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    logging.info("Parameters per group:\n%s", accounting.format_model_summary(
+        model.spec, state.params))
+  (epath.Path(workdir) / "config.json").write_text(
+      config.to_json_best_effort(indent=2, sort_keys=True))
   task_weights = {task: config.tasks[task].weight for task in config.tasks}
   loss_fn = lambda *args: supervised.classification_loss(*args, task_weights=task_weights)
   train_step = steps.jit_train_step(
@@ -298,7 +281,7 @@ def _evaluate_and_report(workdir, writer, step, state, model, eval_streams, eval
       state.ema_params)), step)
   writer.write_images(step, {"mixture_weights": heatmap[None]})
   if jax.process_index() == 0:
-    figures.save_png(heatmap, os.path.join(workdir, "mixture_weights.png"))
+    (epath.Path(workdir) / "mixture_weights.png").write_bytes(figures.png_bytes(heatmap))
     write_results(workdir, results, step, wall_time)
   logging.info("step %d: %s", step, ", ".join(
       f"{task} test accuracy {r['test_accuracy']:.4f}" for task, r in results.items()))

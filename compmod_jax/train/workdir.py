@@ -1,0 +1,31 @@
+"""Files in the run's workdir, local or on GCS (gs://...), through etils.epath."""
+import json
+
+from etils import epath
+
+
+def prepare(workdir):
+  """Creates the workdir and checks it is writable, before any heavy work."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_probe"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as error:
+    raise ValueError(f"The workdir {workdir!r} cannot be created or written: {error}. Pass "
+                     f"--workdir=<a writable directory>.") from error
+  return path
+
+
+def write_json(path, payload):
+  """Writes JSON through a temporary file and a rename, so readers never see half a file."""
+  path = epath.Path(path)
+  temporary = path.with_name(path.name + ".tmp")
+  temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
+  temporary.replace(path)
+
+
+def read_json(path):
+  path = epath.Path(path)
+  return json.loads(path.read_text()) if path.exists() else None
