@@ -17,20 +17,10 @@ from compmod_jax.train import defaults
 ARGUMENTS = {"K": 4, "L": 16, "signature": "mixture", "input_skip": 0, "tiny": 0}
 
 
-def parse_argument(arg):
-  values = dict(ARGUMENTS)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in values:
-      raise ValueError(f"configs/cifar100_signatures.py takes {sorted(ARGUMENTS)}, got {key!r}")
-    values[key] = type(ARGUMENTS[key])(value)
-  return values
-
-
 def get_config(arg=None):
-  args = parse_argument(arg)
+  args = defaults.parse_argument(arg, ARGUMENTS)
   config = defaults.base_config()
-  config.tasks = {"cifar100": {"dataset": "cifar100", "weight": 1.0}}
+  config.tasks = {"cifar100": defaults.task("cifar100")}
   config.data.image_size = 32
   config.data.channels = 3
   config.data.normalization = "standard"

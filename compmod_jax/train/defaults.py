@@ -12,8 +12,10 @@ def base_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.total_steps = 1000
-  config.batch_size = 128          # global, per task and step
-  config.eval_batch_size = 500     # global
+  # Global examples per step, shared by the tasks in proportion to their sampling_weight (a
+  # task's own batch_size, when set, takes precedence); every task is in every step.
+  config.batch_size = 128
+  config.eval_batch_size = 512     # global
   config.log_every = 50
   config.eval_every = 500
   config.checkpoint_every = 500
@@ -26,9 +28,7 @@ def base_config():
       data_dir=ml_collections.config_dict.placeholder(str), download=False,
       train_split="train", eval_split="test", image_size=28, channels=1,
       normalization="unit", augment="none", shuffle_buffer=10_000))
-  # Each task: a TFDS dataset name and the weight of its loss.
-  config.tasks = ml_collections.ConfigDict({
-      "mnist": ml_collections.ConfigDict(dict(dataset="embedded_digits/mnist", weight=1.0))})
+  config.tasks = ml_collections.ConfigDict({"mnist": task("embedded_digits/mnist")})
 
   config.model = ml_collections.ConfigDict(dict(
       num_layers=16, num_templates=4, depth_multiplier=0.6, design="small", expansion=6,
@@ -48,6 +48,53 @@ def base_config():
 
   config.regularizers = ml_collections.ConfigDict(dict(
       entropy_weight=0.0, clustering_weight=0.0, clustering_g="square"))
+  return config
+
+
+def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="identity"):
+  """One task: a TFDS dataset, the weight of its loss in the total, its share of each step's
+  batch (or a fixed batch_size; 0 = share), and a labeling (pipeline.LABEL_MAPS)."""
+  return ml_collections.ConfigDict(dict(dataset=dataset, weight=weight,
+                                        sampling_weight=sampling_weight,
+                                        batch_size=batch_size, label_map=label_map))
+
+
+def parse_argument(arg, arguments):
+  """Parses a config file's argument "k1=v1,k2=v2" against {key: default} (typed by default)."""
+  values = dict(arguments)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in values:
+      raise ValueError(f"This config takes the arguments {sorted(arguments)}, got {key!r}")
+    values[key] = type(arguments[key])(value)
+  return values
+
+
+def digits_multitask(tasks, tiny):
+  """The recipe shared by the embedded-digits multi-task configs: 8 layers, 4 templates, 4x4
+  input patches (7x7x24 activations), random translations, 32 examples per task and step."""
+  config = base_config()
+  config.tasks = tasks
+  config.data.augment = "crop"
+  config.batch_size = 32 * len(tasks)
+  config.total_steps = 3000
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.log_every = 100
+  config.model.num_layers = 8
+  config.model.num_templates = 4
+  config.model.patch_size = 4
+  config.optimizer.learning_rate = 0.005  # 0.02 stalls at these batch sizes (configs/digits.py)
+  if tiny:
+    config.batch_size = 8 * len(tasks)
+    config.total_steps = 4
+    config.log_every = 2
+    config.eval_every = 4
+    config.checkpoint_every = 4
+    config.optimizer.warmup_steps = 1
+    config.optimizer.learning_rate = 0.02
+    config.model.num_layers = 3
+    config.model.num_templates = 2
   return config
 
 

@@ -16,9 +16,9 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from compmod_jax.analysis import accounting, figures
+from compmod_jax.analysis import accounting, figures, similarity
 from compmod_jax.data import pipeline
-from compmod_jax.methods import regularizers, supervised
+from compmod_jax.methods import multitask, regularizers, supervised
 from compmod_jax.models import templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import checkpoint, defaults, optim, steps
@@ -34,21 +34,25 @@ def make_mesh(config):
 def task_data_config(config, task):
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.name = config.tasks[task].dataset
+  data_config.label_map = config.tasks[task].get("label_map", "identity")
   return data_config
 
 
 def make_streams(config, *, train):
   """{task: DataStream} with this process's share of each task's split."""
-  batch_size = config.batch_size if train else config.eval_batch_size
+  if train:
+    batch_sizes = multitask.task_batch_sizes(config, jax.device_count())
+  else:
+    batch_sizes = {task: config.eval_batch_size for task in config.tasks}
   return {task: pipeline.DataStream(
-      task_data_config(config, task), batch_size=batch_size // jax.process_count(),
+      task_data_config(config, task), batch_size=batch_sizes[task] // jax.process_count(),
       train=train, seed=config.seed + index, process_index=jax.process_index(),
       process_count=jax.process_count()) for index, task in enumerate(sorted(config.tasks))}
 
 
 def make_model(config, streams):
-  tasks = [(task, pipeline.num_classes(stream.builder)) for task, stream in
-           sorted(streams.items())]
+  tasks = [(task, pipeline.num_classes(stream.builder, stream.data_config.label_map))
+           for task, stream in sorted(streams.items())]
   spec = NetworkSpec.from_config(config.model, tasks, config.data.channels)
   return CompositionalIsometricNet(spec)
 
@@ -274,15 +278,35 @@ def _write_train_metrics(writer, step, pending_metrics, schedule, model, state):
 
 def _evaluate_and_report(workdir, writer, step, state, model, eval_streams, eval_steps, mesh,
                          wall_time):
+  """Evaluates every task and writes what the user looks at: scalars, results.json, the
+  accuracy table, mixture-weight heatmaps and (with several tasks) the task similarity."""
   results = evaluate(state, eval_streams, eval_steps, mesh)
   scalars = {f"{task}/{key}": value for task, r in results.items() for key, value in r.items()}
   writer.write_scalars(step, scalars)
-  heatmap = figures.mixture_heatmaps(mixture_weights_by_task(model, jax.device_get(
-      state.ema_params)), step)
-  writer.write_images(step, {"mixture_weights": heatmap[None]})
+  xi_by_task = mixture_weights_by_task(model, jax.device_get(state.ema_params))
+  pictures = {"mixture_weights": figures.mixture_heatmaps(xi_by_task, step)}
+  if len(xi_by_task) > 1:
+    pictures["task_similarity"] = figures.task_similarity_grid(
+        *similarity.task_similarity(xi_by_task), step)
+  writer.write_images(step, {name: rgb[None] for name, rgb in pictures.items()})
   if jax.process_index() == 0:
-    (epath.Path(workdir) / "mixture_weights.png").write_bytes(figures.png_bytes(heatmap))
+    for name, rgb in pictures.items():
+      (epath.Path(workdir) / f"{name}.png").write_bytes(figures.png_bytes(rgb))
+    (epath.Path(workdir) / "accuracy_table.md").write_text(accuracy_table(results, step))
     write_results(workdir, results, step, wall_time)
   logging.info("step %d: %s", step, ", ".join(
       f"{task} test accuracy {r['test_accuracy']:.4f}" for task, r in results.items()))
   return {"tasks": results, "step": step, "wall_time_s": wall_time}
+
+
+def accuracy_table(results, step):
+  """Per-task test accuracy as a Markdown table (results.json holds the same as JSON)."""
+  lines = [f"Test accuracy at step {step}", "", "| task | accuracy | loss | examples |",
+           "|---|---:|---:|---:|"]
+  for task, r in sorted(results.items()):
+    lines.append(f"| {task} | {100 * r['test_accuracy']:.2f} | {r['test_loss']:.4f} | "
+                 f"{r['test_examples']} |")
+  if len(results) > 1:
+    mean = np.mean([r["test_accuracy"] for r in results.values()])
+    lines.append(f"| mean | {100 * mean:.2f} | | |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,163 @@
+"""Multi-task and multi-domain training (paper §4.3, App. C)."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from compmod_jax.analysis import similarity
+from compmod_jax.data import pipeline
+from compmod_jax.methods import multitask, supervised
+from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.train import defaults, loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import digits_9tasks  # noqa: E402
+import digits_multidomain  # noqa: E402
+import natural5  # noqa: E402
+from mock_tfds import checkpointable_mock_dataset, write_mock_metadata  # noqa: E402
+
+TASKS = (("a", 10), ("b", 2), ("c", 5))
+
+
+def setup_spec(setup):
+  fields = dict(multitask.SETUPS[setup])
+  return NetworkSpec(tasks=TASKS, input_channels=1, num_layers=3, num_templates=2,
+                     depth_multiplier=0.2, patch_size=4, **fields)
+
+
+def init(spec):
+  return CompositionalIsometricNet(spec).init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+
+
+def test_four_setups_create_exactly_their_parameters():
+  shapes = {setup: jax.eval_shape(lambda s=setup: init(setup_spec(s))) for setup in multitask.SETUPS}
+  for setup, variables in shapes.items():
+    params = variables["params"]
+    has_mixture = "mixture_logits" in params
+    assert has_mixture == setup.startswith("mixture"), setup
+    if has_mixture:
+      assert params["mixture_logits"].shape == (3, 3, 2)
+    bank = params["templates"]["project_kernel"].shape[0]
+    assert bank == (2 if has_mixture else 3)  # plain: one block per layer
+    bn_scale = (params["templates"]["bn"]["project"]["scale"] if setup == "mixture"
+                else params["block_bn"]["project"]["scale"])
+    width = setup_spec(setup).width
+    expected_bn = {"simple_baseline": (3, width), "baseline_patches": (3, 3, width),
+                   "mixture": (2, width), "mixture_patches": (3, 3, width)}[setup]
+    assert bn_scale.shape == expected_bn, setup
+    assert ("block_bn" in params) == (setup != "mixture")
+    assert {t: params["heads"][t]["kernel"].shape for t, _ in TASKS} == {
+        "a": (256, 10), "b": (256, 2), "c": (256, 5)}
+    stats = variables["batch_stats"]["block_bn"]["expand"]["mean"]
+    assert stats.shape[:2] == (3, 3)  # moving statistics: per task and layer, always
+
+
+@pytest.mark.parametrize("setup", ["mixture_patches", "baseline_patches"])
+def test_only_a_tasks_own_loss_moves_its_private_parameters(setup):
+  spec = setup_spec(setup)
+  variables = init(spec)
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+
+  def loss_of_task_b(params):
+    batch = {"b": {"image": images, "label": jnp.array([0, 1, 1, 0]), "mask": jnp.ones(4)}}
+    return supervised.classification_loss(CompositionalIsometricNet(spec), params,
+                                          variables["batch_stats"], batch, jax.random.key(2),
+                                          task_weights={"b": 1.0})[0]
+
+  grads = jax.grad(loss_of_task_b)(variables["params"])
+  task_b = 1
+  for name, grad in grads["heads"].items():
+    assert bool(jnp.any(grad["kernel"] != 0)) == (name == "b"), name
+  per_task = [grads["block_bn"]]
+  if "mixture_logits" in grads:
+    per_task.append(grads["mixture_logits"])
+  for tree in per_task:
+    for leaf in jax.tree.leaves(tree):
+      assert bool(jnp.any(leaf[task_b] != 0))
+      np.testing.assert_array_equal(leaf[0], 0.0)
+      np.testing.assert_array_equal(leaf[2], 0.0)
+  assert bool(jnp.any(grads["templates"]["expand_kernel"] != 0))  # shared: moved by every task
+
+
+def test_task_sampling_gives_every_task_its_share():
+  config = defaults.base_config()
+  config.batch_size = 96
+  config.tasks = {"a": defaults.task("x", sampling_weight=2.0),
+                  "b": defaults.task("x", sampling_weight=1.0),
+                  "c": defaults.task("x", batch_size=16)}
+  assert multitask.task_batch_sizes(config, device_count=8) == {"a": 64, "b": 32, "c": 16}
+  config.tasks.b.sampling_weight = 0.01
+  assert multitask.task_batch_sizes(config, device_count=8)["b"] == 8  # never starved
+  config.tasks.c.batch_size = 12
+  with pytest.raises(ValueError, match="multiple of the device count"):
+    multitask.task_batch_sizes(config, device_count=8)
+
+
+def test_label_maps_make_new_tasks_from_the_same_digits(embedded_dir):
+  config = digits_9tasks.get_config("tiny=1")
+  assert len(config.tasks) == 9
+  streams = {}
+  for task in ("original_digit", "original_parity", "original_ge5"):
+    data_config = loop.task_data_config(config, task)
+    data_config.data_dir = str(embedded_dir)
+    streams[task] = pipeline.DataStream(data_config, batch_size=50, train=False)
+  classes = {t: pipeline.num_classes(s.builder, s.data_config.label_map)
+             for t, s in streams.items()}
+  assert classes == {"original_digit": 10, "original_parity": 2, "original_ge5": 2}
+  digit, parity, ge5 = (next(iter(streams[t]))["label"] for t in streams)
+  np.testing.assert_array_equal(parity, digit % 2)
+  np.testing.assert_array_equal(ge5, (digit >= 5).astype(np.int32))
+
+
+def test_task_similarity_is_the_bhattacharyya_coefficient():
+  xi = {"a": np.array([[1.0, 0.0], [0.5, 0.5]]), "b": np.array([[0.0, 1.0], [0.5, 0.5]]),
+        "c": np.array([[1.0, 0.0], [0.9, 0.1]])}
+  tasks, sim = similarity.task_similarity(xi)
+  assert tasks == ["a", "b", "c"] and sim.shape == (2, 3, 3)
+  np.testing.assert_allclose(np.diagonal(sim, axis1=1, axis2=2), 1.0)
+  np.testing.assert_allclose(sim, np.swapaxes(sim, 1, 2))
+  assert sim[0, 0, 1] == 0.0 and sim[0, 0, 2] == 1.0 and sim[1, 0, 1] == pytest.approx(1.0)
+  assert sim[1, 0, 2] == pytest.approx(np.sqrt(0.45) + np.sqrt(0.05))
+
+
+def test_tiny_multidomain_run_learns_every_task(embedded_dir, tmp_path):
+  config = digits_multidomain.get_config("tiny=1")
+  config.tasks = {k: config.tasks[k] for k in ("mnist", "mnist_blur", "mnist_boundary")}
+  config.data.data_dir = str(embedded_dir)
+  config.batch_size = 96
+  config.total_steps = 60
+  config.eval_every = 60
+  config.checkpoint_every = 60
+  config.optimizer.warmup_steps = 5
+  config.model.bn_momentum = 0.9
+  config.model.patch_size = 4
+  results = loop.train_and_evaluate(config, str(tmp_path))
+  for task, r in results["tasks"].items():
+    assert r["test_accuracy"] > 0.3, (task, r)
+    assert r["test_examples"] == 1000
+  for name in ("mixture_weights.png", "task_similarity.png", "accuracy_table.md"):
+    assert (tmp_path / name).stat().st_size > 100, name
+  table = (tmp_path / "accuracy_table.md").read_text()
+  assert "| mnist_blur |" in table and "| mean |" in table
+  assert json.loads((tmp_path / "results.json").read_text())["tasks"].keys() == {
+      "mnist", "mnist_blur", "mnist_boundary"}
+
+
+def test_natural5_config_runs_under_mock_data(tmp_path):
+  config = natural5.get_config("setup=mixture_patches,tiny=1")
+  config.data.data_dir = str(tmp_path / "tfds")
+  for name in natural5.DATASETS:
+    write_mock_metadata(name, config.data.data_dir, 16)
+  with tfds.testing.mock_data(num_examples=16, as_dataset_fn=checkpointable_mock_dataset(16),
+                              policy=tfds.testing.MockPolicy.USE_FILES,
+                              data_dir=config.data.data_dir):
+    results = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert set(results["tasks"]) == set(natural5.DATASETS)
+  assert all(r["test_examples"] == 16 for r in results["tasks"].values())
+  assert natural5.get_config("diag=1").model.mixture_init == "diagonal"
