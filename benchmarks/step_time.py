@@ -1,0 +1,67 @@
+"""Mixing overhead: training-step time of the template-mixture network vs the plain network.
+
+For each K in --templates, the mixture model (learned signature, K templates, L layers) and the
+plain isometric network (every layer its own block, same L, batch and shape) are compiled in one
+process and timed in alternating rounds; the script prints medians and the ratio mixture/plain.
+Shape: batch 128 of 28x28x1 images, 10 classes, patch 2, width 24 (depth_multiplier 0.6), SE,
+dropout 0.2, RMSProp(0.02, decay=0.9, eps=1e-8), BN in training mode.
+
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/step_time.py
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--templates", default="1,4,16,32", help="comma-separated K values")
+  ap.add_argument("--layers", type=int, default=16)
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--layer-iteration", default="auto", choices=["auto", "loop", "scan"])
+  ap.add_argument("--conv-impl", default="auto", choices=["auto", "shifted", "native"])
+  ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
+  ap.add_argument("--quick", action="store_true",
+                  help="K in {1, 4}, L=4, 3 rounds of 2 steps (< 1 minute)")
+  args = ap.parse_args(argv)
+  if args.quick:
+    args.templates, args.layers, args.rounds, args.steps = "1,4", 4, 3, 2
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  print(common.machine_header())
+  warning = common.allocator_warning()
+  if warning:
+    print(warning)
+  ks = [int(k) for k in args.templates.split(",")]
+  base = dict(num_layers=args.layers, layer_iteration=args.layer_iteration,
+              conv_impl=args.conv_impl)
+  runners, compile_s = {}, {}
+  for name, spec in [("plain", common.digits_spec(signature="plain", **base))] + [
+      (f"K={k}", common.digits_spec(num_templates=k, **base)) for k in ks]:
+    step = common.TrainStep(spec, batch=args.batch)
+    compile_s[name] = step.compile()
+    runners[name] = step.run
+  times = common.alternate(runners, args.rounds, args.steps)
+  print(f"L={args.layers} batch={args.batch} width=24 14x14, {args.rounds} alternating rounds "
+        f"x {args.steps} steps")
+  print("ratios vs plain: of medians / of minimums / median of per-round (paired) ratios")
+  print(f"{'model':8s} {'compile s':>9s} {'median s/step':>13s} {'min':>7s} {'r(median)':>9s} "
+        f"{'r(min)':>7s} {'r(paired)':>9s}")
+  for name, values in times.items():
+    r_med, r_min, r_pair = common.ratios(values, times["plain"])
+    print(f"{name:8s} {compile_s[name]:9.1f} {common.median(values):13.4f} {min(values):7.4f} "
+          f"{r_med:9.3f} {r_min:7.3f} {r_pair:9.3f}")
+  return times
+
+
+if __name__ == "__main__":
+  main()
