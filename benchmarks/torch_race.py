@@ -1,7 +1,8 @@
 """Races the JAX training step against the PyTorch reference network on this CPU.
 
-Both sides run the digits default shape (L=16, K=4, batch 128, 28x28x1 input, patch/stride 2,
-24 channels, SE, RMSProp) in one process; rounds alternate JAX, torch eager[, torch compile] and
+Both sides run the shape of configs/digits.py by default (L=8, K=4, batch 128, 28x28x1 input,
+patch/stride 4, so 7x7x24 activations, SE, RMSProp; `--layers 16 --patch 2` is DESIGN.md's
+14x14x24 prototype shape) in one process; rounds alternate JAX, torch eager[, torch compile] and
 the script prints each median and the ratio JAX/torch. Use the same allocator for both sides,
 e.g.
 
@@ -25,11 +26,11 @@ def parse_args(argv=None):
   ap.add_argument("--reference-dir",
                   default=os.path.join(common.REPO_ROOT, "..", "shared", "perf-reference"),
                   help="directory holding torch_net.py (default: %(default)s)")
-  ap.add_argument("--layers", type=int, default=16)
+  ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--templates", type=int, default=4)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--hw", type=int, default=28)
-  ap.add_argument("--patch", type=int, default=2, help="patch size = torch stride")
+  ap.add_argument("--patch", type=int, default=4, help="patch size = torch stride")
   ap.add_argument("--depth-multiplier", type=float, default=0.6, help="0.6 -> 24 channels")
   ap.add_argument("--plain", action="store_true", help="race the plain (per-layer) networks")
   ap.add_argument("--torch-compile", action="store_true", help="also race torch.compile")
