@@ -37,12 +37,6 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 0.02
   config.optimizer.warmup_steps = 1_000
   if args["tiny"]:
-    config.total_steps = 6
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.log_every = 3
-    config.eval_every = 6
-    config.checkpoint_every = 6
-    config.optimizer.warmup_steps = 1
+    defaults.make_tiny(config, total_steps=6, batch_size=16, eval_batch_size=16)
     config.model.patch_size = 8
   return config

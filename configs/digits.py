@@ -27,14 +27,8 @@ def get_config(arg=None):
   config.model.patch_size = 4
   config.optimizer.learning_rate = 0.005
   if arg == "tiny":
-    config.total_steps = 60
-    config.batch_size = 32
-    config.eval_batch_size = 200
-    config.log_every = 10
-    config.eval_every = 30
-    config.checkpoint_every = 30
+    defaults.make_tiny(config, total_steps=60, batch_size=32, eval_batch_size=200)
     config.data.augment = "none"
-    config.optimizer.warmup_steps = 5
     config.optimizer.learning_rate = 0.02
     config.model.num_layers = 4
     config.model.num_templates = 2

@@ -45,15 +45,9 @@ def get_config(arg=None):
   if args["tiny"]:
     config.data.image_size = 32
     config.data.shuffle_buffer = 64
-    config.batch_size = 40
-    config.eval_batch_size = 40
-    config.total_steps = 2
-    config.log_every = 1
-    config.eval_every = 2
-    config.checkpoint_every = 2
+    defaults.make_tiny(config, total_steps=2, batch_size=40, eval_batch_size=40)
     config.model.num_layers = 2
     config.model.num_templates = 2
     config.model.depth_multiplier = 0.2
     config.model.design = "small"
-    config.optimizer.warmup_steps = 1
   return config

@@ -57,8 +57,9 @@ def finished_run(embedded_dir, tmp_path_factory):
   return config, workdir, results
 
 
-def test_tiny_run_learns_and_writes_what_users_see(embedded_dir, tmp_path):
-  results = loop.train_and_evaluate(tiny_digits(embedded_dir), str(tmp_path))
+def test_tiny_run_learns_and_writes_what_users_see(embedded_dir, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path.parent)  # a relative workdir, as in the README's command
+  results = loop.train_and_evaluate(tiny_digits(embedded_dir), tmp_path.name)
   accuracy = results["tasks"]["mnist"]["test_accuracy"]
   assert accuracy > 0.4, f"a tiny run should beat chance (0.1) clearly, got {accuracy}"
   on_disk = json.loads((tmp_path / "results.json").read_text())

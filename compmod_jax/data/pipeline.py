@@ -97,6 +97,15 @@ def get_builder(name, data_dir=None, download=False):
   that is missing is downloaded only if `download` is True; otherwise the error says how to
   prepare it, instead of TFDS hanging on a network that is not there.
   """
+  builder = check_dataset(name, data_dir, download)
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  return builder
+
+
+def check_dataset(name, data_dir=None, download=False):
+  """Returns the (maybe unprepared) builder `get_builder` would prepare, or raises
+  DatasetNotFoundError at once; reads at most the dataset's metadata, prepares nothing."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
@@ -104,10 +113,9 @@ def get_builder(name, data_dir=None, download=False):
         f"'{name}' is not a TFDS dataset. Use a TFDS name such as 'cifar100' or "
         f"'mnist_corrupted/shear', or 'embedded_digits/<config>' with a config in "
         f"{[config.name for config in embedded_digits.EmbeddedDigits.BUILDER_CONFIGS]}.") from error
-  if not builder.is_prepared():
-    if not (download or builder.name == embedded_digits.EmbeddedDigits.name):
-      raise DatasetNotFoundError(_not_prepared_message(builder, name, data_dir))
-    builder.download_and_prepare()
+  preparable = download or builder.name == embedded_digits.EmbeddedDigits.name
+  if not (preparable or builder.is_prepared()):
+    raise DatasetNotFoundError(_not_prepared_message(builder, name, data_dir))
   return builder
 
 
@@ -142,7 +150,7 @@ def preprocess_example(example, data_config, *, train, seed=None):
 
   `seed` (int [2]) drives the training augmentation with stateless ops; eval is deterministic.
   """
-  _check_data_config(data_config)
+  check_data_config(data_config)
   image = _convert_channels(tf.cast(example["image"], tf.float32), data_config.channels)
   if data_config.image_size:
     image = _resize_smaller_side_and_center_crop(image, data_config.image_size)
@@ -155,7 +163,7 @@ def preprocess_example(example, data_config, *, train, seed=None):
   }
 
 
-def _check_data_config(data_config):
+def check_data_config(data_config):
   """Fails on config values that would otherwise be silently ignored."""
   for field, allowed in (("normalization", NORMALIZATIONS), ("augment", AUGMENTATIONS),
                          ("channels", tuple(STANDARD_MEAN_STD))):

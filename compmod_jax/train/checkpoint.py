@@ -3,70 +3,265 @@ for each process's data-stream position, so a resumed run continues exactly wher
 
 Layout:  <workdir>/checkpoints/<step>/{state,meta}          (orbax, async, atomic per step)
          <workdir>/data_state/<step>/<task>/process_<i>      (written before the orbax save)
+         <workdir>/corrupt_checkpoints/<step>                (bad steps, moved aside at resume)
+
+Integrity (docs/reliability.md): each step's meta holds a sha256 of every array of the state,
+computed on the host from the arrays being saved, because orbax does not notice a flipped byte
+in array data; a restore recomputes and compares them. The data-stream files carry TF's own
+CRC32C. A step is *verified* once it has been read back and matched its checksums, and old
+steps are deleted only when `keep` newer verified ones exist: the last good checkpoint is never
+deleted before a newer one is known to be good. A save interrupted by a crash leaves an orbax
+temporary directory, which the next run ignores and removes.
 """
+import hashlib
+
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
-# Keys that only change how a run reports or saves, not what it computes: a resumed run may
-# change them. Any other difference from the checkpoint's config is refused.
+from compmod_jax.train import nonfinite
+
+# Keys that only change how a run reports, saves or guards itself, not what it computes: a
+# resumed run may change them. Any other difference from the checkpoint's config is refused.
 RUN_CONTROL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "data.data_dir")
+                    "data.data_dir", "max_nonfinite_skips", "on_corrupt_checkpoint")
+# What orbax appends to the directory of a step while it is being written.
+HALF_WRITTEN_MARK = ".orbax-checkpoint-tmp"
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint that cannot be read back exactly as it was written."""
+
+
+def corrupt(step, path, reason):
+  return CorruptCheckpointError(f"Checkpoint step {step} at {path} is corrupt: {reason}")
 
 
 class Checkpointer:
 
   def __init__(self, workdir, keep):
     self.workdir = epath.Path(workdir)
+    self.keep = keep
+    self._report_half_written()
     self.manager = ocp.CheckpointManager(
         self.workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        # No max_to_keep: orbax would delete old steps right after a save, before the new one
+        # is verified. _prune deletes them later.
+        options=ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True))
+    self._verified = []   # steps read back and matched their checksums, oldest first
+    self._unverified = None  # (step, abstract state) of the last save
+    self._remove_data_state(lambda step: step not in self.manager.all_steps())
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, step, state, meta, streams):
-    """Saves the data positions synchronously, then the state asynchronously."""
+    """Saves the data positions synchronously, then the state asynchronously, with the
+    checksums of its arrays in the meta. Refuses a state holding a NaN or Inf."""
+    host_state = jax.device_get(state)
+    bad_array = nonfinite.first_nonfinite_leaf(host_state)
+    if bad_array:
+      raise nonfinite.NonFiniteError(
+          f"Refusing to save step {step}: {bad_array} holds NaN or Inf. The checkpoints "
+          f"already written (steps {list(self.manager.all_steps())}) are kept.")
+    self._verify_last_save()
     for task, stream in streams.items():
       stream.save(str(self._data_prefix(step, task)))
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
-    self._remove_stale_data_state()
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(dict(meta, checksums=array_checksums(host_state)))))
+    self._unverified = (step, abstract_state(state))
+
+  def newest_meta(self):
+    """The run metadata of the newest step whose meta is readable, or None."""
+    for step in reversed(self.manager.all_steps()):
+      try:
+        return self.read_meta(step)
+      except CorruptCheckpointError:
+        continue
+    return None
 
   def read_meta(self, step):
     """The run metadata of a step (its config among it), without touching the arrays."""
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    try:
+      meta = self.manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as error:  # orbax raises many types for missing or garbled files
+      raise corrupt(step, self._step_dir(step), f"its meta cannot be read "
+                    f"({_first_line(error)})") from error
+    if not isinstance(meta, dict) or "checksums" not in meta:
+      raise corrupt(step, self._step_dir(step), "its meta has no array checksums")
+    return meta
 
-  def restore(self, step, abstract_state, streams):
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    for task, stream in streams.items():
-      prefix = self._data_prefix(step, task)
-      if not prefix.parent.exists():
-        raise FileNotFoundError(
-            f"Checkpoint step {step} in {self.workdir} has no data-stream position for task "
-            f"{task!r} (expected {prefix.parent}); the run cannot resume exactly. "
-            f"Start it in a new workdir.")
-      stream.restore(str(prefix))
-    return restored.state
+  def restore_newest_good(self, abstract, streams, on_corrupt):
+    """(state, meta) of the newest step that reads back exactly, with the streams moved to its
+    position; (None, None) without checkpoints.
+
+    A corrupt newer step is reported; with on_corrupt="fall_back" it is moved to
+    <workdir>/corrupt_checkpoints once an older good step is found (nothing moves if none is),
+    with "refuse" the error is raised and nothing changes.
+    """
+    bad_steps = []
+    for step in reversed(self.manager.all_steps()):
+      try:
+        state, meta = self._restore_step(step, abstract, streams)
+      except CorruptCheckpointError as error:
+        if on_corrupt == "refuse":
+          raise CorruptCheckpointError(
+              f"{error}\nconfig.on_corrupt_checkpoint='refuse', so nothing was changed. Set it "
+              f"to 'fall_back' to resume from the newest good checkpoint.") from error
+        logging.error("%s\nTrying the checkpoint before it.", error)
+        bad_steps.append(step)
+        continue
+      self._set_aside(bad_steps)
+      self._verified = [step]
+      return state, meta
+    if bad_steps:
+      raise CorruptCheckpointError(
+          f"No checkpoint in {self.workdir / 'checkpoints'} reads back intact (steps "
+          f"{sorted(bad_steps)}; see the errors above); nothing was moved. Move them away to "
+          f"start over, or use a new --workdir.")
+    return None, None
 
   def close(self):
-    """Finishes pending asynchronous saves; call on every exit path."""
+    """Finishes and verifies the pending asynchronous save; call on every exit path."""
+    try:
+      self._verify_last_save()
+    finally:
+      self.manager.close()
+
+  def _restore_step(self, step, abstract, streams):
+    meta = self.read_meta(step)
+    state = self._read_state(step, abstract, meta)
+    for task, stream in streams.items():
+      prefix = self._data_prefix(step, task)
+      try:
+        stream.restore(str(prefix))
+      except Exception as error:  # TF raises NotFound, DataLoss (CRC32C), OutOfRange, ...
+        raise corrupt(step, prefix.parent, f"the data-stream position of task {task!r} cannot "
+                      f"be read ({_first_line(error)})") from error
+    return state, meta
+
+  def _read_state(self, step, abstract, meta):
+    """The state of `step`, checked against the checksums in its meta."""
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract))).state
+    except Exception as error:  # tensorstore/orbax raise many types for truncated files
+      raise corrupt(step, self._step_dir(step), f"its state cannot be read "
+                    f"({_first_line(error)})") from error
+    problems = checksum_problems(meta["checksums"], array_checksums(jax.device_get(state)))
+    if problems:
+      more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+      raise corrupt(step, self._step_dir(step), problems[0] + more)
+    return state
+
+  def _verify_last_save(self):
+    """Waits for the last save, reads it back and checks it; then prunes older steps."""
+    if self._unverified is None:
+      return
+    step, abstract = self._unverified
+    self._unverified = None
     self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._read_state(step, abstract, self.read_meta(step))
+    except CorruptCheckpointError as error:
+      raise CorruptCheckpointError(
+          f"{error}\nFound when reading it back right after the save. The older checkpoints are "
+          f"kept; rerun to resume from the newest good one.") from error
+    self._verified.append(step)
+    self._prune()
+
+  def _prune(self):
+    """Deletes the steps older than the `keep` newest verified ones."""
+    if len(self._verified) < self.keep:
+      return
+    self._verified = self._verified[-self.keep:]
+    oldest_kept = self._verified[0]
+    for step in self.manager.all_steps():
+      if step < oldest_kept:
+        self.manager.delete(step)
+    self._remove_data_state(lambda step: step < oldest_kept)
+
+  def _set_aside(self, bad_steps):
+    """Moves corrupt steps to <workdir>/corrupt_checkpoints (kept for inspection)."""
+    if not bad_steps:
+      return
+    if jax.process_index() == 0:
+      corrupt_dir = self.workdir / "corrupt_checkpoints"
+      corrupt_dir.mkdir(parents=True, exist_ok=True)
+      for step in bad_steps:
+        target = corrupt_dir / str(step)
+        suffix = 1
+        while target.exists():
+          target, suffix = corrupt_dir / f"{step}.{suffix}", suffix + 1
+        self._step_dir(step).rename(target)
+        logging.warning("Moved corrupt checkpoint step %d to %s.", step, target)
+    self._remove_data_state(lambda step: step in bad_steps)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("compmod_jax: corrupt checkpoints set aside")
+    self.manager.reload()
+
+  def _report_half_written(self):
+    checkpoints = self.workdir / "checkpoints"
+    half_written = sorted(p.name for p in checkpoints.iterdir()
+                          if HALF_WRITTEN_MARK in p.name) if checkpoints.exists() else []
+    if half_written:
+      logging.warning("Ignoring and removing half-written checkpoint(s) %s in %s: a run was "
+                      "interrupted while saving.", half_written, checkpoints)
+
+  def _remove_data_state(self, should_remove):
+    """Removes data_state/<step> for the steps `should_remove` picks (process 0 only: the
+    directories are shared)."""
+    root = self.workdir / "data_state"
+    if jax.process_index() != 0 or not root.exists():
+      return
+    for step_dir in root.iterdir():
+      if step_dir.name.isdigit() and should_remove(int(step_dir.name)):
+        step_dir.rmtree(missing_ok=True)
+
+  def _step_dir(self, step):
+    return self.workdir / "checkpoints" / str(step)
 
   def _data_prefix(self, step, task):
     return (self.workdir / "data_state" / str(step) / task / f"process_{jax.process_index()}"
             / "position")
 
-  def _remove_stale_data_state(self):
-    kept = set(self.manager.all_steps())
-    if not kept:
-      return
-    for step_dir in (self.workdir / "data_state").iterdir():
-      if int(step_dir.name) < min(kept):
-        step_dir.rmtree(missing_ok=True)
+
+def abstract_state(state):
+  """Shapes, dtypes and shardings of `state`, the target of a restore."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                      state)
+
+
+def array_checksums(tree):
+  """{tree path: sha256 of dtype, shape and bytes} for every array of a host (numpy) tree."""
+  return {jax.tree_util.keystr(path): _sha256(np.asarray(leaf))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _sha256(array):
+  digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+  digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def checksum_problems(expected, actual):
+  """What differs between the saved checksums and those of the arrays read back."""
+  missing = [f"array {path} is missing" for path in sorted(set(expected) - set(actual))]
+  unexpected = [f"array {path} has no checksum" for path in sorted(set(actual) - set(expected))]
+  changed = [f"checksum mismatch in {path}" for path in sorted(set(expected) & set(actual))
+             if expected[path] != actual[path]]
+  return changed + missing + unexpected
+
+
+def _first_line(error):
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def config_conflicts(saved_config, config):

@@ -22,6 +22,15 @@ def base_config():
   config.keep_checkpoints = 2
   config.ema_decay = 0.999         # 0 evaluates the raw weights
   config.mesh_shape = (-1,)        # devices along the "data" axis; -1 = all
+  # Reliability (docs/reliability.md). A step whose loss, gradient norm or new parameters are
+  # NaN/Inf skips its update (the batch is consumed); after more than this many skipped
+  # updates in one run (counted from its start or resume) the run stops with an error. 0 stops
+  # at the first.
+  config.max_nonfinite_skips = 3
+  # A checkpoint that fails its checksums, is truncated or misses an item, found at resume:
+  # "fall_back" resumes from the newest good one (bad newer ones are moved to
+  # <workdir>/corrupt_checkpoints); "refuse" stops with an error and changes nothing.
+  config.on_corrupt_checkpoint = "fall_back"
 
   # Preprocessing shared by all tasks (compmod_jax/data/pipeline.py).
   config.data = ml_collections.ConfigDict(dict(
@@ -77,29 +86,41 @@ def digits_multitask(tasks, tiny):
   config.tasks = tasks
   config.data.augment = "crop"
   config.batch_size = 32 * len(tasks)
-  config.total_steps = 3000
-  config.eval_every = 1000
-  config.checkpoint_every = 1000
+  config.total_steps = 2000
+  config.eval_every = 500
+  config.checkpoint_every = 500
   config.log_every = 100
   config.model.num_layers = 8
   config.model.num_templates = 4
   config.model.patch_size = 4
   config.optimizer.learning_rate = 0.005  # 0.02 stalls at these batch sizes (configs/digits.py)
   if tiny:
-    config.batch_size = 8 * len(tasks)
-    config.total_steps = 4
-    config.log_every = 2
-    config.eval_every = 4
-    config.checkpoint_every = 4
-    config.optimizer.warmup_steps = 1
+    make_tiny(config, total_steps=4, batch_size=8 * len(tasks))
     config.optimizer.learning_rate = 0.02
     config.model.num_layers = 3
     config.model.num_templates = 2
   return config
 
 
+def make_tiny(config, *, total_steps, batch_size, eval_batch_size=None):
+  """Shortens a config to a debugging run of seconds: few steps, small batches, logging,
+  evaluation and a checkpoint at the end (and halfway), almost no warmup."""
+  config.total_steps = total_steps
+  config.batch_size = batch_size
+  config.eval_batch_size = eval_batch_size or config.eval_batch_size
+  config.log_every = max(1, total_steps // 2)
+  config.eval_every = total_steps
+  config.checkpoint_every = max(1, total_steps // 2)
+  config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, max(1, total_steps // 10))
+  return config
+
+
+ON_CORRUPT_CHECKPOINT = ("fall_back", "refuse")
+
+
 def validate(config, device_count):
-  """Errors for training fields, raised before any heavy work (the model spec checks its own)."""
+  """Errors for training and optimizer fields, raised before any heavy work (the model spec
+  and the data config check their own)."""
   for name in ("total_steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
                "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
@@ -110,6 +131,13 @@ def validate(config, device_count):
                        f"devices ({device_count}); try {max(1, config[name] // device_count) * device_count}.")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  if config.max_nonfinite_skips < 0:
+    raise ValueError(f"config.max_nonfinite_skips must be >= 0 (0 stops at the first NaN/Inf), "
+                     f"got {config.max_nonfinite_skips}")
+  if config.on_corrupt_checkpoint not in ON_CORRUPT_CHECKPOINT:
+    raise ValueError(f"config.on_corrupt_checkpoint must be one of {ON_CORRUPT_CHECKPOINT}, got "
+                     f"{config.on_corrupt_checkpoint!r}")
+  optim.check_config(config)
   if not config.tasks:
     raise ValueError("config.tasks is empty; give at least one task with a dataset.")
   for task, task_config in config.tasks.items():

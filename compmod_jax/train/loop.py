@@ -3,8 +3,10 @@
 config -> per-task data streams (each process reads its own share) -> global batches sharded
 over the mesh's "data" axis -> jitted train step (method loss + regularisers, partitioned
 optimizer, EMA) -> metrics, mixture-weight pictures, results.json, checkpoints.
+
+What the run does on SIGTERM, crashes, corrupt checkpoints, NaNs and bad config:
+docs/reliability.md.
 """
-import signal
 import time
 
 import jax
@@ -21,7 +23,7 @@ from compmod_jax.data import pipeline
 from compmod_jax.methods import multitask, regularizers, supervised
 from compmod_jax.models import templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
-from compmod_jax.train import checkpoint, defaults, optim, steps
+from compmod_jax.train import checkpoint, defaults, nonfinite, optim, preemption, steps
 from compmod_jax.train import workdir as workdir_io
 
 
@@ -51,10 +53,31 @@ def make_streams(config, *, train):
 
 
 def make_model(config, streams):
-  tasks = [(task, pipeline.num_classes(stream.builder, stream.data_config.label_map))
-           for task, stream in sorted(streams.items())]
-  spec = NetworkSpec.from_config(config.model, tasks, config.data.channels)
+  return model_for(config, {task: pipeline.num_classes(stream.builder,
+                                                       stream.data_config.label_map)
+                            for task, stream in streams.items()})
+
+
+def model_for(config, num_classes):
+  """The network of `config` for tasks with these {task: number of classes}."""
+  spec = NetworkSpec.from_config(config.model, sorted(num_classes.items()),
+                                 config.data.channels)
   return CompositionalIsometricNet(spec)
+
+
+def check_config(config):
+  """Raises the first config error before any data is read or anything is compiled: training,
+  optimizer, per-task batch and data fields, the model spec, and the trainable set. The model
+  gets 2 classes per task as placeholders: the real counts come from the data, and no check
+  depends on them."""
+  defaults.validate(config, jax.device_count())
+  multitask.task_batch_sizes(config, jax.device_count())
+  for task in config.tasks:
+    pipeline.check_data_config(task_data_config(config, task))
+  model = model_for(config, {task: 2 for task in config.tasks})
+  side = config.data.image_size or 4 * config.model.patch_size
+  images = jnp.zeros((1, side, side, config.data.channels), jnp.float32)
+  optim.check_trainable(jax.eval_shape(model.init, jax.random.key(0), images)["params"], config)
 
 
 def global_batch(mesh, local_batch):
@@ -133,60 +156,43 @@ def read_results(workdir):
   return workdir_io.read_json(epath.Path(workdir) / "results.json")
 
 
-class PreemptionWatcher:
-  """Turns SIGTERM (a TPU preemption notice) into a request to save and stop at the next step
-  boundary, instead of dying mid-step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
-    return self
-
-  def _on_signal(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary.")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def stop_requested(watcher, step):
   """Whether to save and stop after `step` (tests patch this to simulate an interruption)."""
-  del step
-  return watcher.requested
+  return watcher.stop_at(step)
 
 
 def train_and_evaluate(config, workdir):
-  """Trains and evaluates `config` in `workdir`, resuming from its last checkpoint if any.
+  """Trains and evaluates `config` in `workdir`, resuming from its newest good checkpoint.
 
-  Returns the final results.json payload.
+  Config errors, an unusable workdir, a checkpoint made with another config and a missing
+  dataset all fail before any data is read or anything is compiled. Returns the final
+  results.json payload.
   """
-  defaults.validate(config, jax.device_count())
-  workdir_io.prepare(workdir)
-  mesh = make_mesh(config)
-  train_streams = make_streams(config, train=True)
-  eval_streams = make_streams(config, train=False)
-  model = make_model(config, train_streams)
-  example_images = jnp.zeros((1,) + _image_shape(config, eval_streams), jnp.float32)
-  state, tx, schedule, trainable = create_train_state(config, model, mesh, example_images)
+  check_config(config)
+  workdir = workdir_io.prepare(workdir)
   checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:
-    state, meta = _maybe_resume(config, workdir, checkpointer, state, train_streams)
-    if int(state.step) >= config.total_steps:
-      logging.info("Run in %s already finished at step %d.", workdir, int(state.step))
-      return read_results(workdir) or write_results(
-          workdir, evaluate(state, eval_streams, _eval_steps(model, eval_streams), mesh),
-          int(state.step), meta.get("wall_time_s", 0.0))
-    return _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_streams,
-                  eval_streams, checkpointer, meta.get("wall_time_s", 0.0))
+    _refuse_other_config(config, workdir, checkpointer)
+    for task in sorted(config.tasks):
+      data_config = task_data_config(config, task)
+      pipeline.check_dataset(data_config.name, data_config.data_dir, data_config.download)
+    # From here on SIGTERM means: save at the next step boundary and exit cleanly.
+    with preemption.PreemptionWatcher() as watcher:
+      mesh = make_mesh(config)
+      train_streams = make_streams(config, train=True)
+      eval_streams = make_streams(config, train=False)
+      model = make_model(config, train_streams)
+      example_images = jnp.zeros((1,) + _image_shape(config, eval_streams), jnp.float32)
+      state, tx, schedule, trainable = create_train_state(config, model, mesh, example_images)
+      state, meta = _maybe_resume(config, checkpointer, state, train_streams)
+      if int(state.step) >= config.total_steps:
+        logging.info("Run in %s already finished at step %d.", workdir, int(state.step))
+        return read_results(workdir) or write_results(
+            workdir, evaluate(state, eval_streams, _eval_steps(model, eval_streams), mesh),
+            int(state.step), meta.get("wall_time_s", 0.0))
+      return _train(config, workdir, model, mesh, state, tx, schedule, trainable,
+                    train_streams, eval_streams, checkpointer, meta.get("wall_time_s", 0.0),
+                    watcher)
   finally:
     checkpointer.close()
 
@@ -202,26 +208,29 @@ def _eval_steps(model, eval_streams):
   return {task: steps.jit_eval_step(model, task) for task in eval_streams}
 
 
-def _maybe_resume(config, workdir, checkpointer, state, train_streams):
-  step = checkpointer.latest_step()
-  if step is None:
-    return state, {}
-  meta = checkpointer.read_meta(step)
-  conflicts = checkpoint.config_conflicts(meta["config"], config)
+def _refuse_other_config(config, workdir, checkpointer):
+  meta = checkpointer.newest_meta()
+  conflicts = checkpoint.config_conflicts(meta["config"], config) if meta else []
   if conflicts:
     raise ValueError(
         f"The checkpoint in {workdir} was made with another config; refusing to resume:\n  "
         + "\n  ".join(conflicts) + "\nUse a new --workdir, or the checkpoint's config "
         f"(saved in {epath.Path(workdir) / 'config.json'}).")
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          state)
-  restored = checkpointer.restore(step, abstract, train_streams)
-  logging.info("Resumed from %s at step %d.", workdir, step)
+
+
+def _maybe_resume(config, checkpointer, state, train_streams):
+  """The newest good checkpoint's state and meta (corrupt newer ones are handled as
+  config.on_corrupt_checkpoint says), or the fresh state and {}."""
+  restored, meta = checkpointer.restore_newest_good(
+      checkpoint.abstract_state(state), train_streams, config.on_corrupt_checkpoint)
+  if restored is None:
+    return state, {}
+  logging.info("Resumed from %s at step %d.", checkpointer.workdir, meta["step"])
   return restored, meta
 
 
 def _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_streams,
-           eval_streams, checkpointer, wall_time_before):
+           eval_streams, checkpointer, wall_time_before, watcher):
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   first_step = int(state.step)
   if first_step == 0:
@@ -241,29 +250,32 @@ def _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_s
   pending_metrics = []
   results = read_results(workdir)
   train_iterators = {task: iter(stream) for task, stream in train_streams.items()}
-  with PreemptionWatcher() as watcher:
-    for step in range(first_step + 1, config.total_steps + 1):
-      local_batch = {task: next(it) for task, it in train_iterators.items()}
-      state, metrics = train_step(state, global_batch(mesh, local_batch))
-      pending_metrics.append(metrics)
-      progress(step)
-      last = step == config.total_steps
-      if step % config.log_every == 0 or last:
-        _write_train_metrics(writer, step, pending_metrics, schedule, model, state)
-        pending_metrics = []
-      if step % config.eval_every == 0 or last:
-        wall_time = wall_time_before + time.time() - started
-        results = _evaluate_and_report(workdir, writer, step, state, model, eval_streams,
-                                       eval_steps, mesh, wall_time)
-      stopping = stop_requested(watcher, step)
-      if step % config.checkpoint_every == 0 or last or stopping:
-        meta = {"config": config.to_dict(), "step": step,
-                "wall_time_s": wall_time_before + time.time() - started}
-        checkpointer.save(step, state, meta, train_streams)
-      if stopping:
-        logging.warning("Stopped at step %d after saving; rerun the same command to resume.",
-                        step)
-        break
+  nonfinite_guard = nonfinite.NonFiniteGuard(config.max_nonfinite_skips)
+  for step in range(first_step + 1, config.total_steps + 1):
+    local_batch = {task: next(it) for task, it in train_iterators.items()}
+    state, metrics = train_step(state, global_batch(mesh, local_batch))
+    nonfinite_guard.observe(step, metrics)
+    pending_metrics.append(metrics)
+    progress(step)
+    last = step == config.total_steps
+    if step % config.log_every == 0 or last:
+      _write_train_metrics(writer, step, pending_metrics, schedule, model, state)
+      pending_metrics = []
+    if step % config.eval_every == 0 or last:
+      nonfinite_guard.flush()  # past the allowed skips, stop before reporting
+      wall_time = wall_time_before + time.time() - started
+      results = _evaluate_and_report(workdir, writer, step, state, model, eval_streams,
+                                     eval_steps, mesh, wall_time)
+    stopping = stop_requested(watcher, step)
+    if step % config.checkpoint_every == 0 or last or stopping:
+      nonfinite_guard.flush()  # past the allowed skips, stop before saving
+      meta = {"config": config.to_dict(), "step": step,
+              "wall_time_s": wall_time_before + time.time() - started}
+      checkpointer.save(step, state, meta, train_streams)
+    if stopping:
+      logging.warning("Stopped at step %d after saving; rerun the same command to resume.",
+                      step)
+      break
   writer.flush()
   return results
 
@@ -280,8 +292,11 @@ def _evaluate_and_report(workdir, writer, step, state, model, eval_streams, eval
                          wall_time):
   """Evaluates every task and writes what the user looks at: scalars, results.json, the
   accuracy table, mixture-weight heatmaps and (with several tasks) the task similarity."""
+  started = time.time()
   results = evaluate(state, eval_streams, eval_steps, mesh)
+  eval_seconds = time.time() - started
   scalars = {f"{task}/{key}": value for task, r in results.items() for key, value in r.items()}
+  scalars["eval_seconds"] = eval_seconds
   writer.write_scalars(step, scalars)
   xi_by_task = mixture_weights_by_task(model, jax.device_get(state.ema_params))
   pictures = {"mixture_weights": figures.mixture_heatmaps(xi_by_task, step)}
@@ -294,7 +309,7 @@ def _evaluate_and_report(workdir, writer, step, state, model, eval_streams, eval
       (epath.Path(workdir) / f"{name}.png").write_bytes(figures.png_bytes(rgb))
     (epath.Path(workdir) / "accuracy_table.md").write_text(accuracy_table(results, step))
     write_results(workdir, results, step, wall_time)
-  logging.info("step %d: %s", step, ", ".join(
+  logging.info("step %d (evaluated in %.1f s): %s", step, eval_seconds, ", ".join(
       f"{task} test accuracy {r['test_accuracy']:.4f}" for task, r in results.items()))
   return {"tasks": results, "step": step, "wall_time_s": wall_time}
 

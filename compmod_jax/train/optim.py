@@ -42,12 +42,47 @@ def group_labels(params, groups=PARAMETER_GROUPS):
   return jax.tree.map(label, path_names(params))
 
 
-def make_schedule(config):
-  """Learning-rate schedule from `config.optimizer` (with optional linear warmup)."""
+def check_config(config, groups=PARAMETER_GROUPS):
+  """Errors for `config.optimizer`, raised before any heavy work."""
   opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
   if opt.schedule not in SCHEDULES:
     raise ValueError(f"config.optimizer.schedule must be one of {SCHEDULES}, got "
                      f"{opt.schedule!r}")
+  if opt.learning_rate <= 0:
+    raise ValueError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+  names = [name for name, _ in groups]
+  unknown = sorted(set(opt.lr_multipliers) - set(names))
+  if unknown:
+    raise ValueError(f"config.optimizer.lr_multipliers names unknown group(s) {unknown}; "
+                     f"groups are {names}")
+  for name, multiplier in opt.lr_multipliers.items():
+    if multiplier < 0:
+      raise ValueError(f"config.optimizer.lr_multipliers.{name} must be >= 0 (0 freezes), "
+                       f"got {multiplier}")
+
+
+def check_trainable(params, config, groups=PARAMETER_GROUPS):
+  """Fails when no parameter of this model would be trained.
+
+  That happens when every multiplier is 0, or when the only groups with a multiplier > 0
+  match no parameter of this model (e.g. mixture_logits with a fixed signature). A group that
+  matches nothing while others train is fine: the default multipliers name every group.
+  """
+  if any(jax.tree.leaves(trainable_mask(params, config, groups))):
+    return
+  multipliers = dict(config.optimizer.lr_multipliers)
+  present = sorted(set(jax.tree.leaves(group_labels(params, groups))))
+  raise ValueError(
+      f"config.optimizer.lr_multipliers trains nothing in this model: the groups with a "
+      f"multiplier > 0 are {sorted(n for n, _ in groups if multipliers.get(n, 1.0) > 0)}, "
+      f"and this model's parameters are in {present}. Give one of those a multiplier > 0.")
+
+
+def make_schedule(config):
+  """Learning-rate schedule from `config.optimizer` (with optional linear warmup)."""
+  opt = config.optimizer
   warmup = opt.warmup_steps
   decay_steps = max(1, config.total_steps - warmup)
   base, final = opt.learning_rate, opt.learning_rate * opt.final_lr_fraction
@@ -72,9 +107,7 @@ def _base_optimizer(opt, learning_rate):
                          initial_scale=1.0, momentum=opt.momentum or None)
   if opt.name == "sgd":
     return optax.sgd(learning_rate, momentum=opt.momentum or None, nesterov=opt.nesterov)
-  if opt.name == "adam":
-    return optax.adam(learning_rate, b1=opt.adam_b1, b2=opt.adam_b2, eps=opt.eps)
-  raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
+  return optax.adam(learning_rate, b1=opt.adam_b1, b2=opt.adam_b2, eps=opt.eps)
 
 
 def _is_kernel(params):
@@ -83,21 +116,13 @@ def _is_kernel(params):
 
 def make_optimizer(config, params, groups=PARAMETER_GROUPS):
   """optax.partition over the parameter groups; frozen groups use set_to_zero."""
+  check_config(config, groups)
   opt = config.optimizer
-  if opt.learning_rate <= 0:
-    raise ValueError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
   multipliers = dict(opt.lr_multipliers)
-  names = [name for name, _ in groups]
-  unknown = sorted(set(multipliers) - set(names))
-  if unknown:
-    raise ValueError(f"config.optimizer.lr_multipliers names unknown group(s) {unknown}; "
-                     f"groups are {names}")
   schedule = make_schedule(config)
   transforms = {}
-  for name in names:
+  for name, _ in groups:
     multiplier = multipliers.get(name, 1.0)
-    if multiplier < 0:
-      raise ValueError(f"config.optimizer.lr_multipliers.{name} must be >= 0 (0 freezes).")
     if multiplier == 0:
       transforms[name] = optax.set_to_zero()
     else:

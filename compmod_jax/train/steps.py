@@ -38,12 +38,17 @@ def train_step(state, batch, *, model, tx, loss_fn, trainable, config):
   # Frozen parameters keep their EMA untouched too, so they stay bit-identical everywhere.
   ema = optim.ema_update(state.ema_params, params, config.ema_decay, state.step)
   ema = jax.tree.map(lambda t, e, old: jnp.where(t, e, old), trainable, ema, state.ema_params)
-  metrics = dict(metrics, total_loss=total, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params),
+  grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+  # A NaN/Inf loss, gradient or new parameter skips the update: the state stays as it was and
+  # only the step moves on (the loop applies config.max_nonfinite_skips; nonfinite.py).
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+  metrics = dict(metrics, total_loss=total, grad_norm=grad_norm, param_norm=param_norm,
+                 update_skipped=jnp.logical_not(finite).astype(jnp.float32),
                  **{f"regularizer/{k}": v for k, v in reg_losses.items()})
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, ema_params=ema)
-  return new_state, metrics
+  updated = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                          ema_params=ema)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  return new_state.replace(step=state.step + 1), metrics
 
 
 def eval_step(state, examples, *, model, task):

@@ -1,21 +1,29 @@
 """Files in the run's workdir, local or on GCS (gs://...), through etils.epath."""
 import json
+import uuid
 
 from etils import epath
 
 
 def prepare(workdir):
-  """Creates the workdir and checks it is writable, before any heavy work."""
+  """Creates the workdir and checks it is writable, before any heavy work.
+
+  Returns it as an absolute path (orbax refuses relative checkpoint paths, and a relative path
+  would change meaning if anything changed the working directory).
+  """
   path = epath.Path(workdir)
+  if "://" not in str(workdir):
+    path = path.absolute()
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_probe"
+    # One probe per process: the processes of a multi-host run probe the same workdir at once.
+    probe = path / f".write_probe.{uuid.uuid4().hex}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as error:
     raise ValueError(f"The workdir {workdir!r} cannot be created or written: {error}. Pass "
                      f"--workdir=<a writable directory>.") from error
-  return path
+  return str(path)
 
 
 def write_json(path, payload):

@@ -1,0 +1,559 @@
+"""Reliability (issue 7): faults injected into real training runs, each checked for what is
+kept, what is lost (nothing) and what the run says. docs/reliability.md tables the faults.
+
+Runs in subprocesses (tests/fault_driver.py) get SIGTERM and SIGKILL at announced steps and in
+the middle of an asynchronous save; checkpoints of a real run get a flipped byte, a truncated
+file or a deleted item; NaNs come in through the input batches. Every run that must lose
+nothing ends with parameters bit-identical to an uninterrupted run of the same config.
+"""
+import collections
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+
+from compmod_jax.data import pipeline
+from compmod_jax.train import checkpoint, loop, nonfinite, steps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import digits  # noqa: E402
+
+DRIVER = os.path.join(REPO, "tests", "fault_driver.py")
+TOTAL_STEPS = 8
+# A short run that checkpoints every other step; 200 test examples keep evaluation quick.
+FAULT_RUN = {"total_steps": TOTAL_STEPS, "checkpoint_every": 2, "eval_every": TOTAL_STEPS,
+             "log_every": 2, "keep_checkpoints": 3, "data.eval_split": "test[:200]"}
+COMPARED = ("params", "ema_params", "batch_stats", "opt_state")
+
+
+def fault_config(data_dir, **overrides):
+  config = digits.get_config("tiny")
+  for key, value in dict(FAULT_RUN, **{"data.data_dir": str(data_dir)}, **overrides).items():
+    set_field(config, key, value)
+  return config
+
+
+def set_field(config, dotted_key, value):
+  *parents, leaf = dotted_key.split(".")
+  for parent in parents:
+    config = config[parent]
+  config[leaf] = value
+
+
+def committed_steps(workdir):
+  root = workdir / "checkpoints"
+  return sorted(int(name) for name in os.listdir(root) if name.isdigit()) if root.exists() else []
+
+
+def half_written(workdir):
+  return [name for name in os.listdir(workdir / "checkpoints")
+          if checkpoint.HALF_WRITTEN_MARK in name]
+
+
+def saved_state(workdir, step=None):
+  """A committed step's train state as numpy, read without touching the workdir."""
+  manager = ocp.CheckpointManager(str(workdir / "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return jax.device_get(manager.restore(step or manager.latest_step())["state"])
+  finally:
+    manager.close()
+
+
+def assert_same_state(state, reference):
+  for name in COMPARED:
+    jax.tree.map(np.testing.assert_array_equal, state[name], reference[name])
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_dir, tmp_path_factory):
+  """One uninterrupted run: its workdir (checkpoints 4, 6, 8) and its final state."""
+  workdir = tmp_path_factory.mktemp("reference")
+  results = loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
+  assert results["step"] == TOTAL_STEPS and committed_steps(workdir) == [4, 6, 8]
+  return workdir, saved_state(workdir)
+
+
+# --- 1 and 2: SIGTERM and SIGKILL in subprocesses -------------------------------------------
+
+class DriverRun:
+  """compmod_jax.main in a subprocess (tests/fault_driver.py); its stdout announces steps."""
+
+  def __init__(self, workdir, data_dir, *hooks, flags=(), env=None):
+    """`flags` come last: they override FAULT_RUN."""
+    self.log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
+    command = [sys.executable, DRIVER, *hooks, "--", "--config=configs/digits.py:tiny",
+               f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+               *(f"--config.{key}={value}" for key, value in FAULT_RUN.items()), *flags]
+    with open(self.log, "w") as log:
+      self.process = subprocess.Popen(command, cwd=REPO, env=driver_env(env), text=True,
+                                      stdout=subprocess.PIPE, stderr=log)
+    self.lines = queue.Queue()
+    threading.Thread(target=self._read_stdout, daemon=True).start()
+
+  def _read_stdout(self):
+    for line in self.process.stdout:
+      self.lines.put(line.strip())
+
+  def wait_for(self, wanted, timeout=180):
+    """Blocks until the run prints the line `wanted`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      try:
+        if self.lines.get(timeout=1) == wanted:
+          return
+      except queue.Empty:
+        if self.process.poll() is not None:
+          break
+    raise AssertionError(f"The run never printed {wanted!r}:\n{self.output()[-3000:]}")
+
+  def send(self, signum):
+    self.process.send_signal(signum)
+
+  def finish(self, timeout=240):
+    return self.process.wait(timeout=timeout)
+
+  def output(self):
+    return self.log.read_text()
+
+  def stopped_at(self):
+    found = re.findall(r"Stopped at step (\d+) after saving", self.output())
+    assert len(found) == 1, self.output()[-3000:]
+    return int(found[0])
+
+
+def driver_env(extra=None):
+  """CPU with the 8 devices of the in-process runs (bit-identical results) and their
+  compilation cache (fast starts)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  env.update(extra or {})
+  return env
+
+
+@pytest.fixture
+def start_run(embedded_dir):
+  """start_run(workdir, *hooks, **kwargs) -> DriverRun; kills what a failed test left running."""
+  runs = []
+
+  def start(workdir, *hooks, **kwargs):
+    runs.append(DriverRun(workdir, embedded_dir, *hooks, **kwargs))
+    return runs[-1]
+
+  yield start
+  for run in runs:
+    if run.process.poll() is None:
+      run.process.kill()
+      run.process.wait()
+
+
+@pytest.fixture
+def logs(caplog):
+  """The run's absl log messages (absl logs through Python's logging), INFO and up."""
+  caplog.set_level(logging.INFO, logger="absl")
+  return lambda containing="": "\n".join(
+      r.getMessage() for r in caplog.records if containing in r.getMessage())
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_exits_0_and_resume_loses_nothing(
+    embedded_dir, reference, tmp_path, start_run):
+  workdir = tmp_path / "work"
+  stops = []
+  for signal_at in (2, 5):  # preempted twice in the life of the run
+    run = start_run(workdir, "announce")
+    run.wait_for(f"STEP {signal_at}")
+    run.send(signal.SIGTERM)
+    assert run.finish() == 0, run.output()[-3000:]
+    assert "SIGTERM received" in run.output()
+    stops.append(run.stopped_at())
+    assert signal_at <= stops[-1] < TOTAL_STEPS
+    assert stops[-1] in committed_steps(workdir)
+  assert stops[0] < stops[1]
+  results = loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
+  assert results["step"] == TOTAL_STEPS
+  assert_same_state(saved_state(workdir), reference[1])
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(
+    embedded_dir, reference, tmp_path, start_run, logs):
+  workdir = tmp_path / "work"
+  run = start_run(workdir, "announce")  # killed between two checkpoints
+  run.wait_for("STEP 3")
+  run.send(signal.SIGKILL)
+  assert run.finish() == -signal.SIGKILL
+  assert committed_steps(workdir) in ([], [2])
+  run = start_run(workdir, "announce", "slow_commit=6")  # killed mid-save
+  run.wait_for("SAVING 6")
+  run.send(signal.SIGKILL)
+  assert run.finish() == -signal.SIGKILL
+  assert 6 not in committed_steps(workdir) and half_written(workdir)
+  assert (workdir / "data_state" / "6").exists()  # the data position is written first
+  last_complete = committed_steps(workdir)[-1]
+  results = loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
+  assert f"at step {last_complete}." in logs("Resumed from")
+  assert "half-written checkpoint(s) ['6.orbax-checkpoint-tmp" in logs()
+  assert results["step"] == TOTAL_STEPS
+  assert not half_written(workdir)
+  assert sorted(map(int, os.listdir(workdir / "data_state"))) == committed_steps(workdir)
+  assert_same_state(saved_state(workdir), reference[1])
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preemption_service", [True, False],
+                         ids=["jax_preemption_service", "own_sigterm_flag_allgather"])
+def test_two_processes_stop_at_the_same_step_on_sigterm_to_one(tmp_path, start_run,
+                                                               preemption_service):
+  """Both ways of agreeing on the step; the resume (the same code for both) is run once. 16
+  steps leave the preemption protocol time to agree before the end."""
+  workdir = tmp_path / "work"
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_ENABLE_PREEMPTION_SERVICE": str(preemption_service).lower()}
+
+  def start(*hooks):
+    port = free_port()
+    return [start_run(workdir, *hooks, env=env, flags=(
+        "--config.total_steps=16", f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2", f"--process_id={i}")) for i in range(2)]
+
+  runs = start("announce")
+  runs[1].wait_for("STEP 3")
+  runs[1].send(signal.SIGTERM)  # only one process gets the notice
+  for run in runs:
+    assert run.finish() == 0, run.output()[-3000:]
+  stop = runs[0].stopped_at()
+  assert runs[1].stopped_at() == stop and 3 <= stop < 16
+  assert stop in committed_steps(workdir)
+  assert sorted(os.listdir(workdir / "data_state" / str(stop) / "mnist")) == [
+      "process_0", "process_1"]
+  if not preemption_service:
+    return
+  runs = start()
+  for run in runs:
+    assert run.finish() == 0, run.output()[-3000:]
+    assert f"at step {stop}." in run.output()
+  assert json.loads((workdir / "results.json").read_text())["step"] == 16
+
+
+# --- 3: checkpoint integrity -----------------------------------------------------------------
+
+def largest_array_file(step_dir):
+  files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / "state")
+           for name in names]
+  return max(files, key=os.path.getsize)
+
+
+def flip_byte(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0xFF
+  open(path, "wb").write(data)
+
+
+def truncate(path):
+  with open(path, "r+b") as file:
+    file.truncate(os.path.getsize(path) // 2)
+
+
+# name -> (fault applied to the workdir's step 8, the path the message names, its reason)
+CORRUPTIONS = {
+    "flipped_byte_in_an_array": (
+        lambda w: flip_byte(largest_array_file(w / "checkpoints" / "8")),
+        "checkpoints/8", r"checksum mismatch in \.\w+"),
+    "truncated_array_file": (
+        lambda w: truncate(largest_array_file(w / "checkpoints" / "8")),
+        "checkpoints/8", r"its state cannot be read"),
+    "deleted_meta_item": (
+        lambda w: shutil.rmtree(w / "checkpoints" / "8" / "meta"),
+        "checkpoints/8", r"its meta cannot be read"),
+    "deleted_data_position": (
+        lambda w: shutil.rmtree(w / "data_state" / "8"),
+        "data_state/8/mnist/process_0",
+        r"the data-stream position of task 'mnist' cannot be read"),
+    "flipped_byte_in_the_data_position": (
+        lambda w: flip_byte(w / "data_state/8/mnist/process_0/position.data-00000-of-00001"),
+        "data_state/8/mnist/process_0",
+        r"the data-stream position of task 'mnist' cannot be read \(DataLossError"),
+}
+
+
+def copy_of(reference_workdir, tmp_path):
+  workdir = tmp_path / "work"
+  shutil.copytree(reference_workdir, workdir)
+  return workdir
+
+
+# orbax leaves the futures of a failed read unretrieved; pytest would report them as warnings.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("fault", sorted(CORRUPTIONS))
+def test_corrupt_checkpoint_is_reported_and_the_previous_good_one_is_used(
+    embedded_dir, reference, tmp_path, logs, fault):
+  corrupt_step_8, named_path, reason = CORRUPTIONS[fault]
+  workdir = copy_of(reference[0], tmp_path)
+  corrupt_step_8(workdir)
+  results = loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
+  assert re.search(rf"Checkpoint step 8 at {re.escape(str(workdir / named_path))} is corrupt: "
+                   rf"{reason}", logs()), logs("is corrupt")
+  assert "at step 6." in logs("Resumed from")
+  assert (workdir / "corrupt_checkpoints" / "8").exists()
+  assert results["step"] == TOTAL_STEPS
+  assert_same_state(saved_state(workdir), reference[1])
+
+
+def test_corrupt_checkpoint_with_refuse_policy_stops_and_changes_nothing(
+    embedded_dir, reference, tmp_path):
+  workdir = copy_of(reference[0], tmp_path)
+  flip_byte(largest_array_file(workdir / "checkpoints" / "8"))
+  config = fault_config(embedded_dir, on_corrupt_checkpoint="refuse")
+  with pytest.raises(checkpoint.CorruptCheckpointError,
+                     match=rf"Checkpoint step 8 at {re.escape(str(workdir))}/checkpoints/8 is "
+                           r"corrupt: checksum mismatch(.|\n)*'refuse', so nothing was changed"):
+    loop.train_and_evaluate(config, str(workdir))
+  assert committed_steps(workdir) == [4, 6, 8]
+  assert not (workdir / "corrupt_checkpoints").exists()
+
+
+def test_when_every_checkpoint_is_corrupt_the_run_stops_and_moves_nothing(
+    embedded_dir, reference, tmp_path):
+  workdir = copy_of(reference[0], tmp_path)
+  for step in (4, 6, 8):
+    shutil.rmtree(workdir / "checkpoints" / str(step) / "meta")
+  with pytest.raises(checkpoint.CorruptCheckpointError,
+                     match=r"No checkpoint .* reads back intact \(steps \[4, 6, 8\]"):
+    loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
+  assert committed_steps(workdir) == [4, 6, 8]
+
+
+def test_old_checkpoint_is_deleted_only_after_a_newer_one_is_verified(
+    embedded_dir, reference, tmp_path, monkeypatch):
+  workdir = tmp_path / "work"
+  config = fault_config(embedded_dir, keep_checkpoints=1)
+  verify = checkpoint.Checkpointer._verify_last_save
+
+  def corrupt_step_4_on_disk_then_verify(self):
+    if self._unverified and self._unverified[0] == 4:
+      self.manager.wait_until_finished()
+      flip_byte(largest_array_file(workdir / "checkpoints" / "4"))
+    verify(self)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint.Checkpointer, "_verify_last_save",
+                  corrupt_step_4_on_disk_then_verify)
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"step 4 .* checksum mismatch(.|\n)*right after the save. The "
+                             r"older checkpoints are kept"):
+      loop.train_and_evaluate(config, str(workdir))
+  assert committed_steps(workdir) == [2, 4]  # keep_checkpoints=1, yet step 2 survives
+  loop.train_and_evaluate(config, str(workdir))
+  assert committed_steps(workdir) == [TOTAL_STEPS]
+  assert os.listdir(workdir / "corrupt_checkpoints") == ["4"]
+  assert_same_state(saved_state(workdir), reference[1])
+
+
+# --- 4: non-finite values --------------------------------------------------------------------
+
+# NaN images make the gradients NaN; whether the loss is NaN too depends on how XLA's max (in
+# ReLU) treats NaN on the backend, so the first non-finite quantity is one of these two.
+FIRST_NONFINITE = "(total_loss|grad_norm)"
+
+
+def poison_training_batches(monkeypatch, bad_steps):
+  """Makes the images of the training batches of `bad_steps` (1-based) all NaN."""
+  next_batch = pipeline.DataStream.__next__
+  batches_read = collections.Counter()
+
+  def next_with_nan(stream):
+    batch = next_batch(stream)
+    if stream.train:
+      batches_read[id(stream)] += 1
+      if batches_read[id(stream)] in bad_steps:
+        batch["image"] = np.full_like(batch["image"], np.nan)
+    return batch
+
+  monkeypatch.setattr(pipeline.DataStream, "__next__", next_with_nan)
+
+
+def all_saved_states_are_finite(workdir):
+  return all(nonfinite.first_nonfinite_leaf(saved_state(workdir, step)) is None
+             for step in committed_steps(workdir))
+
+
+def test_nan_update_is_skipped_within_the_allowed_count(embedded_dir, tmp_path, monkeypatch,
+                                                        logs):
+  poison_training_batches(monkeypatch, {3})
+  results = loop.train_and_evaluate(fault_config(embedded_dir, max_nonfinite_skips=1),
+                                    str(tmp_path))
+  assert re.search(rf"Step 3: {FIRST_NONFINITE} is nan, not finite; update skipped \(1 of at "
+                   r"most 1 in this run\)\.", logs()), logs("Step ")
+  assert results["step"] == TOTAL_STEPS
+  assert committed_steps(tmp_path) == [4, 6, 8] and all_saved_states_are_finite(tmp_path)
+
+
+def test_too_many_nonfinite_steps_stop_the_run_naming_step_and_quantity(
+    embedded_dir, tmp_path, monkeypatch):
+  poison_training_batches(monkeypatch, {3, 4})
+  with pytest.raises(nonfinite.NonFiniteError,
+                     match=rf"Step 4: {FIRST_NONFINITE} is nan, not finite; 2 updates skipped "
+                           r"in this run, more than config\.max_nonfinite_skips=1"):
+    loop.train_and_evaluate(fault_config(embedded_dir, max_nonfinite_skips=1), str(tmp_path))
+  assert committed_steps(tmp_path) == [2] and all_saved_states_are_finite(tmp_path)
+
+
+def test_a_state_holding_nan_is_never_saved(embedded_dir, tmp_path, monkeypatch):
+  jit_train_step = steps.jit_train_step
+
+  def jit_step_breaking_batch_stats(*args, **kwargs):
+    """Puts a NaN where the step does not look (its loss and norms stay finite)."""
+    train_step = jit_train_step(*args, **kwargs)
+
+    def step_then_break(state, batch):
+      new_state, metrics = train_step(state, batch)
+      return new_state.replace(batch_stats=jax.tree.map(lambda x: x * np.nan,
+                                                        new_state.batch_stats)), metrics
+    return step_then_break
+
+  monkeypatch.setattr(steps, "jit_train_step", jit_step_breaking_batch_stats)
+  with pytest.raises(nonfinite.NonFiniteError,
+                     match=r"Refusing to save step 2: \.batch_stats\[.*\] holds NaN or Inf"):
+    loop.train_and_evaluate(fault_config(embedded_dir), str(tmp_path))
+  assert committed_steps(tmp_path) == []
+
+
+# --- 5: bad input ----------------------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "K_not_positive": ({"model.num_templates": 0}, ValueError,
+                       r"config\.model\.num_templates must be a positive integer, got 0"),
+    "signature_longer_than_L": (
+        {"model.signature": "explicit", "model.explicit_signature": "1,2,1,2,1"}, ValueError,
+        r"explicit_signature has 5 entries but num_layers is 4"),
+    "signature_shorter_than_L": (
+        {"model.signature": "explicit", "model.explicit_signature": "1,2,1"}, ValueError,
+        r"explicit_signature has 3 entries but num_layers is 4"),
+    "unknown_signature_type": ({"model.signature": "zigzag"}, ValueError,
+                               r"config\.model\.signature must be one of \('mixture'"),
+    "unknown_dataset": ({"tasks.mnist.dataset": "no_such_dataset"},
+                        pipeline.DatasetNotFoundError,
+                        r"'no_such_dataset' is not a TFDS dataset"),
+    "unknown_labeling": ({"tasks.mnist.label_map": "primes"}, ValueError,
+                         r"config\.data\.label_map='primes'; use one of"),
+    "batch_not_divisible_by_devices": ({"batch_size": 33}, ValueError,
+                                       r"config\.batch_size=33 must be divisible by the "
+                                       r"number of devices \(8\); try 32"),
+    "learning_rate_not_positive": ({"optimizer.learning_rate": 0.0}, ValueError,
+                                   r"config\.optimizer\.learning_rate must be > 0, got 0\.0"),
+    "unknown_optimizer": ({"optimizer.name": "lamb"}, ValueError,
+                          r"config\.optimizer\.name must be one of \('rmsprop'"),
+    "every_group_frozen": (
+        {f"optimizer.lr_multipliers.{group}": 0.0 for group in
+         ("batch_norm", "templates", "mixture_logits", "adapters", "heads")}, ValueError,
+        r"lr_multipliers trains nothing in this model: the groups with a multiplier > 0 are "
+        r"\[\]"),
+    "trainable_group_absent_from_model": (
+        {"model.signature": "cyclic", **{f"optimizer.lr_multipliers.{group}": 0.0 for group in
+                                         ("batch_norm", "templates", "adapters", "heads")}},
+        ValueError, r"multiplier > 0 are \['mixture_logits'\], and this model's parameters "
+                    r"are in \['adapters', 'batch_norm', 'heads', 'templates'\]"),
+    "unknown_optimizer_group": ({"optimizer.lr_multipliers.template": 1.0}, ValueError,
+                                r"names unknown group\(s\) \['template'\]"),
+    "negative_nonfinite_skips": ({"max_nonfinite_skips": -1}, ValueError,
+                                 r"config\.max_nonfinite_skips must be >= 0"),
+    "unknown_corrupt_policy": ({"on_corrupt_checkpoint": "ignore"}, ValueError,
+                               r"config\.on_corrupt_checkpoint must be one of \('fall_back', "
+                               r"'refuse'\)"),
+}
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+  """Fails the test if the run reads data or builds the train state."""
+  def heavy(*args, **kwargs):
+    raise AssertionError("heavy work started before the error")
+  monkeypatch.setattr(loop, "make_streams", heavy)
+  monkeypatch.setattr(loop, "create_train_state", heavy)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_fails_first_with_one_clear_error(tmp_path, no_heavy_work, case):
+  overrides, error, message = BAD_CONFIGS[case]
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  config = fault_config(data_dir)
+  for key, value in overrides.items():
+    set_field(config, key, value)
+  with pytest.raises(error, match=message):
+    loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert os.listdir(data_dir) == []  # no dataset was prepared
+
+
+def test_missing_dataset_fails_before_heavy_work(tmp_path, no_heavy_work):
+  config = fault_config(tmp_path / "empty")
+  config.tasks.mnist.dataset = "mnist"  # a real TFDS dataset, not prepared there
+  with pytest.raises(pipeline.DatasetNotFoundError,
+                     match=r"Dataset 'mnist' is not prepared in data_dir=.*empty"):
+    loop.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def test_unwritable_workdir_fails_before_heavy_work(embedded_dir, tmp_path, no_heavy_work):
+  (tmp_path / "a_file").write_text("not a directory")
+  with pytest.raises(ValueError, match=r"The workdir .*a_file/work' cannot be created or "
+                                       r"written.*Pass --workdir="):
+    loop.train_and_evaluate(fault_config(embedded_dir), str(tmp_path / "a_file" / "work"))
+
+
+def test_checkpoint_of_another_model_fails_before_heavy_work(reference, tmp_path,
+                                                              no_heavy_work):
+  config = fault_config(tmp_path / "empty", **{"model.num_templates": 3})
+  with pytest.raises(ValueError, match=r"another config; refusing to resume:\n  "
+                                       r"model\.num_templates: checkpoint has 2, new config "
+                                       r"has 3"):
+    loop.train_and_evaluate(config, str(reference[0]))
+
+
+# --- 6: determinism --------------------------------------------------------------------------
+
+def scalar_summaries(workdir):
+  """{(tag, step): value} of every scalar in the workdir's TensorBoard files, timings excluded."""
+  timings = ("steps_per_sec", "uptime", "eval_seconds")
+  scalars = {}
+  for name in os.listdir(workdir):
+    if name.startswith("events.out.tfevents"):
+      for event in tf.compat.v1.train.summary_iterator(str(workdir / name)):
+        for value in event.summary.value:
+          if value.tag not in timings and value.metadata.plugin_data.plugin_name == "scalars":
+            scalars[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+  return scalars
+
+
+def test_same_config_and_seed_give_identical_metrics_and_parameters(embedded_dir, reference,
+                                                                    tmp_path):
+  results = loop.train_and_evaluate(fault_config(embedded_dir), str(tmp_path))
+  again, first = scalar_summaries(tmp_path), scalar_summaries(reference[0])
+  assert ("total_loss", TOTAL_STEPS) in first and ("mnist/test_accuracy", TOTAL_STEPS) in first
+  assert again == first, {key: (again.get(key), value) for key, value in first.items()
+                          if again.get(key) != value}
+  assert results["tasks"] == json.loads((reference[0] / "results.json").read_text())["tasks"]
+  assert_same_state(saved_state(tmp_path), reference[1])
