@@ -33,6 +33,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import digits  # noqa: E402
 
+# A failed orbax read leaves coroutines whose errors surface when they are garbage-collected,
+# during whichever test runs then; they are orbax's, and expected here.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 DRIVER = os.path.join(REPO, "tests", "fault_driver.py")
 TOTAL_STEPS = 8
 # A short run that checkpoints every other step; 200 test examples keep evaluation quick.
@@ -139,11 +143,12 @@ class DriverRun:
 
 def driver_env(extra=None):
   """CPU with the 8 devices of the in-process runs (bit-identical results) and their
-  compilation cache (fast starts)."""
+  compilation cache, every program in it (orbax's many small slicing programs too): each run
+  starts seconds faster."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.update(extra or {})
   return env
 
@@ -306,8 +311,6 @@ def copy_of(reference_workdir, tmp_path):
   return workdir
 
 
-# orbax leaves the futures of a failed read unretrieved; pytest would report them as warnings.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("fault", sorted(CORRUPTIONS))
 def test_corrupt_checkpoint_is_reported_and_the_previous_good_one_is_used(
     embedded_dir, reference, tmp_path, logs, fault):
@@ -375,8 +378,8 @@ def test_old_checkpoint_is_deleted_only_after_a_newer_one_is_verified(
 
 # --- 4: non-finite values --------------------------------------------------------------------
 
-# NaN images make the gradients NaN; whether the loss is NaN too depends on how XLA's max (in
-# ReLU) treats NaN on the backend, so the first non-finite quantity is one of these two.
+# NaN images make the gradients NaN; the jitted XLA:CPU step gives a finite loss for them (log 10,
+# as if the activations were zeros), other backends may not: the first bad quantity is either.
 FIRST_NONFINITE = "(total_loss|grad_norm)"
 
 
