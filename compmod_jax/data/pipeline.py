@@ -327,7 +327,13 @@ class DataStream:
     _check_fixed_image_shape(dataset.element_spec)
     padding = tf.data.Dataset.from_tensors(_zero_example(dataset.element_spec)).repeat()
     dataset = dataset.concatenate(padding).take(self.num_batches * self.batch_size)
-    return dataset.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    # No autotuning: its background thread sleeps longer the longer the iterator lives, and
+    # replacing the iterator at the next pass waited for it to wake up (up to a minute per
+    # task between two evaluations of a long run).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    dataset = dataset.batch(self.batch_size, drop_remainder=True).prefetch(2)
+    return dataset.with_options(options)
 
 
 def _check_fixed_image_shape(element_spec):
