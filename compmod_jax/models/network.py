@@ -126,6 +126,20 @@ class NetworkSpec:
     return names.index(task)
 
 
+def task_owners(spec, path):
+  """The tasks that own a variable, by its "/"-joined path (collection first): a tuple of task
+  names along axis 0 for arrays with one row per task, (task,) for a task's head, None for a
+  variable all tasks share. Transfer and the trainable masks use this to touch only some
+  tasks' rows."""
+  names = tuple(name for name, _ in spec.tasks)
+  if (path == "params/mixture_logits" or path.startswith("batch_stats/block_bn/")
+      or (spec.batch_norm == "per_task" and path.startswith("params/block_bn/"))):
+    return names
+  if path.startswith("params/heads/"):
+    return (path.split("/")[2],)
+  return None
+
+
 def _choice(name, value, options):
   if value not in options:
     raise ValueError(f"config.model.{name} must be one of {tuple(options)}, got {value!r}")

@@ -3,8 +3,11 @@
 The paper's training recipe (App. A.2): RMSProp, learning rate 0.02-0.04, dropout keep 0.8,
 weight decay 1e-5 on kernels, evaluation with an exponential moving average of the weights.
 """
+import re
+
 import ml_collections
 
+from compmod_jax.methods import transfer
 from compmod_jax.train import optim
 
 
@@ -57,6 +60,17 @@ def base_config():
 
   config.regularizers = ml_collections.ConfigDict(dict(
       entropy_weight=0.0, clustering_weight=0.0, clustering_g="square"))
+
+  # Transfer (train/pretrained.py, methods/transfer.py): start from another run's checkpoint
+  # (its workdir or <workdir>/checkpoints/<step>). Its tasks stay in the model, frozen; the
+  # tasks of config.tasks it lacks are new, and config.xi_init builds their xi, head and BN.
+  config.init_from = ""
+  config.xi_init = "best_source"  # source:<task> | best_source | accuracy | learned | random | diagonal
+  config.trainable = ""           # head | head_bn | xi_head_bn | all; "" = lr_multipliers alone
+  config.transfer = ml_collections.ConfigDict(dict(
+      dont_load=(),               # regexes over variable paths to keep freshly initialised
+      selection_examples=2048,    # training examples that measure each source on a new task
+      learned_steps=200, learned_learning_rate=0.05))  # xi_init=learned: Adam on the c logits
   return config
 
 
@@ -138,6 +152,7 @@ def validate(config, device_count):
     raise ValueError(f"config.on_corrupt_checkpoint must be one of {ON_CORRUPT_CHECKPOINT}, got "
                      f"{config.on_corrupt_checkpoint!r}")
   optim.check_config(config)
+  _validate_transfer(config)
   if not config.tasks:
     raise ValueError("config.tasks is empty; give at least one task with a dataset.")
   for task, task_config in config.tasks.items():
@@ -145,3 +160,23 @@ def validate(config, device_count):
       raise ValueError(f"Task name {task!r} may not contain '/'.")
     if not task_config.get("dataset"):
       raise ValueError(f"config.tasks.{task}.dataset must name a TFDS dataset.")
+
+
+def _validate_transfer(config):
+  transfer.check_xi_init(config.xi_init)
+  if config.trainable not in ("", "all") and not config.init_from:
+    raise ValueError(f"config.trainable={config.trainable!r} freezes the rest of a freshly "
+                     f"initialised model; set config.init_from=<pretrained workdir> (or "
+                     f"trainable='' to train everything).")
+  for rule in config.transfer.dont_load:
+    try:
+      re.compile(rule)
+    except re.error as error:
+      raise ValueError(f"config.transfer.dont_load rule {rule!r} is not a regex: {error}") from None
+  for name in ("selection_examples", "learned_steps"):
+    if config.transfer[name] <= 0:
+      raise ValueError(f"config.transfer.{name} must be a positive integer, got "
+                       f"{config.transfer[name]!r}")
+  if config.transfer.learned_learning_rate <= 0:
+    raise ValueError(f"config.transfer.learned_learning_rate must be > 0, got "
+                     f"{config.transfer.learned_learning_rate}")

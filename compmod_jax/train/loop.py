@@ -16,14 +16,15 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.analysis import accounting, figures, similarity
 from compmod_jax.data import pipeline
-from compmod_jax.methods import multitask, regularizers, supervised
-from compmod_jax.models import templates
+from compmod_jax.methods import multitask, regularizers, supervised, transfer
+from compmod_jax.models import network, templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
-from compmod_jax.train import checkpoint, defaults, nonfinite, optim, preemption, steps
+from compmod_jax.train import checkpoint, defaults, nonfinite, optim, preemption, pretrained, steps
 from compmod_jax.train import workdir as workdir_io
 
 
@@ -52,10 +53,13 @@ def make_streams(config, *, train):
       process_count=jax.process_count()) for index, task in enumerate(sorted(config.tasks))}
 
 
-def make_model(config, streams):
-  return model_for(config, {task: pipeline.num_classes(stream.builder,
-                                                       stream.data_config.label_map)
-                            for task, stream in streams.items()})
+def make_model(config, streams, source_tasks=None):
+  """The network for the tasks of `streams`, plus the tasks {name: classes} of a pretrained
+  checkpoint that the run starts from (their rows stay frozen: optim.trainable_mask)."""
+  num_classes = dict(source_tasks or {})
+  num_classes.update({task: pipeline.num_classes(stream.builder, stream.data_config.label_map)
+                      for task, stream in streams.items()})
+  return model_for(config, num_classes)
 
 
 def model_for(config, num_classes):
@@ -77,7 +81,15 @@ def check_config(config):
   model = model_for(config, {task: 2 for task in config.tasks})
   side = config.data.image_size or 4 * config.model.patch_size
   images = jnp.zeros((1, side, side, config.data.channels), jnp.float32)
-  optim.check_trainable(jax.eval_shape(model.init, jax.random.key(0), images)["params"], config)
+  optim.check_trainable(jax.eval_shape(model.init, jax.random.key(0), images)["params"], config,
+                        model.spec)
+
+
+def replicated(mesh, host_tree):
+  """A host (numpy) tree as arrays replicated on the mesh (every process passes the same)."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda index: np.asarray(x)[index]), host_tree)
 
 
 def global_batch(mesh, local_batch):
@@ -90,7 +102,7 @@ def create_train_state(config, model, mesh, example_images):
   """Parameters are created already replicated on the mesh (jit with out_shardings)."""
   params_shapes = jax.eval_shape(model.init, jax.random.key(0), example_images)["params"]
   tx, schedule = optim.make_optimizer(config, params_shapes)
-  trainable = optim.trainable_mask(params_shapes, config)
+  trainable = optim.trainable_mask(params_shapes, config, model.spec)
   replicated = NamedSharding(mesh, P())
 
   def init(rng):
@@ -145,11 +157,25 @@ def evaluate(state, eval_streams, eval_steps, mesh):
   return results
 
 
-def write_results(workdir, results, step, wall_time_s):
-  """results.json: the interface later tools read; rewritten at each evaluation."""
+def write_results(workdir, results, step, wall_time_s, run_info=None):
+  """results.json: the interface later tools read; rewritten at each evaluation. A run started
+  from a pretrained checkpoint adds, per new task, `accuracy_before_finetune` and
+  `added_parameters`, and the details of its initialisation under "init_from"."""
+  results = {task: dict(r, **_new_task_summary(run_info, task)) for task, r in results.items()}
   payload = {"tasks": results, "step": int(step), "wall_time_s": float(wall_time_s)}
-  workdir_io.write_json(epath.Path(workdir) / "results.json", payload)
+  if run_info:
+    payload["init_from"] = run_info
+  if jax.process_index() == 0:  # one writer: processes share the workdir
+    workdir_io.write_json(epath.Path(workdir) / "results.json", payload)
   return payload
+
+
+def _new_task_summary(run_info, task):
+  info = (run_info or {}).get("new_tasks", {}).get(task)
+  if not info:
+    return {}
+  return {"accuracy_before_finetune": info["accuracy_before_finetune"],
+          "added_parameters": sum(info["added_parameters"].values())}
 
 
 def read_results(workdir):
@@ -172,7 +198,9 @@ def train_and_evaluate(config, workdir):
   workdir = workdir_io.prepare(workdir)
   checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:
-    _refuse_other_config(config, workdir, checkpointer)
+    own_meta = _refuse_other_config(config, workdir, checkpointer)
+    # A run resumes from its own checkpoints; the pretrained one is read only at the start.
+    source = _pretrained_source(config) if config.init_from and not own_meta else None
     for task in sorted(config.tasks):
       data_config = task_data_config(config, task)
       pipeline.check_dataset(data_config.name, data_config.data_dir, data_config.download)
@@ -181,20 +209,154 @@ def train_and_evaluate(config, workdir):
       mesh = make_mesh(config)
       train_streams = make_streams(config, train=True)
       eval_streams = make_streams(config, train=False)
-      model = make_model(config, train_streams)
+      source_tasks = (source.tasks if source else
+                      (own_meta or {}).get("run_info", {}).get("source_tasks", {}))
+      model = make_model(config, train_streams, source_tasks)
+      eval_steps = _eval_steps(model, eval_streams)
       example_images = jnp.zeros((1,) + _image_shape(config, eval_streams), jnp.float32)
       state, tx, schedule, trainable = create_train_state(config, model, mesh, example_images)
       state, meta = _maybe_resume(config, checkpointer, state, train_streams)
+      run_info = meta.get("run_info", {})
+      if source:
+        state, run_info = _start_from_pretrained(config, model, state, source, mesh,
+                                                 eval_streams, eval_steps, trainable)
       if int(state.step) >= config.total_steps:
         logging.info("Run in %s already finished at step %d.", workdir, int(state.step))
         return read_results(workdir) or write_results(
-            workdir, evaluate(state, eval_streams, _eval_steps(model, eval_streams), mesh),
-            int(state.step), meta.get("wall_time_s", 0.0))
+            workdir, evaluate(state, eval_streams, eval_steps, mesh), int(state.step),
+            meta.get("wall_time_s", 0.0), run_info)
       return _train(config, workdir, model, mesh, state, tx, schedule, trainable,
-                    train_streams, eval_streams, checkpointer, meta.get("wall_time_s", 0.0),
-                    watcher)
+                    train_streams, eval_streams, eval_steps, checkpointer,
+                    meta.get("wall_time_s", 0.0), watcher, run_info)
   finally:
     checkpointer.close()
+
+
+def _pretrained_source(config):
+  """The checkpoint config.init_from names, read and checked against config.xi_init."""
+  source = pretrained.load(config.init_from)
+  for task in sorted(set(config.tasks) - set(source.tasks)):
+    transfer.check_xi_init(config.xi_init, source.tasks)
+  return source
+
+
+def _start_from_pretrained(config, model, state, source, mesh, eval_streams, eval_steps,
+                           trainable):
+  """Loads the pretrained checkpoint into the fresh state (strictly: pretrained.merge), builds
+  each new task's variables from the source tasks (config.xi_init) and evaluates the result.
+  Returns the state and the run_info every checkpoint and results.json of the run carry."""
+  spec = model.spec
+  sources = sorted(source.tasks)
+  fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  variables, report = pretrained.merge(fresh, source.variables, spec, sources,
+                                       tuple(config.transfer.dont_load))
+  logging.info("From %s: loaded %d variables; new-task rows or heads in %d; kept fresh by "
+               "config.transfer.dont_load: %s", source.step_dir, len(report.loaded),
+               len(report.new), report.not_loaded or "none")
+  run_info = {"checkpoint": str(source.step_dir), "step": source.step,
+              "source_tasks": source.tasks, "xi_init": config.xi_init,
+              "trainable": config.trainable or "lr_multipliers",
+              "trainable_parameters": optim.count_trainable(trainable, fresh["params"]),
+              "new_tasks": {}}
+  for task in sorted(set(config.tasks) - set(sources)):
+    variables, run_info["new_tasks"][task] = _initialise_new_task(
+        config, model, variables, task, source.tasks, mesh, eval_steps[task])
+  # Separate copies: the train step donates its state, and params and EMA may not share one.
+  state = state.replace(params=replicated(mesh, variables["params"]),
+                        ema_params=replicated(mesh, variables["params"]),
+                        batch_stats=replicated(mesh, variables["batch_stats"]))
+  for task, result in evaluate(state, eval_streams, eval_steps, mesh).items():
+    if task in run_info["new_tasks"]:
+      run_info["new_tasks"][task]["accuracy_before_finetune"] = result["test_accuracy"]
+      logging.info("Task %s before fine-tuning: test accuracy %.4f; it adds %s parameters.",
+                   task, result["test_accuracy"], run_info["new_tasks"][task]["added_parameters"])
+  _warn_if_shared_parameters_train(config, spec, trainable, sources)
+  return state, run_info
+
+
+def _initialise_new_task(config, model, variables, task, source_classes, mesh, eval_step):
+  """A new task's xi, head and BN built from the source tasks as config.xi_init says."""
+  spec = model.spec
+  sources = sorted(source_classes)
+  xi_init = config.xi_init
+  classes = dict(spec.tasks)[task]
+  transfer.check_heads_fit(xi_init, task, classes, source_classes)
+  heads_fit = all(c == classes for c in source_classes.values())
+  accuracies = {}
+  if heads_fit:  # how well each source's own network does on the new task's training data
+    selection_stream = pipeline.DataStream(
+        task_data_config(config, task), batch_size=config.eval_batch_size // jax.process_count(),
+        train=False, split=config.data.train_split, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    for name in sources:
+      candidate = transfer.build_task(variables, spec, task, sources, copy_source=name)
+      accuracies[name] = _selection_accuracy(config, selection_stream, candidate, mesh,
+                                             eval_step)
+      logging.info("Task %s: xi, BN and head of source %s give %.4f accuracy on its training "
+                   "data.", task, name, accuracies[name])
+  uniform = np.full(len(sources), 1.0 / len(sources))
+  copy_source, xi_logits, coefficients, learning_losses = None, None, uniform, []
+  if xi_init.startswith(transfer.SOURCE_PREFIX):
+    copy_source = xi_init[len(transfer.SOURCE_PREFIX):]
+  elif xi_init == "best_source":
+    copy_source = max(sources, key=lambda name: accuracies[name])
+  elif xi_init == "accuracy":
+    coefficients = transfer.accuracy_coefficients(accuracies, sources)
+  elif xi_init == "learned":
+    coefficients, learning_losses = transfer.learn_coefficients(
+        model, replicated(mesh, variables), task, sources, _coefficient_batches(config, task, mesh),
+        steps=config.transfer.learned_steps, learning_rate=config.transfer.learned_learning_rate)
+  elif "params/mixture_logits" in traverse_util.flatten_dict(variables, sep="/"):
+    fresh_row = variables["params"]["mixture_logits"][spec.task_index(task)]
+    xi_logits = transfer.fresh_xi_logits(xi_init, spec, fresh_row, config.seed)
+  if copy_source is not None:
+    coefficients = (np.array(sources) == copy_source).astype(np.float64)
+  coefficients = np.asarray(coefficients, np.float64)
+  variables = jax.device_get(transfer.build_task(
+      variables, spec, task, sources, coefficients=jnp.asarray(coefficients, jnp.float32),
+      copy_source=copy_source, xi_logits=xi_logits))
+  logging.info("Task %s: xi_init=%s, coefficients %s.", task, xi_init,
+               dict(zip(sources, np.round(coefficients, 4).tolist())))
+  return variables, {
+      "xi_init": xi_init, "coefficients": dict(zip(sources, coefficients.tolist())),
+      "source_accuracy_on_train": accuracies, "coefficient_learning_loss": learning_losses[-1:],
+      "added_parameters": transfer.added_parameters(spec, variables["params"], task)}
+
+
+def _selection_accuracy(config, stream, candidate, mesh, eval_step):
+  """Accuracy of `candidate` variables on the first config.transfer.selection_examples of
+  `stream` (a task's training split, read in evaluation mode)."""
+  num_batches = min(stream.num_batches,
+                    -(-config.transfer.selection_examples // config.eval_batch_size))
+  params = replicated(mesh, candidate)
+  state = steps.TrainState(step=0, params=None, batch_stats=params["batch_stats"],
+                           opt_state=None, ema_params=params["params"])
+  correct = count = 0.0
+  for _, local_batch in zip(range(num_batches), stream):
+    sums = eval_step(state, global_batch(mesh, local_batch))
+    correct, count = correct + float(sums["correct"]), count + float(sums["count"])
+  return correct / max(count, 1.0)
+
+
+def _coefficient_batches(config, task, mesh):
+  """Training batches of `task` for learning the coefficients (its own shuffle seed)."""
+  stream = pipeline.DataStream(
+      task_data_config(config, task),
+      batch_size=multitask.task_batch_sizes(config, jax.device_count())[task]
+      // jax.process_count(), train=True, seed=config.seed + 7919,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return (global_batch(mesh, batch) for batch in stream)
+
+
+def _warn_if_shared_parameters_train(config, spec, trainable, sources):
+  flat = traverse_util.flatten_dict(trainable, sep="/")
+  shared = sorted(path for path, mask in flat.items()
+                  if network.task_owners(spec, "params/" + path) is None and np.any(mask))
+  kept = sorted(set(sources) - set(config.tasks))
+  if shared and kept:
+    logging.warning("config.trainable=%r trains parameters all tasks share (%s, ...): the "
+                    "predictions of the checkpoint's tasks %s will change. Use 'head', "
+                    "'head_bn' or 'xi_head_bn' to keep them.", config.trainable, shared[0], kept)
 
 
 def _image_shape(config, eval_streams):
@@ -209,6 +371,7 @@ def _eval_steps(model, eval_streams):
 
 
 def _refuse_other_config(config, workdir, checkpointer):
+  """The run's newest checkpoint meta (None without one); refuses a conflicting config."""
   meta = checkpointer.newest_meta()
   conflicts = checkpoint.config_conflicts(meta["config"], config) if meta else []
   if conflicts:
@@ -216,6 +379,7 @@ def _refuse_other_config(config, workdir, checkpointer):
         f"The checkpoint in {workdir} was made with another config; refusing to resume:\n  "
         + "\n  ".join(conflicts) + "\nUse a new --workdir, or the checkpoint's config "
         f"(saved in {epath.Path(workdir) / 'config.json'}).")
+  return meta
 
 
 def _maybe_resume(config, checkpointer, state, train_streams):
@@ -230,21 +394,21 @@ def _maybe_resume(config, checkpointer, state, train_streams):
 
 
 def _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_streams,
-           eval_streams, checkpointer, wall_time_before, watcher):
+           eval_streams, eval_steps, checkpointer, wall_time_before, watcher, run_info):
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   first_step = int(state.step)
   if first_step == 0:
     parameter_overview.log_parameter_overview(state.params)
     logging.info("Parameters per group:\n%s", accounting.format_model_summary(
         model.spec, state.params))
-  (epath.Path(workdir) / "config.json").write_text(
-      config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() == 0:  # one writer: processes share the workdir
+    (epath.Path(workdir) / "config.json").write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
   task_weights = {task: config.tasks[task].weight for task in config.tasks}
   loss_fn = lambda *args: supervised.classification_loss(*args, task_weights=task_weights)
   train_step = steps.jit_train_step(
       jax.tree.map(lambda a: a.sharding, state), model=model, tx=tx, loss_fn=loss_fn,
       trainable=trainable, config=config)
-  eval_steps = _eval_steps(model, eval_streams)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   started = time.time()
   pending_metrics = []
@@ -265,11 +429,11 @@ def _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_s
       nonfinite_guard.flush()  # past the allowed skips, stop before reporting
       wall_time = wall_time_before + time.time() - started
       results = _evaluate_and_report(workdir, writer, step, state, model, eval_streams,
-                                     eval_steps, mesh, wall_time)
+                                     eval_steps, mesh, wall_time, run_info)
     stopping = stop_requested(watcher, step)
     if step % config.checkpoint_every == 0 or last or stopping:
       nonfinite_guard.flush()  # past the allowed skips, stop before saving
-      meta = {"config": config.to_dict(), "step": step,
+      meta = {"config": config.to_dict(), "step": step, "run_info": run_info,
               "wall_time_s": wall_time_before + time.time() - started}
       checkpointer.save(step, state, meta, train_streams)
     if stopping:
@@ -289,7 +453,7 @@ def _write_train_metrics(writer, step, pending_metrics, schedule, model, state):
 
 
 def _evaluate_and_report(workdir, writer, step, state, model, eval_streams, eval_steps, mesh,
-                         wall_time):
+                         wall_time, run_info):
   """Evaluates every task and writes what the user looks at: scalars, results.json, the
   accuracy table, mixture-weight heatmaps and (with several tasks) the task similarity."""
   started = time.time()
@@ -307,21 +471,26 @@ def _evaluate_and_report(workdir, writer, step, state, model, eval_streams, eval
   if jax.process_index() == 0:
     for name, rgb in pictures.items():
       (epath.Path(workdir) / f"{name}.png").write_bytes(figures.png_bytes(rgb))
-    (epath.Path(workdir) / "accuracy_table.md").write_text(accuracy_table(results, step))
-    write_results(workdir, results, step, wall_time)
+  payload = write_results(workdir, results, step, wall_time, run_info)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "accuracy_table.md").write_text(
+        accuracy_table(payload["tasks"], step))
   logging.info("step %d (evaluated in %.1f s): %s", step, eval_seconds, ", ".join(
       f"{task} test accuracy {r['test_accuracy']:.4f}" for task, r in results.items()))
-  return {"tasks": results, "step": step, "wall_time_s": wall_time}
+  return payload
 
 
 def accuracy_table(results, step):
-  """Per-task test accuracy as a Markdown table (results.json holds the same as JSON)."""
-  lines = [f"Test accuracy at step {step}", "", "| task | accuracy | loss | examples |",
-           "|---|---:|---:|---:|"]
+  """Per-task test accuracy as a Markdown table (results.json holds the same as JSON); tasks
+  new to a pretrained model also show their accuracy before fine-tuning."""
+  lines = [f"Test accuracy at step {step}", "",
+           "| task | accuracy | before fine-tuning | loss | examples |", "|---|---:|---:|---:|---:|"]
   for task, r in sorted(results.items()):
-    lines.append(f"| {task} | {100 * r['test_accuracy']:.2f} | {r['test_loss']:.4f} | "
+    before = r.get("accuracy_before_finetune")
+    before = "" if before is None else f"{100 * before:.2f}"
+    lines.append(f"| {task} | {100 * r['test_accuracy']:.2f} | {before} | {r['test_loss']:.4f} | "
                  f"{r['test_examples']} |")
   if len(results) > 1:
     mean = np.mean([r["test_accuracy"] for r in results.values()])
-    lines.append(f"| mean | {100 * mean:.2f} | | |")
+    lines.append(f"| mean | {100 * mean:.2f} | | | |")
   return "\n".join(lines) + "\n"

@@ -9,8 +9,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
+
+from compmod_jax.models import network
 
 # (group, regex over "/"-joined parameter paths). Order matters: the first match wins, so the
 # BN parameters that live inside the template bank ("mixed" batch norm) count as batch norm.
@@ -21,6 +24,15 @@ PARAMETER_GROUPS = (
     ("adapters", r"^(input_adapter|output_adapter)/"),
     ("heads", r"^heads/"),
 )
+# config.trainable: which groups a run trains (the others get multiplier 0). "" leaves it to
+# config.optimizer.lr_multipliers alone. The presets of transfer learning (paper §4.3): head only,
+# head + BN, the paper's method (mixture weights + head + BN), and full fine-tuning.
+TRAINABLE_PRESETS = {
+    "head": ("heads",),
+    "head_bn": ("heads", "batch_norm"),
+    "xi_head_bn": ("heads", "batch_norm", "mixture_logits"),
+    "all": tuple(name for name, _ in PARAMETER_GROUPS),
+}
 OPTIMIZERS = ("rmsprop", "sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine", "exponential")
 
@@ -61,23 +73,41 @@ def check_config(config, groups=PARAMETER_GROUPS):
     if multiplier < 0:
       raise ValueError(f"config.optimizer.lr_multipliers.{name} must be >= 0 (0 freezes), "
                        f"got {multiplier}")
+  if config.get("trainable", "") and config.trainable not in TRAINABLE_PRESETS:
+    raise ValueError(f"config.trainable must be one of {tuple(TRAINABLE_PRESETS)} or '' (use "
+                     f"config.optimizer.lr_multipliers alone), got {config.trainable!r}")
 
 
-def check_trainable(params, config, groups=PARAMETER_GROUPS):
+def group_multipliers(config, groups=PARAMETER_GROUPS):
+  """{group: learning-rate multiplier}: config.optimizer.lr_multipliers, with the groups
+  outside the config.trainable preset (when one is set) at 0."""
+  multipliers = {name: config.optimizer.lr_multipliers.get(name, 1.0) for name, _ in groups}
+  preset = config.get("trainable", "")
+  if preset:
+    multipliers = {name: m if name in TRAINABLE_PRESETS[preset] else 0.0
+                   for name, m in multipliers.items()}
+  return multipliers
+
+
+def check_trainable(params, config, spec, groups=PARAMETER_GROUPS):
   """Fails when no parameter of this model would be trained.
 
-  That happens when every multiplier is 0, or when the only groups with a multiplier > 0
-  match no parameter of this model (e.g. mixture_logits with a fixed signature). A group that
-  matches nothing while others train is fine: the default multipliers name every group.
+  That happens when every multiplier is 0, when the only groups with a multiplier > 0 match no
+  parameter of this model (e.g. mixture_logits with a fixed signature), or when they hold only
+  rows of tasks this run does not train. A group that matches nothing while others train is
+  fine: the default multipliers name every group.
   """
-  if any(jax.tree.leaves(trainable_mask(params, config, groups))):
+  if any(np.any(m) for m in jax.tree.leaves(trainable_mask(params, config, spec, groups))):
     return
-  multipliers = dict(config.optimizer.lr_multipliers)
+  multipliers = group_multipliers(config, groups)
   present = sorted(set(jax.tree.leaves(group_labels(params, groups))))
+  preset = config.get("trainable", "")
   raise ValueError(
-      f"config.optimizer.lr_multipliers trains nothing in this model: the groups with a "
-      f"multiplier > 0 are {sorted(n for n, _ in groups if multipliers.get(n, 1.0) > 0)}, "
-      f"and this model's parameters are in {present}. Give one of those a multiplier > 0.")
+      f"config.optimizer.lr_multipliers trains nothing in this model"
+      f"{f' (config.trainable={preset!r})' if preset else ''}: the groups with a multiplier > 0 "
+      f"are {sorted(n for n, m in multipliers.items() if m > 0)}, and this model's parameters "
+      f"are in {present}; the run trains the tasks {sorted(config.tasks)}. Give one of those "
+      f"groups a multiplier > 0.")
 
 
 def make_schedule(config):
@@ -118,11 +148,11 @@ def make_optimizer(config, params, groups=PARAMETER_GROUPS):
   """optax.partition over the parameter groups; frozen groups use set_to_zero."""
   check_config(config, groups)
   opt = config.optimizer
-  multipliers = dict(opt.lr_multipliers)
+  multipliers = group_multipliers(config, groups)
   schedule = make_schedule(config)
   transforms = {}
   for name, _ in groups:
-    multiplier = multipliers.get(name, 1.0)
+    multiplier = multipliers[name]
     if multiplier == 0:
       transforms[name] = optax.set_to_zero()
     else:
@@ -136,10 +166,37 @@ def make_optimizer(config, params, groups=PARAMETER_GROUPS):
   return tx, schedule
 
 
-def trainable_mask(params, config, groups=PARAMETER_GROUPS):
-  """True for parameters whose group has a non-zero learning-rate multiplier."""
-  multipliers = dict(config.optimizer.lr_multipliers)
-  return jax.tree.map(lambda g: multipliers.get(g, 1.0) > 0, group_labels(params, groups))
+def trainable_mask(params, config, spec, groups=PARAMETER_GROUPS):
+  """Which parameter entries this run may change, as a tree like `params`.
+
+  A leaf is a numpy bool: a scalar when the whole array trains or not (its group's multiplier
+  is > 0 or not), or a [tasks, 1, ...] mask over the rows of an array with one row per task.
+  Rows and heads of tasks the model holds but this run does not train (config.tasks) are
+  always frozen: a model restored with more tasks keeps their predictions bit-identical.
+  """
+  multipliers = group_multipliers(config, groups)
+  trained_tasks = set(config.tasks)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  labels = traverse_util.flatten_dict(group_labels(params, groups), sep="/")
+
+  def mask(path, leaf):
+    if multipliers[labels[path]] <= 0:
+      return np.bool_(False)
+    owners = network.task_owners(spec, "params/" + path)
+    if owners is None:
+      return np.bool_(True)
+    rows = np.array([task in trained_tasks for task in owners])
+    if len(owners) == 1:
+      return rows[0]
+    return rows.reshape((len(owners),) + (1,) * (len(leaf.shape) - 1))
+
+  return traverse_util.unflatten_dict({p: mask(p, leaf) for p, leaf in flat.items()}, sep="/")
+
+
+def count_trainable(mask, params):
+  """Number of parameter entries the mask lets train."""
+  return int(sum(np.broadcast_to(m, p.shape).sum()
+                 for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(params))))
 
 
 def ema_update(ema_params, params, decay, step):

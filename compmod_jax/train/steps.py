@@ -34,10 +34,14 @@ def train_step(state, batch, *, model, tx, loss_fn, trainable, config):
   (total, (batch_stats, metrics, reg_losses)), grads = jax.value_and_grad(
       objective, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # Frozen parameters keep their EMA untouched too, so they stay bit-identical everywhere.
-  ema = optim.ema_update(state.ema_params, params, config.ema_decay, state.step)
-  ema = jax.tree.map(lambda t, e, old: jnp.where(t, e, old), trainable, ema, state.ema_params)
+  # `trainable` (optim.trainable_mask) may freeze single rows of an array (other tasks' mixture
+  # weights); selecting the old values, rather than zeroing the update, keeps them bit-identical
+  # (weight decay and -0.0 + 0.0 cannot touch them), in the parameters and in their EMA.
+  keep_frozen = lambda new, old: jax.tree.map(
+      lambda t, n, o: jnp.where(t, n, o), trainable, new, old)
+  params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
+  ema = keep_frozen(optim.ema_update(state.ema_params, params, config.ema_decay, state.step),
+                    state.ema_params)
   grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
   # A NaN/Inf loss, gradient or new parameter skips the update: the state stays as it was and
   # only the step moves on (the loop applies config.max_nonfinite_skips; nonfinite.py).
