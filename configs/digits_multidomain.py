@@ -11,17 +11,11 @@ baseline_patches; default mixture) and `tiny=1` gives a seconds-long debug run. 
 results.json, accuracy_table.md, mixture_weights.png and task_similarity.png.
 Expected (2-core CPU, see README): >= 95% test accuracy on every domain.
 """
-from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
-DOMAINS = ("mnist", "mnist_shear", "mnist_scale", "mnist_shot_noise", "mnist_blur",
-           "mnist_boundary")
 ARGUMENTS = {"setup": "mixture", "tiny": 0}
 
 
 def get_config(arg=None):
   args = defaults.parse_argument(arg, ARGUMENTS)
-  tasks = {domain: defaults.task(f"embedded_digits/{domain}") for domain in DOMAINS}
-  config = defaults.digits_multitask(tasks, args["tiny"])
-  multitask.apply_setup(config.model, args["setup"])
-  return config
+  return defaults.digits_multidomain(args["setup"], args["tiny"])

@@ -200,15 +200,6 @@ def test_trainable_presets_train_their_groups_and_only_the_new_tasks_rows(preset
 
 # --- end to end on the embedded digits --------------------------------------------------------
 
-def tiny_multidomain(data_dir):
-  config = defaults.digits_multitask(
-      {task: defaults.task(f"embedded_digits/{task}") for task in SOURCES}, tiny=True)
-  multitask.apply_setup(config.model, "mixture_patches")
-  config.data.data_dir = str(data_dir)
-  config.eval_batch_size = 200
-  return config
-
-
 def tiny_transfer(data_dir, init_from, **overrides):
   config = digits_transfer.get_config("tiny=1")
   config.data.data_dir = str(data_dir)
@@ -216,14 +207,6 @@ def tiny_transfer(data_dir, init_from, **overrides):
   config.init_from = str(init_from)
   config.update(overrides)
   return config
-
-
-@pytest.fixture(scope="module")
-def source_workdir(embedded_dir, tmp_path_factory):
-  """A tiny two-domain model pretrained on 8 devices (setup mixture_patches)."""
-  workdir = tmp_path_factory.mktemp("pretrained")
-  loop.train_and_evaluate(tiny_multidomain(embedded_dir), str(workdir))
-  return workdir
 
 
 def source_model(workdir):

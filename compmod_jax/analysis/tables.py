@@ -1,10 +1,14 @@
 r"""Tables over finished runs, from their results.json files.
 
   python -m compmod_jax.analysis.tables transfer workdirs/transfer_* [--task=uci_digits]
+  python -m compmod_jax.analysis.tables da workdirs/da_* --out=workdirs/table3
 
 `transfer`: one row per run started from a pretrained checkpoint: xi initialisation, trainable
 set, the new task's test accuracy before and after fine-tuning, the parameters it added to the
 model and the parameters the run trained.
+`da`: the paper's Table 3 layout, target test accuracy per adaptation method (rows) and model
+(columns), from runs of configs/digits_da.py; with --out also written as table3.md and
+table3.json in that directory.
 """
 import json
 import sys
@@ -13,6 +17,7 @@ from absl import app, flags
 from etils import epath
 
 flags.DEFINE_string("task", None, "The new task to tabulate (default: each run's only one).")
+flags.DEFINE_string("out", None, "da: directory to write table3.md and table3.json into.")
 FLAGS = flags.FLAGS
 
 
@@ -53,14 +58,58 @@ def transfer_table(workdirs, task=None):
   return "\n".join(lines) + "\n"
 
 
-TABLES = {"transfer": transfer_table}
+DA_METHODS = ("source_only", "adversarial", "supervised")
+
+
+def da_results(workdirs):
+  """{method: {model: target test accuracy}} of domain-adaptation runs; each run's method and
+  model come from its config.json (config.adaptation; a trainable set other than xi alone is
+  added to the method's name)."""
+  table = {}
+  for workdir in workdirs:
+    results = read_results(workdir)
+    config = json.loads((epath.Path(workdir) / "config.json").read_text())
+    adaptation = config.get("adaptation") or {}
+    if "target_test_accuracy" not in results or not adaptation.get("method_name"):
+      raise ValueError(f"{workdir} is not a domain-adaptation run of configs/digits_da.py (no "
+                       f"target_test_accuracy in its results.json).")
+    method = adaptation["method_name"]
+    if config.get("trainable") not in (None, "", "xi"):  # what else the target trained
+      method += f" ({config['trainable']})"
+    cell = table.setdefault(method, {})
+    if adaptation["model_name"] in cell:
+      raise ValueError(f"Two runs for method {method!r}, model {adaptation['model_name']!r}; "
+                       f"pass one workdir per cell.")
+    cell[adaptation["model_name"]] = results["target_test_accuracy"]
+  return table
+
+
+def da_table(workdirs, out=None):
+  table = da_results(workdirs)
+  models = sorted({model for row in table.values() for model in row})
+  methods = sorted(table, key=lambda m: (DA_METHODS.index(m.split(" ")[0]), m)
+                   if m.split(" ")[0] in DA_METHODS else (len(DA_METHODS), m))
+  lines = ["Target test accuracy (%)", "", "| method | " + " | ".join(models) + " |",
+           "|---|" + "---:|" * len(models)]
+  for method in methods:
+    cells = [f"{100 * table[method][m]:.2f}" if m in table[method] else "" for m in models]
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  markdown = "\n".join(lines) + "\n"
+  if out:
+    out = epath.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table3.md").write_text(markdown)
+    (out / "table3.json").write_text(json.dumps(table, indent=2, sort_keys=True))
+  return markdown
 
 
 def main(argv):
-  if len(argv) < 3 or argv[1] not in TABLES:
-    raise app.UsageError(f"usage: python -m compmod_jax.analysis.tables {{{','.join(TABLES)}}} "
-                         f"WORKDIR...")
-  sys.stdout.write(TABLES[argv[1]](argv[2:], FLAGS.task))
+  if len(argv) < 3 or argv[1] not in ("transfer", "da"):
+    raise app.UsageError("usage: python -m compmod_jax.analysis.tables {transfer,da} WORKDIR...")
+  if argv[1] == "transfer":
+    sys.stdout.write(transfer_table(argv[2:], FLAGS.task))
+  else:
+    sys.stdout.write(da_table(argv[2:], FLAGS.out))
 
 
 if __name__ == "__main__":

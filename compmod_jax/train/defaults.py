@@ -7,7 +7,7 @@ import re
 
 import ml_collections
 
-from compmod_jax.methods import transfer
+from compmod_jax.methods import multitask, transfer
 from compmod_jax.train import optim
 
 
@@ -60,6 +60,15 @@ def base_config():
 
   config.regularizers = ml_collections.ConfigDict(dict(
       entropy_weight=0.0, clustering_weight=0.0, clustering_g="square"))
+
+  # What the run minimises: "supervised" (classification, every task) or "adversarial"
+  # (domain adaptation of config.adaptation.target, methods/adaptation.py).
+  config.method = "supervised"
+  # Domain adaptation: the target task (its private variables are the only model variables that
+  # train; its labels are never read by the adversarial loss), the discriminator's width, and the
+  # labels of the run in the Table 3 layout (analysis/tables.py).
+  config.adaptation = ml_collections.ConfigDict(dict(
+      target="", discriminator_channels=64, method_name="", model_name=""))
 
   # Transfer (train/pretrained.py, methods/transfer.py): start from another run's checkpoint
   # (its workdir or <workdir>/checkpoints/<step>). Its tasks stay in the model, frozen; the
@@ -116,6 +125,20 @@ def digits_multitask(tasks, tiny):
   return config
 
 
+# The embedded digit domains of the multi-domain configs: MNIST and five renderings of it.
+MNIST_DOMAINS = ("mnist", "mnist_shear", "mnist_scale", "mnist_shot_noise", "mnist_blur",
+                 "mnist_boundary")
+
+
+def digits_multidomain(setup, tiny):
+  """Every MNIST domain a task with its own xi (configs/digits_multidomain.py), with the model
+  fields of one of the App. C set-ups."""
+  tasks = {domain: task(f"embedded_digits/{domain}") for domain in MNIST_DOMAINS}
+  config = digits_multitask(tasks, tiny)
+  multitask.apply_setup(config.model, setup)
+  return config
+
+
 def make_tiny(config, *, total_steps, batch_size, eval_batch_size=None):
   """Shortens a config to a debugging run of seconds: few steps, small batches, logging,
   evaluation and a checkpoint at the end (and halfway), almost no warmup."""
@@ -135,7 +158,11 @@ ON_CORRUPT_CHECKPOINT = ("fall_back", "refuse")
 def validate(config, device_count):
   """Errors for training and optimizer fields, raised before any heavy work (the model spec
   and the data config check their own)."""
-  for name in ("total_steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
+  starts_trained = bool(config.init_from or config.get("pretrain"))
+  if config.total_steps < 0 or (config.total_steps == 0 and not starts_trained):
+    raise ValueError(f"config.total_steps must be a positive integer (0 only evaluates a model "
+                     f"started from config.init_from), got {config.total_steps!r}")
+  for name in ("batch_size", "eval_batch_size", "log_every", "eval_every",
                "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be a positive integer, got {config[name]!r}")
@@ -153,6 +180,7 @@ def validate(config, device_count):
                      f"{config.on_corrupt_checkpoint!r}")
   optim.check_config(config)
   _validate_transfer(config)
+  _validate_adaptation(config)
   if not config.tasks:
     raise ValueError("config.tasks is empty; give at least one task with a dataset.")
   for task, task_config in config.tasks.items():
@@ -164,7 +192,7 @@ def validate(config, device_count):
 
 def _validate_transfer(config):
   transfer.check_xi_init(config.xi_init)
-  if config.trainable not in ("", "all") and not config.init_from:
+  if config.trainable not in ("", "all") and not (config.init_from or config.get("pretrain")):
     raise ValueError(f"config.trainable={config.trainable!r} freezes the rest of a freshly "
                      f"initialised model; set config.init_from=<pretrained workdir> (or "
                      f"trainable='' to train everything).")
@@ -180,3 +208,20 @@ def _validate_transfer(config):
   if config.transfer.learned_learning_rate <= 0:
     raise ValueError(f"config.transfer.learned_learning_rate must be > 0, got "
                      f"{config.transfer.learned_learning_rate}")
+
+
+METHODS = ("supervised", "adversarial")
+
+
+def _validate_adaptation(config):
+  if config.method not in METHODS:
+    raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
+  target = config.adaptation.target
+  if config.method == "adversarial":
+    if target not in config.tasks or len(config.tasks) < 2:
+      raise ValueError(f"config.method='adversarial' needs config.adaptation.target to name one "
+                       f"of config.tasks and at least one source task beside it; got target "
+                       f"{target!r} and tasks {sorted(config.tasks)}")
+  if target and target not in config.tasks:
+    raise ValueError(f"config.adaptation.target={target!r} is not in config.tasks "
+                     f"{sorted(config.tasks)}")

@@ -7,6 +7,7 @@ optimizer, EMA) -> metrics, mixture-weight pictures, results.json, checkpoints.
 What the run does on SIGTERM, crashes, corrupt checkpoints, NaNs and bad config:
 docs/reliability.md.
 """
+import functools
 import time
 
 import jax
@@ -21,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.analysis import accounting, figures, similarity
 from compmod_jax.data import pipeline
-from compmod_jax.methods import multitask, regularizers, supervised, transfer
+from compmod_jax.methods import adaptation, multitask, regularizers, supervised, transfer
 from compmod_jax.models import network, templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import checkpoint, defaults, nonfinite, optim, preemption, pretrained, steps
@@ -74,6 +75,8 @@ def check_config(config):
   optimizer, per-task batch and data fields, the model spec, and the trainable set. The model
   gets 2 classes per task as placeholders: the real counts come from the data, and no check
   depends on them."""
+  if config.get("pretrain"):
+    check_config(config.pretrain)
   defaults.validate(config, jax.device_count())
   multitask.task_batch_sizes(config, jax.device_count())
   for task in config.tasks:
@@ -99,20 +102,30 @@ def global_batch(mesh, local_batch):
 
 
 def create_train_state(config, model, mesh, example_images):
-  """Parameters are created already replicated on the mesh (jit with out_shardings)."""
-  params_shapes = jax.eval_shape(model.init, jax.random.key(0), example_images)["params"]
+  """Parameters are created already replicated on the mesh (jit with out_shardings). A method
+  with variables of its own (the adversarial discriminator) keeps them beside the model's,
+  under their own parameter group."""
+  def init_variables(rng):
+    variables = dict(model.init(rng, example_images))
+    if config.method == "adversarial":
+      features = jax.eval_shape(functools.partial(model.apply, method=model.body_features),
+                                variables, example_images)
+      variables["params"] = dict(variables["params"], discriminator=adaptation.init_discriminator(
+          jax.random.fold_in(rng, 1), features.shape[1:], config.adaptation.discriminator_channels))
+    return variables
+
+  params_shapes = jax.eval_shape(init_variables, jax.random.key(0))["params"]
   tx, schedule = optim.make_optimizer(config, params_shapes)
   trainable = optim.trainable_mask(params_shapes, config, model.spec)
-  replicated = NamedSharding(mesh, P())
 
   def init(rng):
-    variables = model.init(rng, example_images)
+    variables = init_variables(rng)
     params = variables["params"]
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             batch_stats=variables["batch_stats"], opt_state=tx.init(params),
                             ema_params=params)
 
-  state = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  state = jax.jit(init, out_shardings=NamedSharding(mesh, P()))(jax.random.key(config.seed))
   return state, tx, schedule, trainable
 
 
@@ -160,9 +173,13 @@ def evaluate(state, eval_streams, eval_steps, mesh):
 def write_results(workdir, results, step, wall_time_s, run_info=None):
   """results.json: the interface later tools read; rewritten at each evaluation. A run started
   from a pretrained checkpoint adds, per new task, `accuracy_before_finetune` and
-  `added_parameters`, and the details of its initialisation under "init_from"."""
+  `added_parameters`, and the details of its initialisation under "init_from"; a domain
+  adaptation run the target's `target_test_accuracy`."""
   results = {task: dict(r, **_new_task_summary(run_info, task)) for task, r in results.items()}
   payload = {"tasks": results, "step": int(step), "wall_time_s": float(wall_time_s)}
+  target = (run_info or {}).get("adaptation_target")
+  if target:
+    payload["target_test_accuracy"] = results[target]["test_accuracy"]
   if run_info:
     payload["init_from"] = run_info
   if jax.process_index() == 0:  # one writer: processes share the workdir
@@ -182,6 +199,17 @@ def read_results(workdir):
   return workdir_io.read_json(epath.Path(workdir) / "results.json")
 
 
+def method_loss(config):
+  """The loss config.method trains: loss(model, params, batch_stats, batch, rng) -> (loss,
+  (batch_stats, metrics))."""
+  if config.method == "adversarial":
+    return functools.partial(
+        adaptation.adversarial_loss, target=config.adaptation.target,
+        discriminator=adaptation.Discriminator(config.adaptation.discriminator_channels))
+  task_weights = {task: config.tasks[task].weight for task in config.tasks}
+  return functools.partial(supervised.classification_loss, task_weights=task_weights)
+
+
 def stop_requested(watcher, step):
   """Whether to save and stop after `step` (tests patch this to simulate an interruption)."""
   return watcher.stop_at(step)
@@ -196,9 +224,14 @@ def train_and_evaluate(config, workdir):
   """
   check_config(config)
   workdir = workdir_io.prepare(workdir)
+  if config.get("pretrain") and not config.init_from:
+    config = _after_pretraining(config, workdir)
   checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:
     own_meta = _refuse_other_config(config, workdir, checkpointer)
+    if jax.process_index() == 0:  # one writer: processes share the workdir
+      (epath.Path(workdir) / "config.json").write_text(
+          config.to_json_best_effort(indent=2, sort_keys=True))
     # A run resumes from its own checkpoints; the pretrained one is read only at the start.
     source = _pretrained_source(config) if config.init_from and not own_meta else None
     for task in sorted(config.tasks):
@@ -221,7 +254,8 @@ def train_and_evaluate(config, workdir):
         state, run_info = _start_from_pretrained(config, model, state, source, mesh,
                                                  eval_streams, eval_steps, trainable)
       if int(state.step) >= config.total_steps:
-        logging.info("Run in %s already finished at step %d.", workdir, int(state.step))
+        logging.info("Run in %s is at step %d of config.total_steps=%d: evaluating only.",
+                     workdir, int(state.step), config.total_steps)
         return read_results(workdir) or write_results(
             workdir, evaluate(state, eval_streams, eval_steps, mesh), int(state.step),
             meta.get("wall_time_s", 0.0), run_info)
@@ -230,6 +264,18 @@ def train_and_evaluate(config, workdir):
                     meta.get("wall_time_s", 0.0), watcher, run_info)
   finally:
     checkpointer.close()
+
+
+def _after_pretraining(config, workdir):
+  """Runs (or resumes, or finds finished) config.pretrain in <workdir>/pretrained and returns
+  a copy of `config` that starts from it."""
+  pretrain_dir = epath.Path(workdir) / "pretrained"
+  logging.info("No config.init_from: pretraining config.pretrain in %s first.", pretrain_dir)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.pretrain.data.data_dir = config.data.data_dir  # the same datasets
+  train_and_evaluate(config.pretrain, str(pretrain_dir))
+  config.init_from = str(pretrain_dir)
+  return config
 
 
 def _pretrained_source(config):
@@ -248,19 +294,22 @@ def _start_from_pretrained(config, model, state, source, mesh, eval_streams, eva
   spec = model.spec
   sources = sorted(source.tasks)
   fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  method_params = {k: fresh["params"].pop(k) for k in optim.METHOD_GROUPS if k in fresh["params"]}
   variables, report = pretrained.merge(fresh, source.variables, spec, sources,
                                        tuple(config.transfer.dont_load))
   logging.info("From %s: loaded %d variables; new-task rows or heads in %d; kept fresh by "
                "config.transfer.dont_load: %s", source.step_dir, len(report.loaded),
                len(report.new), report.not_loaded or "none")
   run_info = {"checkpoint": str(source.step_dir), "step": source.step,
+              "adaptation_target": config.adaptation.target,
               "source_tasks": source.tasks, "xi_init": config.xi_init,
               "trainable": config.trainable or "lr_multipliers",
-              "trainable_parameters": optim.count_trainable(trainable, fresh["params"]),
+              "trainable_parameters": optim.count_trainable(trainable, jax.device_get(state.params)),
               "new_tasks": {}}
   for task in sorted(set(config.tasks) - set(sources)):
     variables, run_info["new_tasks"][task] = _initialise_new_task(
         config, model, variables, task, source.tasks, mesh, eval_steps[task])
+  variables["params"].update(method_params)  # fresh: the pretrained run had no such method
   # Separate copies: the train step donates its state, and params and EMA may not share one.
   state = state.replace(params=replicated(mesh, variables["params"]),
                         ema_params=replicated(mesh, variables["params"]),
@@ -281,9 +330,12 @@ def _initialise_new_task(config, model, variables, task, source_classes, mesh, e
   xi_init = config.xi_init
   classes = dict(spec.tasks)[task]
   transfer.check_heads_fit(xi_init, task, classes, source_classes)
-  heads_fit = all(c == classes for c in source_classes.values())
   accuracies = {}
-  if heads_fit:  # how well each source's own network does on the new task's training data
+  if xi_init in transfer.NEEDS_SOURCE_HEADS:
+    logging.warning("xi_init=%s uses the labels of task %s's training split (for domain "
+                    "adaptation: paper App. D.2's selection); with xi_init=source:<task> no "
+                    "label of %s is read.", xi_init, task, task)
+  if xi_init in ("best_source", "accuracy"):  # each source's own network on the new task
     selection_stream = pipeline.DataStream(
         task_data_config(config, task), batch_size=config.eval_batch_size // jax.process_count(),
         train=False, split=config.data.train_split, process_index=jax.process_index(),
@@ -317,8 +369,11 @@ def _initialise_new_task(config, model, variables, task, source_classes, mesh, e
       copy_source=copy_source, xi_logits=xi_logits))
   logging.info("Task %s: xi_init=%s, coefficients %s.", task, xi_init,
                dict(zip(sources, np.round(coefficients, 4).tolist())))
+  initial_xi = (templates.mixture_weights(variables["params"]["mixture_logits"])
+                [spec.task_index(task)] if "mixture_logits" in variables["params"] else None)
   return variables, {
       "xi_init": xi_init, "coefficients": dict(zip(sources, coefficients.tolist())),
+      "initial_xi": None if initial_xi is None else np.asarray(initial_xi).tolist(),
       "source_accuracy_on_train": accuracies, "coefficient_learning_loss": learning_losses[-1:],
       "added_parameters": transfer.added_parameters(spec, variables["params"], task)}
 
@@ -401,13 +456,8 @@ def _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_s
     parameter_overview.log_parameter_overview(state.params)
     logging.info("Parameters per group:\n%s", accounting.format_model_summary(
         model.spec, state.params))
-  if jax.process_index() == 0:  # one writer: processes share the workdir
-    (epath.Path(workdir) / "config.json").write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True))
-  task_weights = {task: config.tasks[task].weight for task in config.tasks}
-  loss_fn = lambda *args: supervised.classification_loss(*args, task_weights=task_weights)
   train_step = steps.jit_train_step(
-      jax.tree.map(lambda a: a.sharding, state), model=model, tx=tx, loss_fn=loss_fn,
+      jax.tree.map(lambda a: a.sharding, state), model=model, tx=tx, loss_fn=method_loss(config),
       trainable=trainable, config=config)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   started = time.time()
@@ -464,6 +514,13 @@ def _evaluate_and_report(workdir, writer, step, state, model, eval_streams, eval
   writer.write_scalars(step, scalars)
   xi_by_task = mixture_weights_by_task(model, jax.device_get(state.ema_params))
   pictures = {"mixture_weights": figures.mixture_heatmaps(xi_by_task, step)}
+  new_tasks = {task: info["initial_xi"] for task, info in
+               (run_info or {}).get("new_tasks", {}).items() if info.get("initial_xi")}
+  if new_tasks:  # a new task's (a target domain's) xi at the start and now
+    pictures["new_task_xi"] = figures.mixture_heatmaps(
+        {name: xi for task, start in sorted(new_tasks.items()) for name, xi in
+         ((f"{task} (start)", np.asarray(start)), (f"{task} (step {step})", xi_by_task[task]))},
+        step)
   if len(xi_by_task) > 1:
     pictures["task_similarity"] = figures.task_similarity_grid(
         *similarity.task_similarity(xi_by_task), step)

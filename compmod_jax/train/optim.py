@@ -23,11 +23,17 @@ PARAMETER_GROUPS = (
     ("mixture_logits", r"^mixture_logits$"),
     ("adapters", r"^(input_adapter|output_adapter)/"),
     ("heads", r"^heads/"),
+    ("discriminator", r"^discriminator/"),  # domain adaptation's (methods/adaptation.py)
 )
-# config.trainable: which groups a run trains (the others get multiplier 0). "" leaves it to
-# config.optimizer.lr_multipliers alone. The presets of transfer learning (paper §4.3): head only,
-# head + BN, the paper's method (mixture weights + head + BN), and full fine-tuning.
+# config.trainable: which groups of the model a run trains (the others get multiplier 0). ""
+# leaves it to config.optimizer.lr_multipliers alone. The presets of transfer learning (paper
+# §4.3): head only, head + BN, the paper's method (mixture weights + head + BN), and full
+# fine-tuning; and of domain adaptation (§4.4): the mixture weights alone, or with BN.
+# A method's own variables (the discriminator) are not the model's: presets leave them alone.
+METHOD_GROUPS = ("discriminator",)
 TRAINABLE_PRESETS = {
+    "xi": ("mixture_logits",),
+    "xi_bn": ("mixture_logits", "batch_norm"),
     "head": ("heads",),
     "head_bn": ("heads", "batch_norm"),
     "xi_head_bn": ("heads", "batch_norm", "mixture_logits"),
@@ -84,7 +90,7 @@ def group_multipliers(config, groups=PARAMETER_GROUPS):
   multipliers = {name: config.optimizer.lr_multipliers.get(name, 1.0) for name, _ in groups}
   preset = config.get("trainable", "")
   if preset:
-    multipliers = {name: m if name in TRAINABLE_PRESETS[preset] else 0.0
+    multipliers = {name: m if name in TRAINABLE_PRESETS[preset] + METHOD_GROUPS else 0.0
                    for name, m in multipliers.items()}
   return multipliers
 
@@ -97,17 +103,20 @@ def check_trainable(params, config, spec, groups=PARAMETER_GROUPS):
   rows of tasks this run does not train. A group that matches nothing while others train is
   fine: the default multipliers name every group.
   """
-  if any(np.any(m) for m in jax.tree.leaves(trainable_mask(params, config, spec, groups))):
+  mask = traverse_util.flatten_dict(trainable_mask(params, config, spec, groups), sep="/")
+  labels = traverse_util.flatten_dict(group_labels(params, groups), sep="/")
+  if any(np.any(m) for path, m in mask.items() if labels[path] not in METHOD_GROUPS):
     return
-  multipliers = group_multipliers(config, groups)
+  multipliers = {name: m for name, m in group_multipliers(config, groups).items()
+                 if name not in METHOD_GROUPS}
   present = sorted(set(jax.tree.leaves(group_labels(params, groups))))
   preset = config.get("trainable", "")
   raise ValueError(
       f"config.optimizer.lr_multipliers trains nothing in this model"
       f"{f' (config.trainable={preset!r})' if preset else ''}: the groups with a multiplier > 0 "
       f"are {sorted(n for n, m in multipliers.items() if m > 0)}, and this model's parameters "
-      f"are in {present}; the run trains the tasks {sorted(config.tasks)}. Give one of those "
-      f"groups a multiplier > 0.")
+      f"are in {present}; the run trains the tasks {list(trained_task_names(config))}. Give one "
+      f"of those groups a multiplier > 0.")
 
 
 def make_schedule(config):
@@ -171,11 +180,11 @@ def trainable_mask(params, config, spec, groups=PARAMETER_GROUPS):
 
   A leaf is a numpy bool: a scalar when the whole array trains or not (its group's multiplier
   is > 0 or not), or a [tasks, 1, ...] mask over the rows of an array with one row per task.
-  Rows and heads of tasks the model holds but this run does not train (config.tasks) are
+  Rows and heads of tasks the model holds but this run does not train (trained_tasks) are
   always frozen: a model restored with more tasks keeps their predictions bit-identical.
   """
   multipliers = group_multipliers(config, groups)
-  trained_tasks = set(config.tasks)
+  trained_tasks = set(trained_task_names(config))
   flat = traverse_util.flatten_dict(params, sep="/")
   labels = traverse_util.flatten_dict(group_labels(params, groups), sep="/")
 
@@ -191,6 +200,14 @@ def trainable_mask(params, config, spec, groups=PARAMETER_GROUPS):
     return rows.reshape((len(owners),) + (1,) * (len(leaf.shape) - 1))
 
   return traverse_util.unflatten_dict({p: mask(p, leaf) for p, leaf in flat.items()}, sep="/")
+
+
+def trained_task_names(config):
+  """The tasks whose private variables (xi, head, per-task BN) train: the adaptation target
+  alone when there is one (the source domains only feed it data), else every task."""
+  if config.adaptation.target:
+    return (config.adaptation.target,)
+  return tuple(sorted(config.tasks))
 
 
 def count_trainable(mask, params):
