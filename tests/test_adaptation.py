@@ -117,8 +117,13 @@ def tiny_da(data_dir, init_from, method, **overrides):
 
 def test_digits_da_source_only_and_adversarial_write_the_table3_layout(
     embedded_dir, source_workdir, tmp_path):
-  source_only = loop.train_and_evaluate(tiny_da(embedded_dir, source_workdir, "source_only"),
-                                        str(tmp_path / "da_source_only"))
+  # Without init_from the run pretrains config.pretrain first (two domains here, for time).
+  config = tiny_da(embedded_dir, "", "source_only")
+  config.pretrain.tasks = {t: config.pretrain.tasks[t] for t in SOURCES}
+  source_only = loop.train_and_evaluate(config, str(tmp_path / "da_source_only"))
+  assert source_only["init_from"]["checkpoint"] == str(
+      tmp_path / "da_source_only" / "pretrained" / "checkpoints" / "4")
+  assert source_only["init_from"]["source_tasks"] == {"mnist": 10, "mnist_blur": 10}
   assert source_only["step"] == 0
   assert source_only["target_test_accuracy"] == pytest.approx(
       source_only["tasks"][TARGET]["accuracy_before_finetune"], abs=0)
