@@ -324,58 +324,69 @@ def _start_from_pretrained(config, model, state, source, mesh, eval_streams, eva
 
 
 def _initialise_new_task(config, model, variables, task, source_classes, mesh, eval_step):
-  """A new task's xi, head and BN built from the source tasks as config.xi_init says."""
+  """A new task's xi, head and BN built from the source tasks as config.xi_init says.
+  Returns the variables and what the run reports about them."""
   spec = model.spec
   sources = sorted(source_classes)
-  xi_init = config.xi_init
-  classes = dict(spec.tasks)[task]
-  transfer.check_heads_fit(xi_init, task, classes, source_classes)
-  accuracies = {}
-  if xi_init in transfer.NEEDS_SOURCE_HEADS:
+  transfer.check_heads_fit(config.xi_init, task, dict(spec.tasks)[task], source_classes)
+  if config.xi_init in transfer.NEEDS_SOURCE_HEADS:
     logging.warning("xi_init=%s uses the labels of task %s's training split (for domain "
                     "adaptation: paper App. D.2's selection); with xi_init=source:<task> no "
-                    "label of %s is read.", xi_init, task, task)
-  if xi_init in ("best_source", "accuracy"):  # each source's own network on the new task
-    selection_stream = pipeline.DataStream(
-        task_data_config(config, task), batch_size=config.eval_batch_size // jax.process_count(),
-        train=False, split=config.data.train_split, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    for name in sources:
-      candidate = transfer.build_task(variables, spec, task, sources, copy_source=name)
-      accuracies[name] = _selection_accuracy(config, selection_stream, candidate, mesh,
-                                             eval_step)
-      logging.info("Task %s: xi, BN and head of source %s give %.4f accuracy on its training "
-                   "data.", task, name, accuracies[name])
-  uniform = np.full(len(sources), 1.0 / len(sources))
-  copy_source, xi_logits, coefficients, learning_losses = None, None, uniform, []
-  if xi_init.startswith(transfer.SOURCE_PREFIX):
-    copy_source = xi_init[len(transfer.SOURCE_PREFIX):]
-  elif xi_init == "best_source":
-    copy_source = max(sources, key=lambda name: accuracies[name])
-  elif xi_init == "accuracy":
-    coefficients = transfer.accuracy_coefficients(accuracies, sources)
-  elif xi_init == "learned":
-    coefficients, learning_losses = transfer.learn_coefficients(
-        model, replicated(mesh, variables), task, sources, _coefficient_batches(config, task, mesh),
-        steps=config.transfer.learned_steps, learning_rate=config.transfer.learned_learning_rate)
-  elif "params/mixture_logits" in traverse_util.flatten_dict(variables, sep="/"):
-    fresh_row = variables["params"]["mixture_logits"][spec.task_index(task)]
-    xi_logits = transfer.fresh_xi_logits(xi_init, spec, fresh_row, config.seed)
-  if copy_source is not None:
-    coefficients = (np.array(sources) == copy_source).astype(np.float64)
-  coefficients = np.asarray(coefficients, np.float64)
+                    "label of %s is read.", config.xi_init, task, task)
+  accuracies = (_source_accuracies(config, variables, spec, task, sources, mesh, eval_step)
+                if config.xi_init in ("best_source", "accuracy") else {})
+  coefficients, copy_source, xi_logits, learning_losses = _coefficients(
+      config, model, variables, task, sources, accuracies, mesh)
   variables = jax.device_get(transfer.build_task(
       variables, spec, task, sources, coefficients=jnp.asarray(coefficients, jnp.float32),
       copy_source=copy_source, xi_logits=xi_logits))
-  logging.info("Task %s: xi_init=%s, coefficients %s.", task, xi_init,
+  logging.info("Task %s: xi_init=%s, coefficients %s.", task, config.xi_init,
                dict(zip(sources, np.round(coefficients, 4).tolist())))
   initial_xi = (templates.mixture_weights(variables["params"]["mixture_logits"])
                 [spec.task_index(task)] if "mixture_logits" in variables["params"] else None)
   return variables, {
-      "xi_init": xi_init, "coefficients": dict(zip(sources, coefficients.tolist())),
+      "xi_init": config.xi_init, "coefficients": dict(zip(sources, coefficients.tolist())),
       "initial_xi": None if initial_xi is None else np.asarray(initial_xi).tolist(),
       "source_accuracy_on_train": accuracies, "coefficient_learning_loss": learning_losses[-1:],
       "added_parameters": transfer.added_parameters(spec, variables["params"], task)}
+
+
+def _source_accuracies(config, variables, spec, task, sources, mesh, eval_step):
+  """{source: accuracy of its own xi, BN and head on `task`'s training data}."""
+  stream = pipeline.DataStream(
+      task_data_config(config, task), batch_size=config.eval_batch_size // jax.process_count(),
+      train=False, split=config.data.train_split, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  accuracies = {}
+  for name in sources:
+    candidate = transfer.build_task(variables, spec, task, sources, copy_source=name)
+    accuracies[name] = _selection_accuracy(config, stream, candidate, mesh, eval_step)
+    logging.info("Task %s: xi, BN and head of source %s give %.4f accuracy on its training "
+                 "data.", task, name, accuracies[name])
+  return accuracies
+
+
+def _coefficients(config, model, variables, task, sources, accuracies, mesh):
+  """(c over the sources, the source to copy exactly or None, a fresh xi row or None, the
+  coefficient-learning losses) for config.xi_init."""
+  xi_init = config.xi_init
+  uniform = np.full(len(sources), 1.0 / len(sources))
+  if xi_init.startswith(transfer.SOURCE_PREFIX) or xi_init == "best_source":
+    copy_source = (xi_init[len(transfer.SOURCE_PREFIX):] if xi_init != "best_source"
+                   else max(sources, key=lambda name: accuracies[name]))
+    return (np.array(sources) == copy_source).astype(np.float64), copy_source, None, []
+  if xi_init == "accuracy":
+    return transfer.accuracy_coefficients(accuracies, sources), None, None, []
+  if xi_init == "learned":
+    coefficients, losses = transfer.learn_coefficients(
+        model, replicated(mesh, variables), task, sources, _coefficient_batches(config, task, mesh),
+        steps=config.transfer.learned_steps, learning_rate=config.transfer.learned_learning_rate)
+    return np.asarray(coefficients, np.float64), None, None, losses
+  xi_logits = None  # random or diagonal: a fresh xi row (a fixed signature has none)
+  if "mixture_logits" in variables["params"]:
+    fresh_row = variables["params"]["mixture_logits"][model.spec.task_index(task)]
+    xi_logits = transfer.fresh_xi_logits(xi_init, model.spec, fresh_row, config.seed)
+  return uniform, None, xi_logits, []
 
 
 def _selection_accuracy(config, stream, candidate, mesh, eval_step):
