@@ -51,9 +51,8 @@ def check_xi_init(xi_init, source_tasks=None):
 def check_heads_fit(xi_init, target, target_classes, source_classes):
   """Refuses a strategy that evaluates source heads when their label sets cannot be the new
   task's."""
-  strategy = xi_init if not xi_init.startswith(SOURCE_PREFIX) else "source"
   misfits = {t: c for t, c in source_classes.items() if c != target_classes}
-  if strategy in NEEDS_SOURCE_HEADS and misfits:
+  if xi_init in NEEDS_SOURCE_HEADS and misfits:
     raise ValueError(
         f"config.xi_init={xi_init!r} evaluates the source tasks' heads on task {target!r} "
         f"({target_classes} classes), but the sources {misfits} have other numbers of classes. "

@@ -87,15 +87,7 @@ class Checkpointer:
 
   def read_meta(self, step):
     """The run metadata of a step (its config among it), without touching the arrays."""
-    try:
-      meta = self.manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as error:  # orbax raises many types for missing or garbled files
-      raise corrupt(step, self._step_dir(step), f"its meta cannot be read "
-                    f"({_first_line(error)})") from error
-    if not isinstance(meta, dict) or "checksums" not in meta:
-      raise corrupt(step, self._step_dir(step), "its meta has no array checksums")
-    return meta
+    return read_meta(self.manager, step, self._step_dir(step))
 
   def restore_newest_good(self, abstract, streams, on_corrupt):
     """(state, meta) of the newest step that reads back exactly, with the streams moved to its
@@ -230,6 +222,18 @@ class Checkpointer:
   def _data_prefix(self, step, task):
     return (self.workdir / "data_state" / str(step) / task / f"process_{jax.process_index()}"
             / "position")
+
+
+def read_meta(manager, step, step_dir):
+  """The run metadata of `step` in an orbax CheckpointManager (its config and the checksums of
+  its arrays); CorruptCheckpointError when it cannot be read or has no checksums."""
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  except Exception as error:  # orbax raises many types for missing or garbled files
+    raise corrupt(step, step_dir, f"its meta cannot be read ({_first_line(error)})") from error
+  if not isinstance(meta, dict) or "checksums" not in meta:
+    raise corrupt(step, step_dir, "its meta has no array checksums")
+  return meta
 
 
 def abstract_state(state):

@@ -8,6 +8,7 @@ What the run does on SIGTERM, crashes, corrupt checkpoints, NaNs and bad config:
 docs/reliability.md.
 """
 import functools
+import itertools
 import time
 
 import jax
@@ -42,16 +43,23 @@ def task_data_config(config, task):
   return data_config
 
 
+def task_stream(config, task, *, global_batch_size, train, seed=0, split=None):
+  """This process's share of `task`'s split (default: the train or eval split)."""
+  return pipeline.DataStream(
+      task_data_config(config, task), batch_size=global_batch_size // jax.process_count(),
+      train=train, split=split, seed=seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
 def make_streams(config, *, train):
   """{task: DataStream} with this process's share of each task's split."""
   if train:
     batch_sizes = multitask.task_batch_sizes(config, jax.device_count())
   else:
     batch_sizes = {task: config.eval_batch_size for task in config.tasks}
-  return {task: pipeline.DataStream(
-      task_data_config(config, task), batch_size=batch_sizes[task] // jax.process_count(),
-      train=train, seed=config.seed + index, process_index=jax.process_index(),
-      process_count=jax.process_count()) for index, task in enumerate(sorted(config.tasks))}
+  return {task: task_stream(config, task, global_batch_size=batch_sizes[task], train=train,
+                            seed=config.seed + index)
+          for index, task in enumerate(sorted(config.tasks))}
 
 
 def make_model(config, streams, source_tasks=None):
@@ -159,15 +167,22 @@ def evaluate(state, eval_streams, eval_steps, mesh):
   """Accuracy and loss of each task on its whole eval split (padded batches are masked)."""
   results = {}
   for task, stream in sorted(eval_streams.items()):
-    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-    for local_batch in stream:
-      sums = eval_steps[task](state, global_batch(mesh, local_batch))
-      for key in totals:
-        totals[key] += float(sums[key])
+    totals = eval_sums(state, stream, eval_steps[task], mesh)
     count = max(totals["count"], 1.0)
     results[task] = {"test_accuracy": totals["correct"] / count,
                      "test_loss": totals["loss_sum"] / count, "test_examples": int(count)}
   return results
+
+
+def eval_sums(state, stream, eval_step, mesh, max_batches=None):
+  """Correct predictions, cross-entropy and real examples summed over one pass of an eval
+  stream (or its first `max_batches` batches)."""
+  totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+  for local_batch in itertools.islice(stream, max_batches):
+    sums = eval_step(state, global_batch(mesh, local_batch))
+    for key in totals:
+      totals[key] += float(sums[key])
+  return totals
 
 
 def write_results(workdir, results, step, wall_time_s, run_info=None):
@@ -249,16 +264,16 @@ def train_and_evaluate(config, workdir):
       example_images = jnp.zeros((1,) + _image_shape(config, eval_streams), jnp.float32)
       state, tx, schedule, trainable = create_train_state(config, model, mesh, example_images)
       state, meta = _maybe_resume(config, checkpointer, state, train_streams)
-      run_info = meta.get("run_info", {})
+      run_info, start_results = meta.get("run_info", {}), None
       if source:
-        state, run_info = _start_from_pretrained(config, model, state, source, mesh,
-                                                 eval_streams, eval_steps, trainable)
+        state, run_info, start_results = _start_from_pretrained(
+            config, model, state, source, mesh, eval_streams, eval_steps, trainable)
       if int(state.step) >= config.total_steps:
         logging.info("Run in %s is at step %d of config.total_steps=%d: evaluating only.",
                      workdir, int(state.step), config.total_steps)
         return read_results(workdir) or write_results(
-            workdir, evaluate(state, eval_streams, eval_steps, mesh), int(state.step),
-            meta.get("wall_time_s", 0.0), run_info)
+            workdir, start_results or evaluate(state, eval_streams, eval_steps, mesh),
+            int(state.step), meta.get("wall_time_s", 0.0), run_info)
       return _train(config, workdir, model, mesh, state, tx, schedule, trainable,
                     train_streams, eval_streams, eval_steps, checkpointer,
                     meta.get("wall_time_s", 0.0), watcher, run_info)
@@ -281,7 +296,7 @@ def _after_pretraining(config, workdir):
 def _pretrained_source(config):
   """The checkpoint config.init_from names, read and checked against config.xi_init."""
   source = pretrained.load(config.init_from)
-  for task in sorted(set(config.tasks) - set(source.tasks)):
+  if set(config.tasks) - set(source.tasks):  # xi_init applies to new tasks only
     transfer.check_xi_init(config.xi_init, source.tasks)
   return source
 
@@ -290,7 +305,8 @@ def _start_from_pretrained(config, model, state, source, mesh, eval_streams, eva
                            trainable):
   """Loads the pretrained checkpoint into the fresh state (strictly: pretrained.merge), builds
   each new task's variables from the source tasks (config.xi_init) and evaluates the result.
-  Returns the state and the run_info every checkpoint and results.json of the run carry."""
+  Returns the state, the run_info every checkpoint and results.json of the run carry, and that
+  evaluation."""
   spec = model.spec
   sources = sorted(source.tasks)
   fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
@@ -304,7 +320,7 @@ def _start_from_pretrained(config, model, state, source, mesh, eval_streams, eva
               "adaptation_target": config.adaptation.target,
               "source_tasks": source.tasks, "xi_init": config.xi_init,
               "trainable": config.trainable or "lr_multipliers",
-              "trainable_parameters": optim.count_trainable(trainable, jax.device_get(state.params)),
+              "trainable_parameters": optim.count_trainable(trainable, state.params),
               "new_tasks": {}}
   for task in sorted(set(config.tasks) - set(sources)):
     variables, run_info["new_tasks"][task] = _initialise_new_task(
@@ -314,13 +330,13 @@ def _start_from_pretrained(config, model, state, source, mesh, eval_streams, eva
   state = state.replace(params=replicated(mesh, variables["params"]),
                         ema_params=replicated(mesh, variables["params"]),
                         batch_stats=replicated(mesh, variables["batch_stats"]))
-  for task, result in evaluate(state, eval_streams, eval_steps, mesh).items():
-    if task in run_info["new_tasks"]:
-      run_info["new_tasks"][task]["accuracy_before_finetune"] = result["test_accuracy"]
-      logging.info("Task %s before fine-tuning: test accuracy %.4f; it adds %s parameters.",
-                   task, result["test_accuracy"], run_info["new_tasks"][task]["added_parameters"])
+  results = evaluate(state, eval_streams, eval_steps, mesh)
+  for task, info in run_info["new_tasks"].items():
+    info["accuracy_before_finetune"] = results[task]["test_accuracy"]
+    logging.info("Task %s before fine-tuning: test accuracy %.4f; it adds %s parameters.",
+                 task, results[task]["test_accuracy"], info["added_parameters"])
   _warn_if_shared_parameters_train(config, spec, trainable, sources)
-  return state, run_info
+  return state, run_info, results
 
 
 def _initialise_new_task(config, model, variables, task, source_classes, mesh, eval_step):
@@ -353,10 +369,8 @@ def _initialise_new_task(config, model, variables, task, source_classes, mesh, e
 
 def _source_accuracies(config, variables, spec, task, sources, mesh, eval_step):
   """{source: accuracy of its own xi, BN and head on `task`'s training data}."""
-  stream = pipeline.DataStream(
-      task_data_config(config, task), batch_size=config.eval_batch_size // jax.process_count(),
-      train=False, split=config.data.train_split, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  stream = task_stream(config, task, global_batch_size=config.eval_batch_size, train=False,
+                       split=config.data.train_split)
   accuracies = {}
   for name in sources:
     candidate = transfer.build_task(variables, spec, task, sources, copy_source=name)
@@ -392,25 +406,19 @@ def _coefficients(config, model, variables, task, sources, accuracies, mesh):
 def _selection_accuracy(config, stream, candidate, mesh, eval_step):
   """Accuracy of `candidate` variables on the first config.transfer.selection_examples of
   `stream` (a task's training split, read in evaluation mode)."""
-  num_batches = min(stream.num_batches,
-                    -(-config.transfer.selection_examples // config.eval_batch_size))
   params = replicated(mesh, candidate)
   state = steps.TrainState(step=0, params=None, batch_stats=params["batch_stats"],
                            opt_state=None, ema_params=params["params"])
-  correct = count = 0.0
-  for _, local_batch in zip(range(num_batches), stream):
-    sums = eval_step(state, global_batch(mesh, local_batch))
-    correct, count = correct + float(sums["correct"]), count + float(sums["count"])
-  return correct / max(count, 1.0)
+  totals = eval_sums(state, stream, eval_step, mesh,
+                     max_batches=-(-config.transfer.selection_examples // config.eval_batch_size))
+  return totals["correct"] / max(totals["count"], 1.0)
 
 
 def _coefficient_batches(config, task, mesh):
   """Training batches of `task` for learning the coefficients (its own shuffle seed)."""
-  stream = pipeline.DataStream(
-      task_data_config(config, task),
-      batch_size=multitask.task_batch_sizes(config, jax.device_count())[task]
-      // jax.process_count(), train=True, seed=config.seed + 7919,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  stream = task_stream(
+      config, task, global_batch_size=multitask.task_batch_sizes(config, jax.device_count())[task],
+      train=True, seed=config.seed + 7919)
   return (global_batch(mesh, batch) for batch in stream)
 
 

@@ -109,7 +109,7 @@ def check_trainable(params, config, spec, groups=PARAMETER_GROUPS):
     return
   multipliers = {name: m for name, m in group_multipliers(config, groups).items()
                  if name not in METHOD_GROUPS}
-  present = sorted(set(jax.tree.leaves(group_labels(params, groups))))
+  present = sorted(set(labels.values()))
   preset = config.get("trainable", "")
   raise ValueError(
       f"config.optimizer.lr_multipliers trains nothing in this model"

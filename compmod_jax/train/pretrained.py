@@ -51,50 +51,49 @@ def load(init_from):
   """The checkpoint `init_from` names, read and verified."""
   path = epath.Path(init_from).absolute()
   if (path / "checkpoints").is_dir():
-    return _newest_intact(path / "checkpoints")
-  if path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir():
-    return _read(path.parent, int(path.name))
-  raise PretrainedCheckpointError(
-      f"config.init_from={init_from!r} is neither a workdir with a checkpoints/ directory nor a "
-      f"step directory <workdir>/checkpoints/<step>. Point it at the pretraining run's "
-      f"--workdir.")
+    checkpoints_dir, step = path / "checkpoints", None
+  elif path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir():
+    checkpoints_dir, step = path.parent, int(path.name)
+  else:
+    raise PretrainedCheckpointError(
+        f"config.init_from={init_from!r} is neither a workdir with a checkpoints/ directory nor "
+        f"a step directory <workdir>/checkpoints/<step>. Point it at the pretraining run's "
+        f"--workdir.")
+  manager = ocp.CheckpointManager(checkpoints_dir,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    if step is not None:
+      return _read(manager, checkpoints_dir, step)
+    return _newest_intact(manager, checkpoints_dir)
+  finally:
+    manager.close()
 
 
-def _newest_intact(checkpoints_dir):
-  steps = _manager(checkpoints_dir).all_steps()
+def _newest_intact(manager, checkpoints_dir):
+  steps = manager.all_steps()
   if not steps:
     raise PretrainedCheckpointError(f"config.init_from: {checkpoints_dir} holds no finished "
                                     f"checkpoint. Has the pretraining run saved one yet?")
   for step in sorted(steps, reverse=True):
     try:
-      return _read(checkpoints_dir, step)
+      return _read(manager, checkpoints_dir, step)
     except checkpoint.CorruptCheckpointError as error:
       logging.error("%s\nTrying the checkpoint before it.", error)
   raise PretrainedCheckpointError(f"config.init_from: no checkpoint in {checkpoints_dir} reads "
                                   f"back intact (steps {sorted(steps)}; errors above).")
 
 
-def _manager(checkpoints_dir):
-  return ocp.CheckpointManager(checkpoints_dir,
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def _read(checkpoints_dir, step):
+def _read(manager, checkpoints_dir, step):
   step_dir = checkpoints_dir / str(step)
-  manager = _manager(checkpoints_dir)
+  meta = checkpoint.read_meta(manager, step, step_dir)
+  state_dir = step_dir / "state"
   try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    state_dir = step_dir / "state"
     tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     state = ocp.PyTreeCheckpointer().restore(
         state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   except Exception as error:  # orbax/tensorstore raise many types for unreadable files
-    raise checkpoint.corrupt(step, step_dir, f"it cannot be read ({error})") from error
-  finally:
-    manager.close()
-  if "checksums" not in meta:
-    raise checkpoint.corrupt(step, step_dir, "its meta has no array checksums")
+    raise checkpoint.corrupt(step, step_dir, f"its state cannot be read ({error})") from error
   variables = {name: state[field] for name, field in LOADED_COLLECTIONS.items()}
   _verify(step, step_dir, meta["checksums"], variables)
   logging.info("Loaded pretrained checkpoint %s (step %d).", step_dir, step)
