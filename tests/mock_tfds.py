@@ -34,3 +34,31 @@ def checkpointable_mock_dataset(num_examples):
       images = [tf.io.encode_png(image).numpy() for image in images]
     return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
   return as_dataset
+
+
+def labelled_mock_dataset(labels_by_dataset, side=4):
+  """A checkpointable mock `_as_dataset` with chosen labels: {dataset name ('domainnet/real'):
+  labels of each split}, sliced like the requested split (process shares included). Example i
+  of a split is a side x side image of the constant colour (i % 256, i // 256, 0), so a test can
+  tell which stored example it got."""
+  def as_dataset(builder, split, decoders=None, read_config=None, **kwargs):
+    del read_config, kwargs
+    labels = np.asarray(labels_by_dataset[builder.info.full_name.rsplit("/", 1)[0]])
+    (instruction,) = builder.info.splits[split].file_instructions
+    indices = np.arange(instruction.skip, instruction.skip + instruction.take)
+
+    def example(index, label):
+      colour = tf.cast(tf.stack([index % 256, index // 256, tf.zeros_like(index)]), tf.uint8)
+      image = tf.broadcast_to(colour, (side, side, 3))
+      if decoders and "image" in decoders:
+        image = tf.io.encode_png(image)
+      return {"image": image, "label": label}
+
+    return tf.data.Dataset.from_tensor_slices((indices, labels[indices])).map(example)
+  return as_dataset
+
+
+def stored_indices(images):
+  """The stored example index behind each image of `labelled_mock_dataset` (unit-scaled)."""
+  pixels = np.rint(images[:, 0, 0, :2] * 255).astype(np.int64)
+  return pixels[:, 0] + 256 * pixels[:, 1]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from compmod_jax.analysis import tables
@@ -17,6 +18,10 @@ from compmod_jax.train import defaults, loop, steps
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import digits_da  # noqa: E402
+import digits_svhn_da  # noqa: E402
+import domainnet_da  # noqa: E402
+from mock_tfds import (checkpointable_mock_dataset, labelled_mock_dataset,  # noqa: E402
+                       write_mock_metadata)
 
 SOURCES = ("mnist", "mnist_blur")
 TARGET = "uci_digits"
@@ -26,7 +31,7 @@ def test_discriminator_loss_falls_when_trained_alone_on_separable_features():
   source = 1.0 + jax.random.normal(jax.random.key(0), (64, 4, 4, 8))
   target = -1.0 + jax.random.normal(jax.random.key(1), (64, 4, 4, 8))
   disc = adaptation.Discriminator(16)
-  params = adaptation.init_discriminator(jax.random.key(2), (4, 4, 8), 16)
+  params = disc.init(jax.random.key(2), source[:1])["params"]
   tx = optax.adam(1e-2)
   opt_state = tx.init(params)
 
@@ -45,18 +50,17 @@ def test_discriminator_loss_falls_when_trained_alone_on_separable_features():
   assert float(jnp.mean(disc.apply({"params": params}, target) <= 0)) == 1.0
 
 
-def adversarial_setup(trainable="xi"):
-  config = digits_da.get_config("tiny=1")
+def adaptation_setup(method="adversarial", model="compositional", trainable=""):
+  config = digits_da.get_config(f"method={method},model={model},trainable={trainable},tiny=1")
   config.tasks = {t: defaults.task(f"embedded_digits/{t}", batch_size=8)
                   for t in SOURCES + (TARGET,)}
-  config.trainable = trainable
   model = loop.model_for(config, {t: 10 for t in config.tasks})
   mesh = loop.make_mesh(config)
   state, tx, _, trainable_mask = loop.create_train_state(config, model, mesh,
                                                          jnp.zeros((1, 28, 28, 1)))
   step = steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model, tx=tx,
-                              loss_fn=loop.method_loss(config), trainable=trainable_mask,
-                              config=config)
+                              loss_fn=loop.method_loss(config, model.spec),
+                              trainable=trainable_mask, config=config)
   keys = iter(jax.random.split(jax.random.key(3), 8))
   batch = {t: {"image": jax.random.uniform(next(keys), (8, 28, 28, 1)) + 0.3 * (t == TARGET),
                "label": jax.random.randint(next(keys), (8,), 0, 10), "mask": jnp.ones(8)}
@@ -68,26 +72,87 @@ def flat_host(tree):
   return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
 
 
-def test_adversarial_step_moves_only_the_target_xi_and_the_discriminator():
-  model, mesh, state, step, batch = adversarial_setup()
+@pytest.mark.parametrize("method, model, trained", [
+    ("adversarial", "compositional", {"params/mixture_logits"}),
+    ("moment_matching", "compositional", {"params/mixture_logits"}),
+    ("adversarial", "plain", {"params/input_adapter/kernel", "params/input_adapter/bias"})])
+def test_an_adaptation_step_moves_only_the_targets_trainable_rows_and_the_methods_own(
+    method, model, trained):
+  model, mesh, state, step, batch = adaptation_setup(method, model)
   before = flat_host({"params": state.params, "batch_stats": state.batch_stats})
   new_state, metrics = step(state, loop.global_batch(mesh, batch))
   after = flat_host({"params": new_state.params, "batch_stats": new_state.batch_stats})
   target_row = model.spec.task_index(TARGET)
   other_rows = [model.spec.task_index(t) for t in SOURCES]
-  changed = sorted(path for path in after if not np.array_equal(after[path], before[path]))
-  assert any(path.startswith("params/discriminator/") for path in changed)
-  assert "params/mixture_logits" in changed
-  assert {p for p in changed if not p.startswith(("params/discriminator/", "batch_stats/"))} == {
-      "params/mixture_logits"}
-  for path in ("params/mixture_logits", "batch_stats/block_bn/expand/mean"):
+  changed = {path for path in after if not np.array_equal(after[path], before[path])}
+  assert {p.split("/")[1] for p in changed if p.startswith("params/adaptation/")} == {
+      "adaptation"}
+  assert {p for p in changed if not p.startswith(("params/adaptation/", "batch_stats/"))} == (
+      trained)
+  for path in sorted(trained) + ["batch_stats/block_bn/expand/mean"]:
     np.testing.assert_array_equal(after[path][other_rows], before[path][other_rows])
     assert not np.array_equal(after[path][target_row], before[path][target_row]), path
-  assert np.isfinite(float(metrics["adaptation/discriminator_loss"]))
+  assert np.isfinite(float(metrics["total_loss"]))
+
+
+def test_moment_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
+  features = jax.random.normal(jax.random.key(0), (32, 6))
+  assert float(adaptation.moment_distance([features, features], features)) == 0.0
+  gradient = jax.grad(lambda t: adaptation.moment_distance([features], t))(features)
+  np.testing.assert_array_equal(gradient, np.zeros_like(gradient))
+  # By hand: means [1, 1] on both sides; second moments [2, 2] and [1, 1].
+  source, target = jnp.array([[0.0, 0.0], [2.0, 2.0]]), jnp.ones((2, 2))
+  assert float(adaptation.moment_distance([source], target)) == pytest.approx(2 ** 0.5)
+  # A second source (means [2, 2], second moments [5, 5]) adds its distance to the target to
+  # the mean over sources, and the source pair's: order 1: (0 + |[1, 1]|) / 2 + |[1, 1]|;
+  # order 2: (|[1, 1]| + |[4, 4]|) / 2 + |[3, 3]|.
+  root2 = 2 ** 0.5
+  assert float(adaptation.moment_distance([source, source + 1.0], target)) == pytest.approx(
+      root2 / 2 + root2 + 5 * root2 / 2 + 3 * root2, rel=1e-6)
+  shifted = [float(adaptation.moment_distance([features], features + shift))
+             for shift in (0.1, 0.5, 1.0, 2.0)]
+  assert all(a < b for a, b in zip(shifted, shifted[1:])), shifted
+
+
+def test_the_two_classifier_step_splits_the_min_max_between_classifiers_and_target():
+  """Classifiers: gradient of (source classification - target discrepancy) with the target's
+  embeddings held fixed; the target: gradient of (discrepancy + moment distance) with the
+  classifiers held fixed (Maximum Classifier Discrepancy's steps B and C, M3SDA's moments)."""
+  model, _, state, _, batch = adaptation_setup("moment_matching")
+  params, batch_stats = state.params, state.batch_stats
+  loss_fn = loop.method_loss(digits_da.get_config("method=moment_matching,tiny=1"), model.spec)
+  grads = jax.grad(lambda p: loss_fn(model, p, batch_stats, batch, None)[0])(params)
+  pair = adaptation.ClassifierPair(10)
+  embed = lambda p, task, train: model.apply(
+      {"params": p, "batch_stats": batch_stats}, batch[task]["image"], task=task, train=train,
+      mutable=["batch_stats"] if train else False, method=lambda m, x, task, train: m.embed(
+          m.body_features(x, task, train)))
+  target_embedding = lambda p: embed(p, TARGET, True)[0]
+  sources = [embed(params, task, False) for task in SOURCES]
+
+  def classifiers_objective(pair_params):
+    cross_entropy = [optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch[task]["label"]).mean() for task, embedding in zip(SOURCES, sources)
+        for logits in pair.apply({"params": pair_params}, embedding)]
+    return jnp.mean(jnp.stack(cross_entropy)) - adaptation.classifier_discrepancy(
+        *pair.apply({"params": pair_params}, target_embedding(params)))
+
+  def target_objective(p):
+    embedding = target_embedding(p)
+    return (adaptation.classifier_discrepancy(*pair.apply({"params": params["adaptation"]},
+                                                          embedding))
+            + adaptation.moment_distance(sources, embedding))
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+               grads["adaptation"], jax.grad(classifiers_objective)(params["adaptation"]))
+  np.testing.assert_allclose(grads["mixture_logits"],
+                             jax.grad(target_objective)(params)["mixture_logits"],
+                             rtol=1e-5, atol=1e-8)
+  assert np.abs(grads["mixture_logits"]).max() > 0
 
 
 def test_the_adversarial_loss_never_reads_the_target_labels_and_bn_moves_with_xi_bn():
-  model, mesh, state, step, batch = adversarial_setup(trainable="xi_bn")
+  model, mesh, state, step, batch = adaptation_setup(trainable="xi_bn")
   relabelled = dict(batch, **{TARGET: dict(batch[TARGET],
                                            label=(batch[TARGET]["label"] + 1) % 10)})
   before = flat_host(state.params)
@@ -104,47 +169,91 @@ def test_the_adversarial_loss_never_reads_the_target_labels_and_bn_moves_with_xi
     assert not np.array_equal(after[path][target_row], before[path][target_row]), path
 
 
-def tiny_da(data_dir, init_from, method, **overrides):
-  config = digits_da.get_config(f"method={method},tiny=1,source=mnist_blur")
+def tiny_da(data_dir, init_from, method, model="compositional"):
+  config = digits_da.get_config(f"method={method},model={model},tiny=1,source=mnist_blur")
   config.data.data_dir = str(data_dir)
   config.eval_batch_size = 200
   config.init_from = str(init_from)
-  if method == "adversarial":
-    config.tasks = {t: config.tasks[t] for t in SOURCES + (TARGET,)}
-  config.update(overrides)
+  config.tasks = {t: config.tasks[t] for t in SOURCES + (TARGET,) if t in config.tasks}
   return config
 
 
-def test_digits_da_source_only_and_adversarial_write_the_table3_layout(
+def test_digits_da_runs_of_both_models_write_the_table3_layout(
     embedded_dir, source_workdir, tmp_path):
-  # Without init_from the run pretrains config.pretrain first (two domains here, for time).
-  config = tiny_da(embedded_dir, "", "source_only")
+  # Without init_from the run pretrains config.pretrain first (two domains here, for time): the
+  # plain network, whose shared input adapter then starts every domain's own.
+  config = tiny_da(embedded_dir, "", "source_only", model="plain")
   config.pretrain.tasks = {t: config.pretrain.tasks[t] for t in SOURCES}
-  source_only = loop.train_and_evaluate(config, str(tmp_path / "da_source_only"))
-  assert source_only["init_from"]["checkpoint"] == str(
-      tmp_path / "da_source_only" / "pretrained" / "checkpoints" / "4")
-  assert source_only["init_from"]["source_tasks"] == {"mnist": 10, "mnist_blur": 10}
-  assert source_only["step"] == 0
-  assert source_only["target_test_accuracy"] == pytest.approx(
-      source_only["tasks"][TARGET]["accuracy_before_finetune"], abs=0)
-  assert source_only["init_from"]["new_tasks"][TARGET]["source_accuracy_on_train"] == {}
-  adversarial = loop.train_and_evaluate(tiny_da(embedded_dir, source_workdir, "adversarial"),
-                                        str(tmp_path / "da_adversarial"))
-  assert adversarial["step"] == 4
-  assert (tmp_path / "da_adversarial" / "new_task_xi.png").exists()
-  markdown = tables.da_table([tmp_path / "da_source_only", tmp_path / "da_adversarial"],
-                             out=tmp_path / "table3")
+  plain = loop.train_and_evaluate(config, str(tmp_path / "da_plain_source_only"))
+  pretrained_dir = tmp_path / "da_plain_source_only" / "pretrained"
+  assert plain["init_from"]["checkpoint"] == str(pretrained_dir / "checkpoints" / "4")
+  assert plain["init_from"]["source_tasks"] == {"mnist": 10, "mnist_blur": 10}
+  assert plain["step"] == 0
+  assert plain["target_test_accuracy"] == pytest.approx(
+      plain["tasks"][TARGET]["accuracy_before_finetune"], abs=0)
+  assert plain["init_from"]["new_tasks"][TARGET]["source_accuracy_on_train"] == {}
+  assert loop.read_results(pretrained_dir)["tasks"].keys() == set(SOURCES)
+  runs = {"plain_source_only": plain}
+  for method in ("adversarial", "moment_matching"):
+    runs[method] = loop.train_and_evaluate(tiny_da(embedded_dir, source_workdir, method),
+                                           str(tmp_path / f"da_{method}"))
+    assert runs[method]["step"] == 4
+    assert (tmp_path / f"da_{method}" / "new_task_xi.png").exists()
+  markdown = tables.da_table([tmp_path / f"da_{run}" for run in runs], out=tmp_path / "table3")
   table = json.loads((tmp_path / "table3" / "table3.json").read_text())
-  assert table == {"source_only": {"compositional": source_only["target_test_accuracy"]},
-                   "adversarial": {"compositional": adversarial["target_test_accuracy"]}}
-  assert markdown.splitlines()[4].startswith("| source_only |")
+  assert table == {
+      "source_only": {"plain": plain["target_test_accuracy"]},
+      "adversarial": {"compositional": runs["adversarial"]["target_test_accuracy"]},
+      "moment_matching": {"compositional": runs["moment_matching"]["target_test_accuracy"]}}
+  assert markdown.splitlines()[2] == "| method | compositional | plain |"
+  assert markdown.splitlines()[4].startswith("| source_only |  | ")
 
 
 def test_bad_adaptation_configs_fail_with_clear_errors(embedded_dir, source_workdir, tmp_path):
-  with pytest.raises(ValueError, match=r"config.method='adversarial' needs "
+  with pytest.raises(ValueError, match=r"config.method='moment_matching' needs "
                                        r"config.adaptation.target to name one of config.tasks"):
-    config = tiny_da(embedded_dir, source_workdir, "adversarial")
+    config = tiny_da(embedded_dir, source_workdir, "moment_matching")
     config.tasks = {TARGET: defaults.task(f"embedded_digits/{TARGET}", batch_size=8)}
     loop.train_and_evaluate(config, str(tmp_path / "run"))
-  with pytest.raises(ValueError, match=r"method must be one of \('source_only'"):
+  with pytest.raises(ValueError, match=r"Domain adaptation method must be one of "
+                                       r"\('source_only', 'adversarial', 'moment_matching'"):
     digits_da.get_config("method=mmd")
+  with pytest.raises(ValueError, match=r"Domain adaptation model must be one of "
+                                       r"\('compositional', 'plain'\), got 'isometric'"):
+    digits_da.get_config("model=isometric")
+
+
+def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tmp_path):
+  config = domainnet_da.get_config("method=moment_matching,tiny=1")
+  config.data.data_dir = config.pretrain.data.data_dir = str(tmp_path / "tfds")
+  assert config.data.most_frequent_classes == config.pretrain.data.most_frequent_classes == 100
+  config.data.most_frequent_classes = config.pretrain.data.most_frequent_classes = 10
+  domains = domainnet_da.SOURCES + (domainnet_da.TARGET,)
+  # 24 examples per domain: classes 0..9 (2 or 3 each) and 300 twice, which loses the tie for
+  # the 10th place to the smaller ids: 22 examples per split remain.
+  labels = {f"domainnet/{d}": np.concatenate([np.arange(22) % 10, [300, 300]]) for d in domains}
+  for name in labels:
+    write_mock_metadata(name, config.data.data_dir, 24)
+  with tfds.testing.mock_data(as_dataset_fn=labelled_mock_dataset(labels, side=40),
+                              policy=tfds.testing.MockPolicy.USE_FILES,
+                              data_dir=config.data.data_dir):
+    results = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert results["step"] == 4
+  assert results["init_from"]["source_tasks"] == {d: 10 for d in domainnet_da.SOURCES}
+  assert results["tasks"]["sketch"]["test_examples"] == 22
+  assert 0.0 <= results["target_test_accuracy"] <= 1.0
+
+
+def test_digits_svhn_config_mixes_embedded_digits_and_svhn_under_mock_data(tmp_path):
+  config = digits_svhn_da.get_config("method=source_only,model=plain,tiny=1")
+  config.data.data_dir = config.pretrain.data.data_dir = str(tmp_path / "tfds")
+  for name in set(digits_svhn_da.SOURCES.values()) | {"embedded_digits/uci_digits"}:
+    write_mock_metadata(name, config.data.data_dir, 16)
+  with tfds.testing.mock_data(num_examples=16, as_dataset_fn=checkpointable_mock_dataset(16),
+                              policy=tfds.testing.MockPolicy.USE_FILES,
+                              data_dir=config.data.data_dir):
+    results = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert results["init_from"]["source_tasks"] == {d: 10 for d in digits_svhn_da.SOURCES}
+  assert results["step"] == 0 and results["tasks"][TARGET]["test_examples"] == 16
+  pretrained = loop.read_results(tmp_path / "work" / "pretrained")
+  assert pretrained["step"] == 4 and set(pretrained["tasks"]) == set(digits_svhn_da.SOURCES)

@@ -2,19 +2,23 @@
 import collections
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from compmod_jax.data import embedded_digits
+from compmod_jax.data import embedded_digits, pipeline
 from compmod_jax.data.pipeline import (
     DataStream,
     DatasetNotFoundError,
+    check_data_config,
     dataset_size,
     default_data_config,
     get_builder,
+    kept_classes,
     num_classes,
 )
+from mock_tfds import labelled_mock_dataset, stored_indices, write_mock_metadata
 
 MNIST_CONFIGS = [
     config.name
@@ -83,7 +87,9 @@ def test_uci_splits_are_stratified_80_20(embedded_splits, embedded_dir):
   np.testing.assert_array_equal(
       np.bincount(train_labels, minlength=10) + UCI_TEST_PER_CLASS, np.bincount(source_labels))
   builder = get_builder("embedded_digits/uci_digits", str(embedded_dir))
-  assert dataset_size(builder, "train") == 1438 and num_classes(builder) == 10
+  assert dataset_size(builder, "train") == 1438
+  uci_config = make_data_config(embedded_dir, name="embedded_digits/uci_digits")
+  assert num_classes(builder, uci_config) == 10
 
 
 def test_mnist_variants_change_pixels_but_keep_labels_in_place(embedded_splits):
@@ -267,7 +273,7 @@ def mocked_cifar100(monkeypatch, tmp_path):
 
 def test_cifar100_batches_from_mock_data(mocked_cifar100):
   plain_stream = DataStream(mocked_cifar100, batch_size=16, train=True, seed=0)
-  assert num_classes(plain_stream.builder) == 100
+  assert num_classes(plain_stream.builder, mocked_cifar100) == 100
   plain = next(plain_stream)
   mocked_cifar100.augment = "crop_flip"
   augmented = next(DataStream(mocked_cifar100, batch_size=16, train=True, seed=0))
@@ -282,3 +288,137 @@ def test_cifar100_batches_from_mock_data(mocked_cifar100):
   mocked_cifar100.image_size = 24
   resized = next(DataStream(mocked_cifar100, batch_size=16, train=True, seed=0))
   assert resized["image"].shape == (16, 24, 24, 3)
+
+
+# Class counts of two mocked DomainNet domains (345 classes each). Summed: 300: 18, 7: 15,
+# 100: 12, then 2, 9 and 50 tie at 9, so the top 5 take 2 and 9 (smaller ids) and drop 50.
+DOMAIN_CLASS_COUNTS = {
+    "domainnet/sketch": {7: 15, 300: 9, 2: 6, 50: 6, 11: 3},
+    "domainnet/real": {100: 12, 300: 9, 9: 9, 2: 3, 50: 3, 12: 3},
+}
+TOP_5_OF_BOTH = (2, 7, 9, 100, 300)
+
+
+def shuffled_labels(class_counts, seed):
+  labels = np.repeat(list(class_counts), list(class_counts.values()))
+  return np.random.default_rng(seed).permutation(labels)
+
+
+@pytest.fixture
+def mocked_domainnet(tmp_path):
+  """{domain dataset: stored labels (train and test alike)} under TFDS mock data, and the data
+  config of the sketch task keeping the 5 classes most frequent over both domains."""
+  labels = {name: shuffled_labels(counts, seed)
+            for seed, (name, counts) in enumerate(DOMAIN_CLASS_COUNTS.items())}
+  for name, domain_labels in labels.items():
+    write_mock_metadata(name, str(tmp_path), len(domain_labels))
+  with tfds.testing.mock_data(as_dataset_fn=labelled_mock_dataset(labels),
+                              policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
+    yield labels, make_data_config(tmp_path, name="domainnet/sketch", channels=3, image_size=4,
+                                   most_frequent_classes=5,
+                                   class_frequency_datasets=tuple(DOMAIN_CLASS_COUNTS))
+
+
+def renumbered(original_labels):
+  """Kept labels 2, 7, 9, 100, 300 -> 0..4, in the order of the original ids."""
+  return np.searchsorted(TOP_5_OF_BOTH, original_labels)
+
+
+def test_most_frequent_classes_rank_summed_counts_and_are_the_same_for_every_domain(
+    mocked_domainnet):
+  _, config = mocked_domainnet
+  for name in DOMAIN_CLASS_COUNTS:
+    config.name = name
+    builder = get_builder(name, config.data_dir)
+    assert kept_classes(builder, config) == TOP_5_OF_BOTH
+    assert num_classes(builder, config) == 5
+  # () ranks by the task's own dataset: ties at 1 example keep 2 and 12, not 50.
+  config.class_frequency_datasets = ()
+  assert kept_classes(builder, config) == (2, 9, 12, 100, 300)
+  config.most_frequent_classes = 0
+  assert kept_classes(builder, config) is None and num_classes(builder, config) == 345
+
+
+def test_eval_over_two_processes_yields_each_kept_example_once_renumbered(mocked_domainnet):
+  labels, config = mocked_domainnet
+  sketch_labels = labels["domainnet/sketch"]
+  kept_indices = np.flatnonzero(np.isin(sketch_labels, TOP_5_OF_BOTH))
+  assert len(kept_indices) == 30  # 7, 300 and 2 of sketch; 9 and 100 occur in real only.
+  streams = [DataStream(config, batch_size=4, train=False, process_index=index, process_count=2)
+             for index in range(2)]
+  # tfds.even_splits gives the processes 20 and 19 stored examples, of which these are kept:
+  assert [np.isin(share, TOP_5_OF_BOTH).sum() for share in np.split(sketch_labels, [20])] == [
+      stream.num_examples for stream in streams] == [17, 13]
+  seen_indices = []
+  for stream in streams:
+    batches = list(stream)
+    assert len(batches) == stream.num_batches == 5  # ceil(17 / 4) on both, though 13 needs 4.
+    mask = np.concatenate([batch["mask"] for batch in batches])
+    assert mask.sum() == stream.num_examples and np.all(mask[:stream.num_examples] == 1)
+    images = np.concatenate([batch["image"] for batch in batches])[mask == 1]
+    indices = stored_indices(images)
+    np.testing.assert_array_equal(  # Renumbered, each image with its own label.
+        np.concatenate([batch["label"] for batch in batches])[mask == 1],
+        renumbered(sketch_labels[indices]))
+    seen_indices.append(indices)
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen_indices)), kept_indices)
+  counted = pipeline._label_counts.cache_info().misses
+  DataStream(config, batch_size=4, train=False, process_index=1, process_count=2)
+  assert pipeline._label_counts.cache_info().misses == counted  # Labels counted once.
+
+
+def test_training_stream_yields_only_kept_classes_and_resumes(mocked_domainnet, tmp_path):
+  labels, config = mocked_domainnet
+  config.update(name="domainnet/real", shuffle_buffer=64)
+  real_labels = labels["domainnet/real"]
+  stream = DataStream(config, batch_size=8, train=True, seed=1)
+  assert stream.num_examples == np.isin(real_labels, TOP_5_OF_BOTH).sum() == 33
+  assert stream.num_batches == 4
+  batches = [next(stream) for _ in range(8)]  # Two shuffled epochs.
+  original_labels = real_labels[stored_indices(np.concatenate([b["image"] for b in batches]))]
+  assert np.isin(original_labels, TOP_5_OF_BOTH).all()
+  batch_labels = np.concatenate([batch["label"] for batch in batches])
+  np.testing.assert_array_equal(batch_labels, renumbered(original_labels))
+  assert set(batch_labels) == {0, 2, 3, 4}  # 7 (new label 1) has no example in real.
+  path = stream.save(str(tmp_path / "position"))
+  expected = next(stream)
+  resumed = DataStream(config, batch_size=8, train=True, seed=1)
+  resumed.restore(path)
+  np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"most_frequent_classes": -1}, r"most_frequent_classes=-1; use 0"),
+    ({"most_frequent_classes": 1}, r"most_frequent_classes=1; use 0"),
+    ({"class_frequency_datasets": ("domainnet/real",)}, r"class_frequency_datasets=.*is 0"),
+    ({"most_frequent_classes": 5, "label_map": "parity"}, r"label_map='parity'.*'identity'"),
+    ({"most_frequent_classes": 5, "class_frequency_datasets": "domainnet/real"},
+     r"class_frequency_datasets='domainnet/real'; use a tuple"),
+])
+def test_class_subset_config_errors_without_reading_data(tmp_path, overrides, message):
+  config = ml_collections.ConfigDict({**make_data_config(tmp_path).to_dict(), **overrides})
+  with pytest.raises(ValueError, match=message):
+    check_data_config(config)
+
+
+def test_class_subset_dataset_errors_name_the_field(mocked_domainnet):
+  _, config = mocked_domainnet
+  builder = get_builder(config.name, config.data_dir)
+  config.most_frequent_classes = 346
+  with pytest.raises(ValueError, match=r"most_frequent_classes=346.*only 345 classes"):
+    num_classes(builder, config)
+  with pytest.raises(ValueError, match=r"most_frequent_classes=346.*only 345 classes"):
+    DataStream(config, batch_size=4, train=True)
+  config.most_frequent_classes = 5
+  for datasets, message in (
+      (("domainnet/real", "no_such_dataset"), r"class_frequency_datasets: .*not a TFDS dataset"),
+      (("domainnet/real", "domainnet/clipart"), r"class_frequency_datasets: .*not prepared"),
+  ):
+    config.class_frequency_datasets = datasets
+    with pytest.raises(DatasetNotFoundError, match=message):
+      kept_classes(builder, config)
+  write_mock_metadata("cifar100", config.data_dir, 8)
+  config.class_frequency_datasets = ("domainnet/real", "cifar100")
+  with pytest.raises(ValueError, match=r"class_frequency_datasets names 'cifar100' with 100 "
+                                       r"classes, but .*'domainnet/sketch' has 345"):
+    DataStream(config, batch_size=4, train=False)

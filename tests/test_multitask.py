@@ -107,7 +107,7 @@ def test_label_maps_make_new_tasks_from_the_same_digits(embedded_dir):
     data_config = loop.task_data_config(config, task)
     data_config.data_dir = str(embedded_dir)
     streams[task] = pipeline.DataStream(data_config, batch_size=50, train=False)
-  classes = {t: pipeline.num_classes(s.builder, s.data_config.label_map)
+  classes = {t: pipeline.num_classes(s.builder, s.data_config)
              for t, s in streams.items()}
   assert classes == {"original_digit": 10, "original_parity": 2, "original_ge5": 2}
   digit, parity, ge5 = (next(iter(streams[t]))["label"] for t in streams)

@@ -472,14 +472,17 @@ BAD_CONFIGS = {
                           r"config\.optimizer\.name must be one of \('rmsprop'"),
     "every_group_frozen": (
         {f"optimizer.lr_multipliers.{group}": 0.0 for group in
-         ("batch_norm", "templates", "mixture_logits", "adapters", "heads")}, ValueError,
+         ("batch_norm", "templates", "mixture_logits", "input_adapter", "output_adapter",
+          "heads")}, ValueError,
         r"lr_multipliers trains nothing in this model: the groups with a multiplier > 0 are "
         r"\[\]"),
     "trainable_group_absent_from_model": (
         {"model.signature": "cyclic", **{f"optimizer.lr_multipliers.{group}": 0.0 for group in
-                                         ("batch_norm", "templates", "adapters", "heads")}},
+                                         ("batch_norm", "templates", "input_adapter",
+                                          "output_adapter", "heads")}},
         ValueError, r"multiplier > 0 are \['mixture_logits'\], and this model's parameters "
-                    r"are in \['adapters', 'batch_norm', 'heads', 'templates'\]"),
+                    r"are in \['batch_norm', 'heads', 'input_adapter', 'output_adapter', "
+                    r"'templates'\]"),
     "unknown_optimizer_group": ({"optimizer.lr_multipliers.template": 1.0}, ValueError,
                                 r"names unknown group\(s\) \['template'\]"),
     "negative_nonfinite_skips": ({"max_nonfinite_skips": -1}, ValueError,

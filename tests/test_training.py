@@ -121,7 +121,8 @@ def test_every_parameter_is_in_exactly_one_group():
     assert flat["mixture_logits"] == "mixture_logits"
     assert flat["templates/expand_kernel"] == "templates"
     assert flat["heads/b/kernel"] == "heads"
-    assert flat["input_adapter/kernel"] == flat["output_adapter/dense_bias"] == "adapters"
+    assert flat["input_adapter/kernel"] == "input_adapter"
+    assert flat["output_adapter/dense_bias"] == "output_adapter"
     bn_path = ("templates/bn/expand/scale" if batch_norm == "mixed"
                else "block_bn/expand/scale")
     assert flat[bn_path] == "batch_norm"

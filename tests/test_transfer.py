@@ -114,6 +114,29 @@ def test_task_rows_and_heads_are_loaded_by_task_name_and_new_ones_stay_fresh():
 
 # --- initialising the new task's xi (Eq. 1) ---------------------------------------------------
 
+def test_a_shared_input_adapter_loads_into_every_row_of_a_per_task_one_and_rows_stay_apart():
+  spec = tiny_spec(SOURCES + (NEW,), input_adapter="per_task")
+  old = host_variables(tiny_spec(SOURCES), seed=2)
+  merged, report = pretrained.merge(host_variables(spec, seed=1), old, spec, list(SOURCES))
+  for name in ("kernel", "bias"):
+    path = f"params/input_adapter/{name}"
+    assert flat(merged)[path].shape == (3,) + flat(old)[path].shape
+    for row in range(3):
+      np.testing.assert_array_equal(flat(merged)[path][row], flat(old)[path])
+    assert path in report.new  # the new task's row is new (a copy of the shared adapter)
+  # Each task reads its own row: moving the new task's row changes only its features.
+  model, images = CompositionalIsometricNet(spec), jnp.ones((2, 8, 8, 1))
+  features = lambda variables: {task: model.apply(variables, images, task=task,
+                                                  method=model.body_features)
+                                for task in SOURCES + (NEW,)}
+  before = features(merged)
+  merged["params"]["input_adapter"]["bias"][spec.task_index(NEW)] += 1.0
+  after = features(merged)
+  for task in SOURCES:
+    np.testing.assert_array_equal(after[task], before[task])
+  assert not np.allclose(after[NEW], before[NEW])
+
+
 def test_accuracy_coefficients_are_proportional_to_accuracy_and_sum_to_one():
   c = transfer.accuracy_coefficients({"a": 0.2, "b": 0.6, "c": 0.2}, ["a", "b", "c"])
   np.testing.assert_allclose(c, [0.2, 0.6, 0.2], rtol=1e-12)

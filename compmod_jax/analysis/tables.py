@@ -7,14 +7,17 @@ r"""Tables over finished runs, from their results.json files.
 set, the new task's test accuracy before and after fine-tuning, the parameters it added to the
 model and the parameters the run trained.
 `da`: the paper's Table 3 layout, target test accuracy per adaptation method (rows) and model
-(columns), from runs of configs/digits_da.py; with --out also written as table3.md and
-table3.json in that directory.
+(columns), from runs of the domain adaptation configs (configs/digits_da.py and the configs
+built like it, defaults.domain_adaptation); with --out also written as table3.md and table3.json
+in that directory.
 """
 import json
 import sys
 
 from absl import app, flags
 from etils import epath
+
+from compmod_jax.train import defaults
 
 flags.DEFINE_string("task", None, "The new task to tabulate (default: each run's only one).")
 flags.DEFINE_string("out", None, "da: directory to write table3.md and table3.json into.")
@@ -58,37 +61,35 @@ def transfer_table(workdirs, task=None):
   return "\n".join(lines) + "\n"
 
 
-DA_METHODS = ("source_only", "adversarial", "supervised")
-
-
 def da_results(workdirs):
   """{method: {model: target test accuracy}} of domain-adaptation runs; each run's method and
-  model come from its config.json (config.adaptation; a trainable set other than xi alone is
-  added to the method's name)."""
+  model come from its config.json (config.adaptation; a trainable set other than the model's
+  default, defaults.DA_MODELS, is added to the method's name)."""
   table = {}
   for workdir in workdirs:
     results = read_results(workdir)
     config = json.loads((epath.Path(workdir) / "config.json").read_text())
     adaptation = config.get("adaptation") or {}
     if "target_test_accuracy" not in results or not adaptation.get("method_name"):
-      raise ValueError(f"{workdir} is not a domain-adaptation run of configs/digits_da.py (no "
+      raise ValueError(f"{workdir} is not a domain-adaptation run (no "
                        f"target_test_accuracy in its results.json).")
-    method = adaptation["method_name"]
-    if config.get("trainable") not in (None, "", "xi"):  # what else the target trained
+    method, model = adaptation["method_name"], adaptation["model_name"]
+    if config["trainable"] != defaults.DA_MODELS[model][1]:  # what else the target trained
       method += f" ({config['trainable']})"
     cell = table.setdefault(method, {})
-    if adaptation["model_name"] in cell:
-      raise ValueError(f"Two runs for method {method!r}, model {adaptation['model_name']!r}; "
-                       f"pass one workdir per cell.")
-    cell[adaptation["model_name"]] = results["target_test_accuracy"]
+    if model in cell:
+      raise ValueError(f"Two runs for method {method!r}, model {model!r}; pass one workdir per "
+                       f"cell.")
+    cell[model] = results["target_test_accuracy"]
   return table
 
 
 def da_table(workdirs, out=None):
   table = da_results(workdirs)
   models = sorted({model for row in table.values() for model in row})
-  methods = sorted(table, key=lambda m: (DA_METHODS.index(m.split(" ")[0]), m)
-                   if m.split(" ")[0] in DA_METHODS else (len(DA_METHODS), m))
+  order = defaults.DA_METHODS
+  methods = sorted(table, key=lambda m: (order.index(m.split(" ")[0]), m)
+                   if m.split(" ")[0] in order else (len(order), m))
   lines = ["Target test accuracy (%)", "", "| method | " + " | ".join(models) + " |",
            "|---|" + "---:|" * len(models)]
   for method in methods:

@@ -16,10 +16,13 @@ Why it is built the way it is:
 - Eval batches are padded, never dropped, and every process yields the same number of them, so
   metrics count each example exactly once and no host waits for another in a collective.
 """
+import functools
 import math
 
+from absl import logging
 import ml_collections
 from ml_collections import config_dict
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -44,6 +47,8 @@ STANDARD_MEAN_STD = {
 # crop and crop_flip pad each side by this fraction of the image side (4 px at 32 px, CIFAR's
 # standard; 3 px at 28 px).
 CROP_PADDING_FRACTION = 1 / 8
+# Labels per batch when counting the examples of each class (labels only: images stay encoded).
+LABEL_COUNT_BATCH = 8192
 
 
 def _keep_tensorflow_off_accelerators():
@@ -75,6 +80,13 @@ def default_data_config():
     augment: 'none', 'crop' (random translation: pad by 1/8 and crop back; for digits) or
         'crop_flip' (also random horizontal flips; for natural images). Training only.
     shuffle_buffer: examples in the training shuffle buffer.
+    most_frequent_classes: k > 1 keeps only the k classes with the most train_split examples
+        (paper App. D.2: DomainNet's 100 most frequent classes), renumbered 0..k-1 in increasing
+        order of their original label; examples of other classes are dropped from every split.
+        0 keeps all classes. Not combinable with a task's label_map (see `kept_classes`).
+    class_frequency_datasets: TFDS names whose train_split labels are counted, summed, to rank
+        the classes (ties: the smaller label first); () counts the task's own dataset. Name all
+        the tasks' datasets here so that every task keeps the same classes.
   """
   return ml_collections.ConfigDict({
       "name": "embedded_digits/mnist",
@@ -87,6 +99,8 @@ def default_data_config():
       "normalization": "unit",
       "augment": "none",
       "shuffle_buffer": 10_000,
+      "most_frequent_classes": 0,
+      "class_frequency_datasets": (),
   })
 
 
@@ -134,10 +148,90 @@ def _not_prepared_message(builder, name, data_dir):
   return message
 
 
-def num_classes(builder, label_map="identity"):
-  """Number of classes of the builder's `label` feature after `label_map`."""
-  _check_choice("label_map", label_map, tuple(LABEL_MAPS))
-  return LABEL_MAPS[label_map][0] or builder.info.features["label"].num_classes
+def num_classes(builder, data_config):
+  """Classes the model predicts for `builder`'s labels under `data_config`: the label_map's,
+  else config.data.most_frequent_classes when set, else the dataset's own. Reads no data."""
+  check_data_config(data_config)
+  _check_subset_size(builder, data_config)
+  return (LABEL_MAPS[data_config.get("label_map", "identity")][0]
+          or data_config.most_frequent_classes or builder.info.features["label"].num_classes)
+
+
+def kept_classes(builder, data_config):
+  """Original label ids of the classes `data_config` keeps, increasing, or None to keep all.
+
+  The ranking counts the train_split labels of config.data.class_frequency_datasets (one pass
+  per dataset and process, kept for the process's lifetime). A task's label_map other than
+  'identity' is refused with a subset (`check_data_config`): label maps relabel the original
+  classes (digit parity), which the subset's renumbering would scramble.
+  """
+  check_data_config(data_config)
+  if not data_config.most_frequent_classes:
+    return None
+  _check_subset_size(builder, data_config)
+  return _most_frequent_classes(
+      data_config.name, tuple(data_config.class_frequency_datasets) or (data_config.name,),
+      data_config.data_dir, data_config.download, data_config.train_split,
+      data_config.most_frequent_classes)
+
+
+def _check_subset_size(builder, data_config):
+  dataset_classes = builder.info.features["label"].num_classes
+  if data_config.most_frequent_classes > dataset_classes:
+    raise ValueError(
+        f"config.data.most_frequent_classes={data_config.most_frequent_classes}, but "
+        f"'{data_config.name}' has only {dataset_classes} classes; set at most "
+        f"{dataset_classes}, or 0 to keep all.")
+
+
+@functools.lru_cache(maxsize=None)
+def _most_frequent_classes(task_dataset, frequency_datasets, data_dir, download, split, k):
+  """The `k` classes with the most `split` examples summed over `frequency_datasets`, as
+  increasing label ids (so the renumbering does not depend on the ranking). Cached: every
+  stream of a task asks, and the log says once what was kept."""
+  task_classes = tfds.builder(task_dataset, data_dir=data_dir).info.features["label"]
+  for name in frequency_datasets:
+    _check_frequency_dataset(name, data_dir, download, task_dataset, task_classes.num_classes)
+  counts = sum(_label_counts(name, data_dir, split) for name in frequency_datasets)
+  # A stable sort of the negated counts puts the smaller label first among equal counts.
+  kept = tuple(sorted(np.argsort(-counts, kind="stable")[:k].tolist()))
+  logging.info(
+      "Task dataset %s keeps the %d classes with the most '%s' examples in %s (%d of %d "
+      "examples there), renumbered 0..%d in this order (id name: examples): %s", task_dataset,
+      k, split, ", ".join(frequency_datasets), counts[list(kept)].sum(), counts.sum(), k - 1,
+      ", ".join(f"{label} {task_classes.int2str(label)}: {counts[label]}" for label in kept))
+  return kept
+
+
+def _check_frequency_dataset(name, data_dir, download, task_dataset, task_num_classes):
+  """A class_frequency_datasets entry must be prepared (or preparable) and share the task
+  dataset's labels; checked on metadata, before any label is counted."""
+  try:
+    builder = get_builder(name, data_dir, download)
+  except DatasetNotFoundError as error:
+    raise DatasetNotFoundError(f"config.data.class_frequency_datasets: {error}") from error
+  if builder.info.features["label"].num_classes != task_num_classes:
+    raise ValueError(
+        f"config.data.class_frequency_datasets names '{name}' with "
+        f"{builder.info.features['label'].num_classes} classes, but the task's dataset "
+        f"'{task_dataset}' has {task_num_classes}; name only datasets with the task's labels.")
+
+
+@functools.lru_cache(maxsize=None)
+def _label_counts(name, data_dir, split):
+  """Examples per class in `split` of the prepared dataset `name` (read-only array). One pass
+  over the labels, images left encoded; cached, since every stream of a run asks."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  num_labels = builder.info.features["label"].num_classes
+  examples = builder.as_dataset(split=split,
+                                decoders={"image": tfds.decode.SkipDecoding()},
+                                read_config=tfds.ReadConfig(try_autocache=False))
+  labels = examples.map(lambda example: example["label"], num_parallel_calls=tf.data.AUTOTUNE)
+  counts = np.zeros(num_labels, np.int64)
+  for batch in labels.batch(LABEL_COUNT_BATCH).as_numpy_iterator():
+    counts += np.bincount(batch, minlength=num_labels)
+  counts.flags.writeable = False
+  return counts
 
 
 def dataset_size(builder, split):
@@ -169,6 +263,30 @@ def check_data_config(data_config):
                          ("channels", tuple(STANDARD_MEAN_STD))):
     _check_choice(field, data_config[field], allowed)
   _check_choice("label_map", data_config.get("label_map", "identity"), tuple(LABEL_MAPS))
+  _check_class_subset_fields(data_config)
+
+
+def _check_class_subset_fields(data_config):
+  """The class subset's errors that need no data and no dataset metadata."""
+  k = data_config.most_frequent_classes
+  if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k == 1:
+    raise ValueError(f"config.data.most_frequent_classes={k!r}; use 0 to keep all classes or "
+                     f"an int k >= 2 to keep the k most frequent (one class is no task).")
+  datasets = data_config.class_frequency_datasets
+  if isinstance(datasets, str) or not all(isinstance(name, str) and name for name in datasets):
+    raise ValueError(f"config.data.class_frequency_datasets={datasets!r}; use a tuple of TFDS "
+                     f"names, e.g. ('domainnet/real', 'domainnet/sketch'), or () to count the "
+                     f"task's own dataset.")
+  if datasets and not k:
+    raise ValueError(f"config.data.class_frequency_datasets={tuple(datasets)} only ranks classes "
+                     f"for config.data.most_frequent_classes, which is 0 (all classes): set "
+                     f"most_frequent_classes, or set class_frequency_datasets=().")
+  label_map = data_config.get("label_map", "identity")
+  if k and label_map != "identity":
+    raise ValueError(f"config.data.most_frequent_classes={k} renumbers the kept classes, which "
+                     f"label_map={label_map!r} (config.tasks.<task>.label_map) would relabel "
+                     f"as if they were the original ones: use label_map='identity' with the "
+                     f"subset, or most_frequent_classes=0.")
 
 
 def _check_choice(field, value, allowed):
@@ -227,6 +345,7 @@ class DataStream:
   stored order: each time iteration starts, a new pass starts; every process yields
   `num_batches` batches, the last ones padded with zeros. Every batch holds 'image' float32
   [B, H, W, C], 'label' int32 [B] and 'mask' float32 [B] (1 for real examples, 0 for padding).
+  With config.data.most_frequent_classes, both hold only the kept classes, renumbered.
   """
 
   def __init__(self,
@@ -253,6 +372,12 @@ class DataStream:
     split = split or (data_config.train_split if train else data_config.eval_split)
     self._process_splits = tfds.even_splits(split, n=process_count, drop_remainder=False)
     self.process_split = self._process_splits[process_index]
+    self.kept_classes = kept_classes(self.builder, data_config)
+    if train and self.kept_classes and not self.num_examples:
+      # The class subset can empty a share; repeating nothing would hang the first next().
+      raise ValueError(f"Process {process_index} of {process_count} has no training examples "
+                       f"of the kept classes in {split!r} of '{data_config.name}'; use a "
+                       f"larger config.data.train_split.")
     if train:
       self._dataset = self._training_dataset(seed, process_index)
     else:
@@ -261,16 +386,24 @@ class DataStream:
 
   @property
   def num_examples(self):
-    """Examples in this process's share of the split."""
-    return dataset_size(self.builder, self.process_split)
+    """Examples (of the kept classes) in this process's share of the split."""
+    return self._share_size(self.process_split)
 
   @property
   def num_batches(self):
     """Eval: batches per pass, equal on all processes. Train: full batches per epoch here."""
     if self.train:
       return self.num_examples // self.batch_size
-    largest_share = max(dataset_size(self.builder, share) for share in self._process_splits)
+    largest_share = max(self._share_size(share) for share in self._process_splits)
     return math.ceil(largest_share / self.batch_size)
+
+  def _share_size(self, share):
+    """The metadata's count, or with a class subset the kept classes' (one cached label pass
+    per share: every process must know every share's size to pad to the same batch count)."""
+    if self.kept_classes is None:
+      return dataset_size(self.builder, share)
+    counts = _label_counts(self.data_config.name, self.data_config.data_dir, share)
+    return int(counts[list(self.kept_classes)].sum())
 
   def __iter__(self):
     if not self.train:
@@ -289,13 +422,25 @@ class DataStream:
     tf.train.Checkpoint(iterator=self._iterator).read(path_prefix).assert_consumed()
 
   def _read_encoded(self, shuffle_files, seed, try_autocache):
-    """This process's examples with the image still encoded, labels decoded."""
-    return self.builder.as_dataset(
+    """This process's examples (of the kept classes, renumbered) with the image still encoded,
+    labels decoded."""
+    dataset = self.builder.as_dataset(
         split=self.process_split,
         shuffle_files=shuffle_files,
         decoders={"image": tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=try_autocache),
     )
+    if self.kept_classes is None:
+      return dataset
+    # Filtered before the shuffle buffer and the decoding: dropped examples take neither.
+    new_labels = np.full(self.builder.info.features["label"].num_classes, -1)
+    new_labels[list(self.kept_classes)] = np.arange(len(self.kept_classes))
+    new_labels = tf.constant(new_labels, dataset.element_spec["label"].dtype)
+
+    def renumber(example):
+      return {**example, "label": tf.gather(new_labels, example["label"])}
+
+    return dataset.map(renumber).filter(lambda example: example["label"] >= 0)
 
   def _decode_and_preprocess(self, example, train, seed=None):
     image = self.builder.info.features["image"].decode_example(example["image"])

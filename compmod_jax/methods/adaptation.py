@@ -1,20 +1,37 @@
-"""Unsupervised domain adaptation on the mixture weights (paper §4.4, App. D.3).
+"""Unsupervised multi-source domain adaptation on the target's variables (paper §4.4, App. D).
 
-Adversarial (ADDA-style): a domain discriminator, a small 3-layer CNN on the body features (the
-input of the output adapter), learns to tell the source domains' features from the target's;
-the target's trainable variables (by default only its xi) learn to make the target's features
-pass for source ones (the GAN loss with inverted labels). Both move in the same step: each term
-sees the other's variables through stop_gradient, so the discriminator's gradient comes only
-from its loss and the target's only from the mapping loss.
+Both methods train the target's trainable variables (by default its xi alone: config.trainable)
+and a few variables of their own, kept in params["adaptation"] under their own optimizer group.
+Each step computes both players' objectives at once; every term sees the other player's
+variables through stop_gradient, so each gets the gradient of its own objective only.
 
-The source domains run in evaluation mode (their moving BN statistics, not updated); the target
-runs in training mode and updates only its own statistics, so source and target inputs never
-share a BN statistics update. The target's labels are never read.
+The source domains run in evaluation mode (their moving BN statistics are not updated); the
+target runs in training mode and updates only its own statistics, so source and target inputs
+never share a BN statistics update. The target's labels are never read.
+
+Adversarial (ADDA-style, App. D.3): a domain discriminator, a small 3-layer CNN on the body
+features (the input of the output adapter), learns to tell the sources' features from the
+target's; the target learns to make its features pass for source ones (the GAN loss with
+inverted labels).
+
+Moment matching (M3SDA-style, App. D.4, Peng et al. 2019): the target minimises the moment
+distance between its embeddings (the output adapter's output) and each source's, plus the
+discrepancy of two classifiers on its embeddings; the two classifiers learn to classify the
+sources while maximising that discrepancy (the min-max step of Maximum Classifier Discrepancy).
+The classifiers only shape the target's features: predictions still come from the target's
+own head.
 """
+import functools
+import itertools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+
+from compmod_jax.methods import supervised
+
+METHODS = ("adversarial", "moment_matching")
 
 
 class Discriminator(nn.Module):
@@ -28,32 +45,69 @@ class Discriminator(nn.Module):
     return nn.Dense(1, name="logit")(jnp.mean(x, axis=(1, 2)))[:, 0]
 
 
-def init_discriminator(key, feature_shape, channels):
-  return Discriminator(channels).init(key, jnp.zeros((1,) + tuple(feature_shape)))["params"]
+class ClassifierPair(nn.Module):
+  """Two independently initialised linear classifiers on the embedding: (logits_1, logits_2)."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, embedding):
+    return (nn.Dense(self.num_classes, name="classifier_1")(embedding),
+            nn.Dense(self.num_classes, name="classifier_2")(embedding))
+
+
+def method_module(config, spec):
+  """The method's own network (its variables live in params["adaptation"])."""
+  if config.method == "adversarial":
+    return Discriminator(config.adaptation.discriminator_channels)
+  return ClassifierPair(dict(spec.tasks)[config.adaptation.target])
+
+
+def init_method_params(config, model, variables, key, example_images):
+  """The method's own initial variables, for inputs shaped like the model's features."""
+  features = jax.eval_shape(functools.partial(model.apply, method=model.body_features),
+                            variables, example_images)
+  if config.method == "moment_matching":
+    features = jax.eval_shape(functools.partial(model.apply, method=model.embed), variables,
+                              features)
+  module = method_module(config, model.spec)
+  return module.init(key, jnp.zeros((1,) + features.shape[1:]))["params"]
+
+
+def make_loss(config, spec):
+  """loss(model, params, batch_stats, batch, rng) -> (loss, (batch_stats, metrics)) of
+  config.method; `batch` is {task: examples}, every task but the target a source domain."""
+  module = method_module(config, spec)
+  target = config.adaptation.target
+  if config.method == "adversarial":
+    return lambda *args: adversarial_loss(*args, target=target, discriminator=module)
+  return lambda *args: moment_matching_loss(*args, target=target, classifiers=module,
+                                            moment_weight=config.adaptation.moment_weight)
 
 
 def binary_cross_entropy(logits, is_source):
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.full(logits.shape, is_source)))
 
 
-def adversarial_loss(model, params, batch_stats, batch, rng, *, target, discriminator):
-  """Returns (discriminator loss + mapping loss, (new batch_stats, metrics)).
-
-  `batch` is {task: examples}: every task but `target` is a source domain.
-  """
-  del rng  # no dropout before the body features
+def _features(model, params, batch_stats, batch, target, method):
+  """({source: features}, target features, new batch_stats): sources in evaluation mode and
+  constant, the target in training mode (only its own BN statistics row updates)."""
   variables = {"params": params, "batch_stats": batch_stats}
-  sources = sorted(task for task in batch if task != target)
-  source_features = jnp.concatenate([
-      jax.lax.stop_gradient(model.apply(variables, batch[task]["image"], task=task, train=False,
-                                        method=model.body_features))
-      for task in sources])
+  sources = {task: jax.lax.stop_gradient(model.apply(
+                 variables, examples["image"], task=task, train=False, method=method))
+             for task, examples in sorted(batch.items()) if task != target}
   target_features, updates = model.apply(variables, batch[target]["image"], task=target,
-                                         train=True, mutable=["batch_stats"],
-                                         method=model.body_features)
+                                         train=True, mutable=["batch_stats"], method=method)
+  return sources, target_features, updates["batch_stats"]
+
+
+def adversarial_loss(model, params, batch_stats, batch, rng, *, target, discriminator):
+  """Discriminator loss + the target's mapping loss (see the module docstring)."""
+  del rng  # no dropout before the body features
+  sources, target_features, batch_stats = _features(model, params, batch_stats, batch, target,
+                                                    model.body_features)
   disc = lambda p, x: discriminator.apply({"params": p}, x)
-  disc_params = params["discriminator"]
-  source_logits = disc(disc_params, source_features)
+  disc_params = params["adaptation"]
+  source_logits = disc(disc_params, jnp.concatenate(list(sources.values())))
   target_logits = disc(disc_params, jax.lax.stop_gradient(target_features))
   discriminator_loss = 0.5 * (binary_cross_entropy(source_logits, 1.0)
                               + binary_cross_entropy(target_logits, 0.0))
@@ -63,4 +117,61 @@ def adversarial_loss(model, params, batch_stats, batch, rng, *, target, discrimi
   metrics = {"adaptation/discriminator_loss": discriminator_loss,
              "adaptation/mapping_loss": mapping_loss,
              "adaptation/discriminator_accuracy": jnp.mean(correct.astype(jnp.float32))}
-  return discriminator_loss + mapping_loss, (updates["batch_stats"], metrics)
+  return discriminator_loss + mapping_loss, (batch_stats, metrics)
+
+
+def moment_distance(source_features, target_features, orders=(1, 2)):
+  """M3SDA's moment distance (Peng et al. 2019, Eq. 1) between feature sets [N, D]:
+
+    sum over orders k of  mean_i ||E[s_i^k] - E[t^k]||  +  mean_{i<j} ||E[s_i^k] - E[s_j^k]||
+
+  with E[x^k] the element-wise k-th raw moment over the batch. Exactly 0 for identical sets
+  (safe_norm: its gradient at 0 is 0, not NaN)."""
+  total = 0.0
+  for order in orders:
+    source_moments = [jnp.mean(s ** order, axis=0) for s in source_features]
+    target_moment = jnp.mean(target_features ** order, axis=0)
+    total += jnp.mean(jnp.stack([optax.safe_norm(m - target_moment, 0.0)
+                                 for m in source_moments]))
+    pairs = list(itertools.combinations(source_moments, 2))
+    if pairs:
+      total += jnp.mean(jnp.stack([optax.safe_norm(a - b, 0.0) for a, b in pairs]))
+  return total
+
+
+def classifier_discrepancy(logits_1, logits_2):
+  """Mean absolute difference of the two classifiers' class probabilities (MCD's)."""
+  return jnp.mean(jnp.abs(jax.nn.softmax(logits_1) - jax.nn.softmax(logits_2)))
+
+
+def moment_matching_loss(model, params, batch_stats, batch, rng, *, target, classifiers,
+                         moment_weight):
+  """Classifiers: source classification - target discrepancy; target: discrepancy + moment
+  distance (see the module docstring)."""
+  del rng  # the embeddings are taken before the dropout
+  body, target_body, batch_stats = _features(model, params, batch_stats, batch, target,
+                                             model.body_features)
+  variables = {"params": params, "batch_stats": batch_stats}
+  embed = lambda features: model.apply(variables, features, method=model.embed)
+  sources = {task: jax.lax.stop_gradient(embed(features)) for task, features in body.items()}
+  target_embedding = embed(target_body)
+  pair = lambda p, x: classifiers.apply({"params": p}, x)
+  pair_params = params["adaptation"]
+  classification = 0.0
+  for task, embedding in sources.items():
+    mask = batch[task]["mask"].astype(jnp.float32)
+    for logits in pair(pair_params, embedding):
+      classification += supervised.masked_mean(
+          optax.softmax_cross_entropy_with_integer_labels(logits, batch[task]["label"]), mask)
+  classification /= 2 * len(sources)
+  classifiers_discrepancy = classifier_discrepancy(
+      *pair(pair_params, jax.lax.stop_gradient(target_embedding)))
+  target_discrepancy = classifier_discrepancy(
+      *pair(jax.lax.stop_gradient(pair_params), target_embedding))
+  moments = moment_distance(list(sources.values()), target_embedding)
+  metrics = {"adaptation/source_classification_loss": classification,
+             "adaptation/classifier_discrepancy": target_discrepancy,
+             "adaptation/moment_distance": moments}
+  loss = (classification - classifiers_discrepancy + target_discrepancy
+          + moment_weight * moments)
+  return loss, (batch_stats, metrics)

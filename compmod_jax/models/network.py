@@ -4,7 +4,8 @@ input adapter -> L residual blocks whose parameters mix K shared templates -> ou
 -> dropout -> one logits head per task.
 
 Variables:
-  params/input_adapter       patchify conv (kernel = stride) + bias
+  params/input_adapter       patchify conv (kernel = stride) + bias; with a leading task axis
+                             when input_adapter = "per_task"
   params/templates           every block parameter stacked on a leading K axis (with BN
                              scale/bias under "bn" when batch_norm = "mixed")
   params/mixture_logits      [tasks, L, K]; xi = softmax over K (learned signature only)
@@ -25,6 +26,9 @@ from compmod_jax.models import blocks, ops, templates
 
 DESIGNS = {"small": (128, 256), "large": (960, 1280)}  # output adapter (c1, c2), App. A.1
 BATCH_NORM_MODES = ("per_layer", "per_task", "mixed")
+# "per_task" gives every task its own input adapter: the plain network's domain adaptation
+# baseline tunes the target's adapter alone (paper §4.4), while the sources keep theirs.
+INPUT_ADAPTER_MODES = ("shared", "per_task")
 LAYER_ITERATIONS = ("auto", "loop", "scan")
 # Below this depth a Python loop over layers compiles quickly enough and gives the faster CPU
 # step; deeper models use lax.scan so that compile time stays nearly flat (benchmarks/depth.py).
@@ -58,6 +62,7 @@ class NetworkSpec:
   mixture_init: str = "normal"
   mixture_init_scale: float = 1.0
   batch_norm: str = "per_layer"
+  input_adapter: str = "shared"
   input_skip: bool = False
   layer_iteration: str = "auto"
   scan_unroll: int = 1
@@ -133,7 +138,8 @@ def task_owners(spec, path):
   tasks' rows."""
   names = tuple(name for name, _ in spec.tasks)
   if (path == "params/mixture_logits" or path.startswith("batch_stats/block_bn/")
-      or (spec.batch_norm == "per_task" and path.startswith("params/block_bn/"))):
+      or (spec.batch_norm == "per_task" and path.startswith("params/block_bn/"))
+      or (spec.input_adapter == "per_task" and path.startswith("params/input_adapter/"))):
     return names
   if path.startswith("params/heads/"):
     return (path.split("/")[2],)
@@ -167,6 +173,7 @@ def _validate(spec):
   _choice("signature", spec.signature, templates.SIGNATURES)
   _choice("mixture_init", spec.mixture_init, templates.MIXTURE_INITS)
   _choice("batch_norm", spec.batch_norm, BATCH_NORM_MODES)
+  _choice("input_adapter", spec.input_adapter, INPUT_ADAPTER_MODES)
   _choice("layer_iteration", spec.layer_iteration, LAYER_ITERATIONS)
   _choice("conv_impl", spec.conv_impl, ops.CONV_IMPLS + ("auto",))
   if spec.signature == "explicit":
@@ -191,9 +198,7 @@ class CompositionalIsometricNet(nn.Module):
     spec = self.spec
     c1, c2 = spec.output_adapter_channels
     num_tasks = len(spec.tasks)
-    self.input_adapter = self.param("input_adapter", _init_dense_tree, {
-        "kernel": (spec.patch_size, spec.patch_size, spec.input_channels, spec.width),
-        "bias": (spec.width,)})
+    self.input_adapter = self.param("input_adapter", self._init_input_adapter)
     self.templates = self.param("templates", self._init_templates)
     if spec.signature == templates.LEARNED:
       self.mixture_logits = self.param(
@@ -223,8 +228,12 @@ class CompositionalIsometricNet(nn.Module):
   def body_features(self, images, task=0, train=False):
     """Output of the last block (the input of the output adapter), [N, H', W', C]."""
     act = ops.ACTIVATIONS[self.spec.activation]
-    x = act(ops.patchify_conv(images, self.input_adapter["kernel"], self.input_adapter["bias"]))
-    return self._run_blocks(x, self.spec.task_index(task), train)
+    task_index = self.spec.task_index(task)
+    adapter = self.input_adapter
+    if self.spec.input_adapter == "per_task":
+      adapter = jax.tree.map(lambda p: p[task_index], adapter)
+    x = act(ops.patchify_conv(images, adapter["kernel"], adapter["bias"]))
+    return self._run_blocks(x, task_index, train)
 
   def embed(self, features):
     """Output adapter: 1x1 conv + act, global average pool, dense + act."""
@@ -288,6 +297,16 @@ class CompositionalIsometricNet(nn.Module):
 
   def _bn_channels(self):
     return blocks.bn_channels(self.spec.width, self.spec.expanded)
+
+  def _init_input_adapter(self, key):
+    spec = self.spec
+    adapter = _init_dense_tree(key, {
+        "kernel": (spec.patch_size, spec.patch_size, spec.input_channels, spec.width),
+        "bias": (spec.width,)})
+    if spec.input_adapter == "shared":
+      return adapter
+    # Every task starts from the same adapter, as when a shared one is loaded into each row.
+    return jax.tree.map(lambda p: jnp.broadcast_to(p, (len(spec.tasks),) + p.shape), adapter)
 
   def _init_templates(self, key):
     spec = self.spec

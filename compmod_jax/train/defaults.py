@@ -7,7 +7,7 @@ import re
 
 import ml_collections
 
-from compmod_jax.methods import multitask, transfer
+from compmod_jax.methods import adaptation, multitask, transfer
 from compmod_jax.train import optim
 
 
@@ -39,14 +39,15 @@ def base_config():
   config.data = ml_collections.ConfigDict(dict(
       data_dir=ml_collections.config_dict.placeholder(str), download=False,
       train_split="train", eval_split="test", image_size=28, channels=1,
-      normalization="unit", augment="none", shuffle_buffer=10_000))
+      normalization="unit", augment="none", shuffle_buffer=10_000,
+      most_frequent_classes=0, class_frequency_datasets=()))
   config.tasks = ml_collections.ConfigDict({"mnist": task("embedded_digits/mnist")})
 
   config.model = ml_collections.ConfigDict(dict(
       num_layers=16, num_templates=4, depth_multiplier=0.6, design="small", expansion=6,
       use_se=True, se_ratio=0.25, patch_size=2, activation="relu", dropout_rate=0.2,
       signature="mixture", explicit_signature="", signature_seed=0, mixture_init="normal",
-      mixture_init_scale=1.0, batch_norm="per_layer", input_skip=False,
+      mixture_init_scale=1.0, batch_norm="per_layer", input_adapter="shared", input_skip=False,
       layer_iteration="auto", scan_unroll=1, conv_impl="auto", bn_momentum=0.99,
       bn_eps=1e-3))
 
@@ -61,14 +62,14 @@ def base_config():
   config.regularizers = ml_collections.ConfigDict(dict(
       entropy_weight=0.0, clustering_weight=0.0, clustering_g="square"))
 
-  # What the run minimises: "supervised" (classification, every task) or "adversarial"
-  # (domain adaptation of config.adaptation.target, methods/adaptation.py).
+  # What the run minimises: "supervised" (classification, every task), or "adversarial" or
+  # "moment_matching" (domain adaptation of config.adaptation.target, methods/adaptation.py).
   config.method = "supervised"
   # Domain adaptation: the target task (its private variables are the only model variables that
-  # train; its labels are never read by the adversarial loss), the discriminator's width, and the
-  # labels of the run in the Table 3 layout (analysis/tables.py).
+  # train; the adaptation losses never read its labels), the discriminator's width, the weight
+  # of the moment distance, and the labels of the run in the Table 3 layout (analysis/tables.py).
   config.adaptation = ml_collections.ConfigDict(dict(
-      target="", discriminator_channels=64, method_name="", model_name=""))
+      target="", discriminator_channels=64, moment_weight=1.0, method_name="", model_name=""))
 
   # Transfer (train/pretrained.py, methods/transfer.py): start from another run's checkpoint
   # (its workdir or <workdir>/checkpoints/<step>). Its tasks stay in the model, frozen; the
@@ -136,6 +137,67 @@ def digits_multidomain(setup, tiny):
   tasks = {domain: task(f"embedded_digits/{domain}") for domain in MNIST_DOMAINS}
   config = digits_multitask(tasks, tiny)
   multitask.apply_setup(config.model, setup)
+  return config
+
+
+# Domain adaptation (paper §4.4, App. D): the two models of Table 3, each with the multi-task
+# set-up of its pretraining on the source domains and the variables adaptation trains by default
+# (the mixture weights; the plain network's input adapter).
+DA_MODELS = {"compositional": ("mixture_patches", "xi"),
+             "plain": ("simple_baseline", "input_adapter")}
+DA_METHODS = ("source_only",) + adaptation.METHODS + ("supervised",)
+# App. D.3-D.4: Adam, with a learning rate decaying linearly (a polynomial of degree 1) from the
+# first value to the second.
+DA_LEARNING_RATES = {"adversarial": (2e-4, 1e-5), "moment_matching": (1e-4, 1e-5),
+                     "supervised": (2e-4, 1e-5), "source_only": (2e-4, 1e-5)}
+
+
+def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_size,
+                      total_steps):
+  """A domain adaptation run of the `target` domain (`target_task`, a task config) from a model
+  pretrained on source domains: `pretrain_for(setup)` returns that multi-domain pretraining
+  config with one of the multi-task set-ups (multitask.SETUPS). args: method, model, source (a
+  source task or "best_source", App. D.2's choice by target labels), trainable ("" = the
+  model's default), tiny (the pretraining's debug settings, 8 examples per domain and step).
+
+  Every domain gets its own input adapter row (loaded from the pretrained shared adapter), so
+  tuning the target's never moves the sources'. Source-only runs train no step.
+  """
+  method, model = args["method"], args["model"]
+  for name, value, allowed in (("method", method, DA_METHODS), ("model", model, DA_MODELS)):
+    if value not in allowed:
+      raise ValueError(f"Domain adaptation {name} must be one of {tuple(allowed)}, got {value!r}")
+  setup, default_trainable = DA_MODELS[model]
+  trainable = args["trainable"] or default_trainable
+  pretrain = pretrain_for(setup)
+  if model == "plain":
+    # App. D.3: the baseline has as many layers as the compositional model has templates, so
+    # both have about the same number of parameters.
+    pretrain.model.num_layers = pretrain.model.num_templates
+  config = ml_collections.ConfigDict(pretrain.to_dict())
+  config.pretrain = pretrain
+  config.tasks = {target: target_task}
+  if method in adaptation.METHODS:  # the sources' data feed the adaptation loss
+    config.tasks.update({domain: task(pretrain.tasks[domain].dataset,
+                                      batch_size=source_batch_size) for domain in pretrain.tasks})
+    config.method = method
+  config.model.input_adapter = "per_task"
+  config.xi_init = args["source"] if args["source"] == "best_source" else f"source:{args['source']}"
+  config.trainable = trainable
+  config.adaptation.update(target=target, method_name=method, model_name=model)
+  first, last = DA_LEARNING_RATES[method]
+  config.optimizer.update(name="adam", schedule="linear", learning_rate=first, warmup_steps=0,
+                          final_lr_fraction=last / first, weight_decay=0.0)
+  for group in optim.TRAINABLE_PRESETS[trainable]:  # the target's variables learn faster
+    config.optimizer.lr_multipliers[group] = 10.0
+  config.ema_decay = 0.0  # evaluate the adapted variables themselves
+  if method == "source_only":
+    config.total_steps = 0
+  elif not args["tiny"]:
+    config.total_steps = total_steps
+  if args["tiny"]:
+    for task_config in config.tasks.values():
+      task_config.batch_size = 8
   return config
 
 
@@ -210,18 +272,21 @@ def _validate_transfer(config):
                      f"{config.transfer.learned_learning_rate}")
 
 
-METHODS = ("supervised", "adversarial")
+METHODS = ("supervised",) + adaptation.METHODS
 
 
 def _validate_adaptation(config):
   if config.method not in METHODS:
     raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
   target = config.adaptation.target
-  if config.method == "adversarial":
+  if config.method in adaptation.METHODS:
     if target not in config.tasks or len(config.tasks) < 2:
-      raise ValueError(f"config.method='adversarial' needs config.adaptation.target to name one "
-                       f"of config.tasks and at least one source task beside it; got target "
+      raise ValueError(f"config.method={config.method!r} needs config.adaptation.target to name "
+                       f"one of config.tasks and at least one source task beside it; got target "
                        f"{target!r} and tasks {sorted(config.tasks)}")
+  if config.adaptation.moment_weight < 0:
+    raise ValueError(f"config.adaptation.moment_weight must be >= 0, got "
+                     f"{config.adaptation.moment_weight}")
   if target and target not in config.tasks:
     raise ValueError(f"config.adaptation.target={target!r} is not in config.tasks "
                      f"{sorted(config.tasks)}")

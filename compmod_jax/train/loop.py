@@ -66,7 +66,7 @@ def make_model(config, streams, source_tasks=None):
   """The network for the tasks of `streams`, plus the tasks {name: classes} of a pretrained
   checkpoint that the run starts from (their rows stay frozen: optim.trainable_mask)."""
   num_classes = dict(source_tasks or {})
-  num_classes.update({task: pipeline.num_classes(stream.builder, stream.data_config.label_map)
+  num_classes.update({task: pipeline.num_classes(stream.builder, stream.data_config)
                       for task, stream in streams.items()})
   return model_for(config, num_classes)
 
@@ -110,16 +110,14 @@ def global_batch(mesh, local_batch):
 
 
 def create_train_state(config, model, mesh, example_images):
-  """Parameters are created already replicated on the mesh (jit with out_shardings). A method
-  with variables of its own (the adversarial discriminator) keeps them beside the model's,
-  under their own parameter group."""
+  """Parameters are created already replicated on the mesh (jit with out_shardings). A domain
+  adaptation method's own variables (methods/adaptation.py) live beside the model's, under
+  params["adaptation"] and its own parameter group."""
   def init_variables(rng):
     variables = dict(model.init(rng, example_images))
-    if config.method == "adversarial":
-      features = jax.eval_shape(functools.partial(model.apply, method=model.body_features),
-                                variables, example_images)
-      variables["params"] = dict(variables["params"], discriminator=adaptation.init_discriminator(
-          jax.random.fold_in(rng, 1), features.shape[1:], config.adaptation.discriminator_channels))
+    if config.method in adaptation.METHODS:
+      variables["params"] = dict(variables["params"], adaptation=adaptation.init_method_params(
+          config, model, variables, jax.random.fold_in(rng, 1), example_images))
     return variables
 
   params_shapes = jax.eval_shape(init_variables, jax.random.key(0))["params"]
@@ -214,13 +212,11 @@ def read_results(workdir):
   return workdir_io.read_json(epath.Path(workdir) / "results.json")
 
 
-def method_loss(config):
-  """The loss config.method trains: loss(model, params, batch_stats, batch, rng) -> (loss,
+def method_loss(config, spec):
+  """The loss config.method trains on a model of `spec`: loss(model, params, batch_stats, batch, rng) -> (loss,
   (batch_stats, metrics))."""
-  if config.method == "adversarial":
-    return functools.partial(
-        adaptation.adversarial_loss, target=config.adaptation.target,
-        discriminator=adaptation.Discriminator(config.adaptation.discriminator_channels))
+  if config.method in adaptation.METHODS:
+    return adaptation.make_loss(config, spec)
   task_weights = {task: config.tasks[task].weight for task in config.tasks}
   return functools.partial(supervised.classification_loss, task_weights=task_weights)
 
@@ -476,8 +472,8 @@ def _train(config, workdir, model, mesh, state, tx, schedule, trainable, train_s
     logging.info("Parameters per group:\n%s", accounting.format_model_summary(
         model.spec, state.params))
   train_step = steps.jit_train_step(
-      jax.tree.map(lambda a: a.sharding, state), model=model, tx=tx, loss_fn=method_loss(config),
-      trainable=trainable, config=config)
+      jax.tree.map(lambda a: a.sharding, state), model=model, tx=tx,
+      loss_fn=method_loss(config, model.spec), trainable=trainable, config=config)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   started = time.time()
   pending_metrics = []

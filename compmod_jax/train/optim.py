@@ -21,19 +21,24 @@ PARAMETER_GROUPS = (
     ("batch_norm", r"^block_bn/|^templates/bn/"),
     ("templates", r"^templates/"),
     ("mixture_logits", r"^mixture_logits$"),
-    ("adapters", r"^(input_adapter|output_adapter)/"),
+    ("input_adapter", r"^input_adapter/"),
+    ("output_adapter", r"^output_adapter/"),
     ("heads", r"^heads/"),
-    ("discriminator", r"^discriminator/"),  # domain adaptation's (methods/adaptation.py)
+    ("adaptation", r"^adaptation/"),  # a domain adaptation method's own (methods/adaptation.py)
 )
 # config.trainable: which groups of the model a run trains (the others get multiplier 0). ""
 # leaves it to config.optimizer.lr_multipliers alone. The presets of transfer learning (paper
 # §4.3): head only, head + BN, the paper's method (mixture weights + head + BN), and full
-# fine-tuning; and of domain adaptation (§4.4): the mixture weights alone, or with BN.
-# A method's own variables (the discriminator) are not the model's: presets leave them alone.
-METHOD_GROUPS = ("discriminator",)
+# fine-tuning; and of domain adaptation (§4.4): the mixture weights alone, or with BN or the
+# input adapter, and the plain network's baseline, its input adapter alone.
+# A method's own variables (discriminator, classifier pair) are not the model's: presets leave
+# them alone.
+METHOD_GROUPS = ("adaptation",)
 TRAINABLE_PRESETS = {
     "xi": ("mixture_logits",),
     "xi_bn": ("mixture_logits", "batch_norm"),
+    "xi_input_adapter": ("mixture_logits", "input_adapter"),
+    "input_adapter": ("input_adapter",),
     "head": ("heads",),
     "head_bn": ("heads", "batch_norm"),
     "xi_head_bn": ("heads", "batch_norm", "mixture_logits"),

@@ -11,6 +11,8 @@ Loading is strict (`merge`): every variable of the new model comes from the chec
    initialises them), and
  - variables a `config.transfer.dont_load` rule (a regex over paths such as
    "params/output_adapter/dense_kernel") names: they keep their fresh initialisation.
+A variable the checkpoint shares among its tasks and the new model keeps per task (a per-task
+input adapter) is loaded into every task's row.
 Anything else present on one side only, or with another shape, is an error naming it.
 """
 import dataclasses
@@ -185,6 +187,10 @@ def _load_one(path, fresh, old, spec, source_tasks):
       return None, (f"{path} has shape {tuple(old.shape)} in the checkpoint and "
                     f"{tuple(fresh.shape)} in the model")
     return old, None
+  if old.shape == fresh.shape[1:]:
+    # Shared in the checkpoint, one row per task here (e.g. config.model.input_adapter =
+    # "per_task" started from a shared adapter): every task starts from the shared value.
+    return np.broadcast_to(old, fresh.shape).copy(), None
   # One row per task: the checkpoint's rows go to the same tasks by name.
   if fresh.shape[1:] != old.shape[1:] or old.shape[0] != len(source_tasks):
     return None, (f"{path} has shape {tuple(old.shape)} in the checkpoint (tasks "
