@@ -5,11 +5,13 @@ digits (unlabelled).
   # pretraining (or leave out --config.init_from: the run then pretrains into <workdir>/pretrained)
   python -m compmod_jax.main --config=configs/digits_multidomain.py:setup=mixture_patches \
       --workdir=workdirs/multidomain_patches
-  python -m compmod_jax.main --config=configs/digits_da.py:model=plain,method=source_only \
-      --workdir=workdirs/da_plain_source_only   # pretrains the plain network in the workdir
   for method in source_only adversarial moment_matching supervised; do
     python -m compmod_jax.main --config=configs/digits_da.py:method=$method \
         --config.init_from=workdirs/multidomain_patches --workdir=workdirs/da_$method
+  done
+  python -m compmod_jax.main --config=configs/digits_da.py:method=source_only,model=plain \
+      --workdir=workdirs/da_plain_source_only   # pretrains the plain network in the workdir
+  for method in adversarial moment_matching; do
     python -m compmod_jax.main --config=configs/digits_da.py:method=$method,model=plain \
         --config.init_from=workdirs/da_plain_source_only/pretrained \
         --workdir=workdirs/da_plain_$method
