@@ -213,8 +213,8 @@ def read_results(workdir):
 
 
 def method_loss(config, spec):
-  """The loss config.method trains on a model of `spec`: loss(model, params, batch_stats, batch, rng) -> (loss,
-  (batch_stats, metrics))."""
+  """The loss config.method trains on a model of `spec`:
+  loss(model, params, batch_stats, batch, rng) -> (loss, (batch_stats, metrics))."""
   if config.method in adaptation.METHODS:
     return adaptation.make_loss(config, spec)
   task_weights = {task: config.tasks[task].weight for task in config.tasks}

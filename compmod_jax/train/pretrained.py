@@ -126,7 +126,8 @@ def merge(fresh, pretrained_variables, spec, source_tasks, dont_load=()):
   holds loaded into them; `fresh` gives the shapes and the initial values of what is new.
 
   `spec` is the new model's NetworkSpec; `source_tasks` the checkpoint's task names in the
-  order of its task axis (sorted, as every model orders its tasks). Raises PretrainedCheckpointError listing every mismatch by path.
+  order of its task axis (sorted, as every model orders its tasks). Raises
+  PretrainedCheckpointError listing every mismatch by path.
   """
   rules = [(rule, re.compile(rule)) for rule in dont_load]
   fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
