@@ -42,12 +42,10 @@ Measured (README, "Domain adaptation"): see the table there.
 from compmod_jax.train import defaults
 
 TARGET = "uci_digits"
-ARGUMENTS = {"method": "adversarial", "model": "compositional", "source": "best_source",
-             "trainable": "", "tiny": 0}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
+  args = defaults.parse_argument(arg, defaults.DA_ARGUMENTS)
   config = defaults.domain_adaptation(
       lambda setup: defaults.digits_multidomain(setup, args["tiny"]), TARGET,
       defaults.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,

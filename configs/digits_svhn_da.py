@@ -22,8 +22,6 @@ from compmod_jax.train import defaults
 SOURCES = {"mnist": "embedded_digits/mnist", "mnist_shear": "embedded_digits/mnist_shear",
            "mnist_scale": "embedded_digits/mnist_scale", "svhn": "svhn_cropped"}
 TARGET = "uci_digits"
-ARGUMENTS = {"method": "adversarial", "model": "compositional", "source": "best_source",
-             "trainable": "", "tiny": 0}
 
 
 def pretraining(setup, tiny):
@@ -39,7 +37,7 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
+  args = defaults.parse_argument(arg, defaults.DA_ARGUMENTS)
   # ~10 epochs of the target's 1,438 training digits at 64 per step.
   return defaults.domain_adaptation(
       lambda setup: pretraining(setup, args["tiny"]), TARGET,

@@ -29,8 +29,6 @@ from compmod_jax.train import defaults
 
 SOURCES = ("clipart", "infograph", "painting", "quickdraw", "real")
 TARGET = "sketch"
-ARGUMENTS = {"method": "adversarial", "model": "compositional", "source": "best_source",
-             "trainable": "", "tiny": 0}
 
 
 def pretraining(setup, tiny):
@@ -60,7 +58,7 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
+  args = defaults.parse_argument(arg, defaults.DA_ARGUMENTS)
   return defaults.domain_adaptation(
       lambda setup: pretraining(setup, args["tiny"]), TARGET,
       defaults.task(f"domainnet/{TARGET}", batch_size=64), args, source_batch_size=32,

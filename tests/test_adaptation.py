@@ -125,8 +125,7 @@ def test_the_two_classifier_step_splits_the_min_max_between_classifiers_and_targ
   pair = adaptation.ClassifierPair(10)
   embed = lambda p, task, train: model.apply(
       {"params": p, "batch_stats": batch_stats}, batch[task]["image"], task=task, train=train,
-      mutable=["batch_stats"] if train else False, method=lambda m, x, task, train: m.embed(
-          m.body_features(x, task, train)))
+      mutable=["batch_stats"] if train else False, method=model.embedding)
   target_embedding = lambda p: embed(p, TARGET, True)[0]
   sources = [embed(params, task, False) for task in SOURCES]
 

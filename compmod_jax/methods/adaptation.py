@@ -63,14 +63,17 @@ def method_module(config, spec):
 
 
 def init_method_params(config, model, variables, key, example_images):
-  """The method's own initial variables, for inputs shaped like the model's features."""
-  features = jax.eval_shape(functools.partial(model.apply, method=model.body_features),
+  """The method's own initial variables, for inputs shaped like the features it reads."""
+  features = jax.eval_shape(functools.partial(model.apply, method=feature_method(config, model)),
                             variables, example_images)
-  if config.method == "moment_matching":
-    features = jax.eval_shape(functools.partial(model.apply, method=model.embed), variables,
-                              features)
   module = method_module(config, model.spec)
   return module.init(key, jnp.zeros((1,) + features.shape[1:]))["params"]
+
+
+def feature_method(config, model):
+  """What the method compares between domains: the body features (adversarial, App. D.3) or
+  the embeddings (moment matching)."""
+  return model.body_features if config.method == "adversarial" else model.embedding
 
 
 def make_loss(config, spec):
@@ -149,12 +152,8 @@ def moment_matching_loss(model, params, batch_stats, batch, rng, *, target, clas
   """Classifiers: source classification - target discrepancy; target: discrepancy + moment
   distance (see the module docstring)."""
   del rng  # the embeddings are taken before the dropout
-  body, target_body, batch_stats = _features(model, params, batch_stats, batch, target,
-                                             model.body_features)
-  variables = {"params": params, "batch_stats": batch_stats}
-  embed = lambda features: model.apply(variables, features, method=model.embed)
-  sources = {task: jax.lax.stop_gradient(embed(features)) for task, features in body.items()}
-  target_embedding = embed(target_body)
+  sources, target_embedding, batch_stats = _features(model, params, batch_stats, batch, target,
+                                                     model.embedding)
   pair = lambda p, x: classifiers.apply({"params": p}, x)
   pair_params = params["adaptation"]
   classification = 0.0

@@ -219,11 +219,13 @@ class CompositionalIsometricNet(nn.Module):
 
   def __call__(self, images, task=0, train=False):
     """Logits of `task` for NHWC images. In training, updates that task's BN statistics."""
-    features = self.body_features(images, task, train)
-    embedding = self.embed(features)
-    embedding = self.dropout(embedding, deterministic=not train)
+    embedding = self.dropout(self.embedding(images, task, train), deterministic=not train)
     head = self.heads[self.spec.tasks[self.spec.task_index(task)][0]]
     return embedding @ head["kernel"] + head["bias"]
+
+  def embedding(self, images, task=0, train=False):
+    """Output of the output adapter (what the heads read, before dropout), [N, c2]."""
+    return self.embed(self.body_features(images, task, train))
 
   def body_features(self, images, task=0, train=False):
     """Output of the last block (the input of the output adapter), [N, H', W', C]."""

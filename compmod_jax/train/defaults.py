@@ -146,6 +146,9 @@ def digits_multidomain(setup, tiny):
 DA_MODELS = {"compositional": ("mixture_patches", "xi"),
              "plain": ("simple_baseline", "input_adapter")}
 DA_METHODS = ("source_only",) + adaptation.METHODS + ("supervised",)
+# The arguments of every domain adaptation config (`domain_adaptation` says what they mean).
+DA_ARGUMENTS = {"method": "adversarial", "model": "compositional", "source": "best_source",
+                "trainable": "", "tiny": 0}
 # App. D.3-D.4: Adam, with a learning rate decaying linearly (a polynomial of degree 1) from the
 # first value to the second.
 DA_LEARNING_RATES = {"adversarial": (2e-4, 1e-5), "moment_matching": (1e-4, 1e-5),
