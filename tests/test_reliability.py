@@ -2,9 +2,10 @@
 kept, what is lost (nothing) and what the run says. docs/reliability.md tables the faults.
 
 Runs in subprocesses (tests/fault_driver.py) get SIGTERM and SIGKILL at announced steps and in
-the middle of an asynchronous save; checkpoints of a real run get a flipped byte, a truncated
-file or a deleted item; NaNs come in through the input batches. Every run that must lose
-nothing ends with parameters bit-identical to an uninterrupted run of the same config.
+the middle of an asynchronous save; checkpoints of a real run get a changed value, a flipped
+byte, a truncated file or a deleted item; NaNs come in through the input batches. Every run
+that must lose nothing ends with parameters bit-identical to an uninterrupted run of the same
+config.
 """
 import collections
 import json
@@ -25,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
+import tensorstore as ts
 
 from compmod_jax.data import pipeline
 from compmod_jax.train import checkpoint, loop, nonfinite, steps
@@ -272,6 +274,19 @@ def largest_array_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
+def change_a_stored_value(step_dir):
+  """Adds 1 to one value of the first parameter array, written through tensorstore into the
+  checkpoint's OCDBT store: a change that still decodes, which only the checksums can catch. (A
+  byte flipped in the zstd-compressed file may instead make the chunk undecodable, depending on
+  where it lands: that is the truncation fault's path.)"""
+  base = {"driver": "ocdbt", "base": f"file://{step_dir / 'state'}"}
+  names = sorted(key.decode().split("/")[0] for key in ts.KvStore.open(base).result().list()
+                 .result() if key.decode().startswith("params."))
+  array = ts.open({"driver": "zarr", "kvstore": {**base, "path": f"{names[0]}/"}}).result()
+  index = (0,) * array.rank
+  array[index] = array[index].read().result() + 1
+
+
 def flip_byte(path):
   data = bytearray(open(path, "rb").read())
   data[len(data) // 2] ^= 0xFF
@@ -285,9 +300,9 @@ def truncate(path):
 
 # name -> (fault applied to the workdir's step 8, the path the message names, its reason)
 CORRUPTIONS = {
-    "flipped_byte_in_an_array": (
-        lambda w: flip_byte(largest_array_file(w / "checkpoints" / "8")),
-        "checkpoints/8", r"checksum mismatch in \.\w+"),
+    "changed_value_in_an_array": (
+        lambda w: change_a_stored_value(w / "checkpoints" / "8"),
+        "checkpoints/8", r"checksum mismatch in \.params\['\w+'\]"),
     "truncated_array_file": (
         lambda w: truncate(largest_array_file(w / "checkpoints" / "8")),
         "checkpoints/8", r"its state cannot be read"),
@@ -329,7 +344,7 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_good_one_is_used(
 def test_corrupt_checkpoint_with_refuse_policy_stops_and_changes_nothing(
     embedded_dir, reference, tmp_path):
   workdir = copy_of(reference[0], tmp_path)
-  flip_byte(largest_array_file(workdir / "checkpoints" / "8"))
+  change_a_stored_value(workdir / "checkpoints" / "8")
   config = fault_config(embedded_dir, on_corrupt_checkpoint="refuse")
   with pytest.raises(checkpoint.CorruptCheckpointError,
                      match=rf"Checkpoint step 8 at {re.escape(str(workdir))}/checkpoints/8 is "
@@ -359,7 +374,7 @@ def test_old_checkpoint_is_deleted_only_after_a_newer_one_is_verified(
   def corrupt_step_4_on_disk_then_verify(self):
     if self._unverified and self._unverified[0] == 4:
       self.manager.wait_until_finished()
-      flip_byte(largest_array_file(workdir / "checkpoints" / "4"))
+      change_a_stored_value(workdir / "checkpoints" / "4")
     verify(self)
 
   with monkeypatch.context() as patch:
