@@ -200,12 +200,43 @@ def test_digits_da_runs_of_both_models_write_the_table3_layout(
     assert (tmp_path / f"da_{method}" / "new_task_xi.png").exists()
   markdown = tables.da_table([tmp_path / f"da_{run}" for run in runs], out=tmp_path / "table3")
   table = json.loads((tmp_path / "table3" / "table3.json").read_text())
-  assert table == {
-      "source_only": {"plain": plain["target_test_accuracy"]},
-      "adversarial": {"compositional": runs["adversarial"]["target_test_accuracy"]},
-      "moment_matching": {"compositional": runs["moment_matching"]["target_test_accuracy"]}}
+  one_run = lambda result: {"mean": result["target_test_accuracy"], "std": 0.0,
+                            "by_seed": {"0": result["target_test_accuracy"]}}
+  assert table == {"xi_init": "source:mnist_blur", "target_test_accuracy": {
+      "source_only": {"plain": one_run(plain)},
+      "adversarial": {"compositional": one_run(runs["adversarial"])},
+      "moment_matching": {"compositional": one_run(runs["moment_matching"])}}}
   assert markdown.splitlines()[2] == "| method | compositional | plain |"
   assert markdown.splitlines()[4].startswith("| source_only |  | ")
+
+
+def write_da_run(workdir, method, seed, accuracy, xi_init="source:mnist"):
+  """The two files the Table 3 tool reads from a finished run."""
+  workdir.mkdir(parents=True)
+  (workdir / "results.json").write_text(json.dumps({"target_test_accuracy": accuracy}))
+  (workdir / "config.json").write_text(json.dumps({
+      "adaptation": {"method_name": method, "model_name": "compositional"},
+      "trainable": "xi", "seed": seed, "xi_init": xi_init}))
+  return workdir
+
+
+def test_table3_gives_mean_and_std_over_seeds_of_one_starting_point(tmp_path):
+  runs = [write_da_run(tmp_path / f"adv_{seed}", "adversarial", seed, accuracy)
+          for seed, accuracy in ((0, 0.80), (1, 0.90), (2, 0.85))]
+  runs.append(write_da_run(tmp_path / "source_only", "source_only", 0, 0.70))
+  markdown = tables.da_table(runs, out=tmp_path / "table3")
+  cells = json.loads((tmp_path / "table3" / "table3.json").read_text())["target_test_accuracy"]
+  adversarial = cells["adversarial"]["compositional"]
+  assert adversarial["by_seed"] == {"0": 0.80, "1": 0.90, "2": 0.85}
+  assert (adversarial["mean"], adversarial["std"]) == pytest.approx((0.85, 0.05))
+  assert markdown.splitlines()[4:] == ["| source_only | 70.00 |",
+                                       "| adversarial | 85.00 ± 5.00 (3) |"]
+  with pytest.raises(ValueError, match=r"Two runs for method 'adversarial', model "
+                                       r"'compositional' with seed 1"):
+    tables.da_table(runs + [write_da_run(tmp_path / "again", "adversarial", 1, 0.5)])
+  with pytest.raises(ValueError, match=r"different target variables \(config.xi_init: "
+                                       r"\{'source:mnist': .*'best_source': "):
+    tables.da_table(runs + [write_da_run(tmp_path / "best", "supervised", 0, 0.9, "best_source")])
 
 
 def test_bad_adaptation_configs_fail_with_clear_errors(embedded_dir, source_workdir, tmp_path):

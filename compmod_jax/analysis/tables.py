@@ -1,19 +1,21 @@
 r"""Tables over finished runs, from their results.json files.
 
   python -m compmod_jax.analysis.tables transfer workdirs/transfer_* [--task=uci_digits]
-  python -m compmod_jax.analysis.tables da workdirs/da_* --out=workdirs/table3
+  python -m compmod_jax.analysis.tables da workdirs/da_mnist/* --out=workdirs/table3_mnist
 
 `transfer`: one row per run started from a pretrained checkpoint: xi initialisation, trainable
 set, the new task's test accuracy before and after fine-tuning, the parameters it added to the
 model and the parameters the run trained.
 `da`: the paper's Table 3 layout, target test accuracy per adaptation method (rows) and model
 (columns), from runs of the domain adaptation configs (configs/digits_da.py and the configs
-built like it, defaults.domain_adaptation); with --out also written as table3.md and table3.json
-in that directory.
+built like it, defaults.domain_adaptation) that start from the same target variables; runs of
+one cell with different seeds give their mean and standard deviation. With --out also written
+as table3.md and table3.json in that directory.
 """
 import json
 import sys
 
+import numpy as np
 from absl import app, flags
 from etils import epath
 
@@ -62,10 +64,12 @@ def transfer_table(workdirs, task=None):
 
 
 def da_results(workdirs):
-  """{method: {model: target test accuracy}} of domain-adaptation runs; each run's method and
-  model come from its config.json (config.adaptation; a trainable set other than the model's
-  default, defaults.DA_MODELS, is added to the method's name)."""
-  table = {}
+  """(xi_init, {method: {model: {seed: target test accuracy}}}) of domain-adaptation runs; each
+  run's method, model and seed come from its config.json (config.adaptation; a trainable set
+  other than the model's default, defaults.DA_MODELS, is added to the method's name). All runs
+  must start from the same target variables (config.xi_init): cells compare methods, not
+  starting points."""
+  table, starts = {}, {}
   for workdir in workdirs:
     results = read_results(workdir)
     config = json.loads((epath.Path(workdir) / "config.json").read_text())
@@ -73,34 +77,55 @@ def da_results(workdirs):
     if "target_test_accuracy" not in results or not adaptation.get("method_name"):
       raise ValueError(f"{workdir} is not a domain-adaptation run (no "
                        f"target_test_accuracy in its results.json).")
+    starts.setdefault(config["xi_init"], []).append(str(workdir))
     method, model = adaptation["method_name"], adaptation["model_name"]
     if config["trainable"] != defaults.DA_MODELS[model][1]:  # what else the target trained
       method += f" ({config['trainable']})"
-    cell = table.setdefault(method, {})
-    if model in cell:
-      raise ValueError(f"Two runs for method {method!r}, model {model!r}; pass one workdir per "
-                       f"cell.")
-    cell[model] = results["target_test_accuracy"]
-  return table
+    seeds = table.setdefault(method, {}).setdefault(model, {})
+    if config["seed"] in seeds:
+      raise ValueError(f"Two runs for method {method!r}, model {model!r} with seed "
+                       f"{config['seed']}; pass one workdir per seed.")
+    seeds[config["seed"]] = results["target_test_accuracy"]
+  if len(starts) > 1:
+    raise ValueError(f"The runs start from different target variables (config.xi_init: "
+                     f"{starts}); make one table per starting point.")
+  return next(iter(starts), None), table
+
+
+def _summary(by_seed):
+  accuracies = np.array(list(by_seed.values()))
+  return {"mean": float(accuracies.mean()),
+          "std": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
+          "by_seed": {str(seed): accuracy for seed, accuracy in sorted(by_seed.items())}}
+
+
+def _cell(summary):
+  if len(summary["by_seed"]) == 1:
+    return f"{100 * summary['mean']:.2f}"
+  return f"{100 * summary['mean']:.2f} ± {100 * summary['std']:.2f} ({len(summary['by_seed'])})"
 
 
 def da_table(workdirs, out=None):
-  table = da_results(workdirs)
+  xi_init, runs = da_results(workdirs)
+  table = {method: {model: _summary(by_seed) for model, by_seed in row.items()}
+           for method, row in runs.items()}
   models = sorted({model for row in table.values() for model in row})
   order = defaults.DA_METHODS
   methods = sorted(table, key=lambda m: (order.index(m.split(" ")[0]), m)
                    if m.split(" ")[0] in order else (len(order), m))
-  lines = ["Target test accuracy (%)", "", "| method | " + " | ".join(models) + " |",
-           "|---|" + "---:|" * len(models)]
+  lines = [f"Target test accuracy (%), the target's variables copied from {xi_init}; a cell of "
+           f"several runs: mean ± standard deviation (runs) over their seeds.", "",
+           "| method | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
   for method in methods:
-    cells = [f"{100 * table[method][m]:.2f}" if m in table[method] else "" for m in models]
+    cells = [_cell(table[method][m]) if m in table[method] else "" for m in models]
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   markdown = "\n".join(lines) + "\n"
   if out:
     out = epath.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table3.md").write_text(markdown)
-    (out / "table3.json").write_text(json.dumps(table, indent=2, sort_keys=True))
+    (out / "table3.json").write_text(json.dumps(
+        {"xi_init": xi_init, "target_test_accuracy": table}, indent=2, sort_keys=True))
   return markdown
 
 
