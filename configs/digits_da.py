@@ -44,7 +44,11 @@ Methods (Table 3's rows; all start from the same target variables: a source doma
 accurate on the target's labelled training split (App. D.2; the log flags this use of target
 labels), or a domain name for a fully unsupervised run. results.json holds target_test_accuracy;
 new_task_xi.png shows the target's xi at the start and now. `tiny=1`: a seconds-long debug run.
-Measured (README, "Domain adaptation"): see the table there.
+Measured (README, "Domain adaptation", seeds 0-2), from MNIST's variables: compositional
+source-only 68.80, adversarial 85.61 +- 1.40, moment matching 89.42, supervised 90.81, the
+target's BN statistics alone 88.86; plain source-only 88.58, adversarial 88.77 +- 2.50, moment
+matching 92.20. From the best source (mnist_blur): compositional source-only 88.86, adversarial
+88.21 +- 1.43; plain 93.04 / 88.86.
 """
 from compmod_jax.train import defaults
 
