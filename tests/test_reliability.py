@@ -280,9 +280,9 @@ def change_a_stored_value(step_dir):
   byte flipped in the zstd-compressed file may instead make the chunk undecodable, depending on
   where it lands: that is the truncation fault's path.)"""
   base = {"driver": "ocdbt", "base": f"file://{step_dir / 'state'}"}
-  names = sorted(key.decode().split("/")[0] for key in ts.KvStore.open(base).result().list()
-                 .result() if key.decode().startswith("params."))
-  array = ts.open({"driver": "zarr", "kvstore": {**base, "path": f"{names[0]}/"}}).result()
+  keys = [key.decode() for key in ts.KvStore.open(base).result().list().result()]
+  first_array = min(key.split("/")[0] for key in keys if key.startswith("params."))
+  array = ts.open({"driver": "zarr", "kvstore": {**base, "path": f"{first_array}/"}}).result()
   index = (0,) * array.rank
   array[index] = array[index].read().result() + 1
 
