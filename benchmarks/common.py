@@ -1,7 +1,7 @@
 """Shared pieces of the CPU benchmarks: the model spec, a jitted training step, timing helpers.
 
-The training step matches the PyTorch reference in ../shared/perf-reference/torch_net.py:
-softmax cross-entropy, optax.rmsprop(0.02, decay=0.9, eps=1e-8), BN in training mode (batch
+The training step matches the PyTorch one in benchmarks/torch_reference.py: softmax
+cross-entropy, optax.rmsprop(0.02, decay=0.9, eps=1e-8), BN in training mode (batch
 statistics, moving averages updated), dropout as in the model, params and optimizer state donated.
 """
 import dataclasses
@@ -16,7 +16,6 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec  # noqa: E402

@@ -1,15 +1,15 @@
 """Races the JAX training step against the PyTorch reference network on this CPU.
 
 Both sides run the shape of configs/digits.py by default (L=8, K=4, batch 128, 28x28x1 input,
-patch/stride 4, so 7x7x24 activations, SE, RMSProp; `--layers 16 --patch 2` is DESIGN.md's
-14x14x24 prototype shape) in one process; rounds alternate JAX, torch eager[, torch compile] and
+patch/stride 4, so 7x7x24 activations, SE, RMSProp; `--layers 16 --patch 2` is the larger
+14x14x24 shape) in one process; rounds alternate JAX, torch eager[, torch compile] and
 the script prints each median and the ratio JAX/torch. Use the same allocator for both sides,
 e.g.
 
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/torch_race.py
 
-The reference (torch_net.TorchRunner) is loaded from --reference-dir (default
-../shared/perf-reference relative to the repository root).
+The PyTorch side is benchmarks/torch_reference.py (`pip install torch` first; torch is not a
+dependency of the package).
 """
 import argparse
 import os
@@ -23,9 +23,6 @@ from benchmarks import common  # noqa: E402
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--reference-dir",
-                  default=os.path.join(common.REPO_ROOT, "..", "shared", "perf-reference"),
-                  help="directory holding torch_net.py (default: %(default)s)")
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--templates", type=int, default=4)
   ap.add_argument("--batch", type=int, default=128)
@@ -48,9 +45,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  sys.path.insert(0, os.path.abspath(args.reference_dir))
   import torch
-  import torch_net
+
+  from benchmarks import torch_reference
 
   print(common.machine_header() + f", torch {torch.__version__} threads={torch.get_num_threads()}")
   warning = common.allocator_warning()
@@ -66,15 +63,16 @@ def main(argv=None):
   spec = common.digits_spec(**overrides)
   jax_step = common.TrainStep(spec, batch=args.batch, hw=args.hw)
   compile_s = jax_step.compile()
-  torch_kw = dict(batch=args.batch, hw=args.hw, L=args.layers, K=args.templates, C=spec.width,
-                  stride=args.patch, cin=1, mix="plain" if args.plain else "shared")
+  torch_kw = dict(batch=args.batch, hw=args.hw, num_layers=args.layers,
+                  num_templates=args.templates, width=spec.width, patch_size=args.patch,
+                  mix="plain" if args.plain else "templates")
   runners = {"jax": jax_step.run}
-  eager = torch_net.TorchRunner(mode="eager", **torch_kw)
+  eager = torch_reference.TorchTrainStep(**torch_kw)
   runners["torch_eager"] = eager.run
   if args.torch_compile:
-    compiled = torch_net.TorchRunner(mode="compile", **torch_kw)
+    compiled = torch_reference.TorchTrainStep(compile=True, **torch_kw)
     runners["torch_compile"] = compiled.run
-    print(f"torch.compile first two steps: {compiled.compile_s:.1f}s")
+    print(f"torch.compile first two steps: {compiled.warmup_s:.1f}s")
   print(f"shape: L={args.layers} K={args.templates} batch={args.batch} {args.hw}x{args.hw}x1 "
         f"patch={args.patch} channels={spec.width} plain={args.plain}; jax "
         f"layer_iteration={args.layer_iteration} (scan={spec.uses_scan}, "

@@ -10,6 +10,8 @@ the same labeling late ones. `:tiny=1` runs in seconds; `:setup=...` as in digit
 from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
+from configs import common
+
 RENDERINGS = {"original": "mnist", "boundary": "mnist_boundary", "blur": "mnist_blur"}
 LABELINGS = {"digit": "identity", "parity": "parity", "ge5": "at_least_5"}
 ARGUMENTS = {"setup": "mixture", "tiny": 0}
@@ -21,7 +23,7 @@ def get_config(arg=None):
                                                     label_map=label_map)
            for rendering, domain in RENDERINGS.items()
            for labeling, label_map in LABELINGS.items()}
-  config = defaults.digits_multitask(tasks, args["tiny"])
+  config = common.digits_multitask(tasks, args["tiny"])
   config.model.num_templates = 9 if not args["tiny"] else 3
   multitask.apply_setup(config.model, args["setup"])
   return config

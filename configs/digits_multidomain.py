@@ -13,9 +13,11 @@ Expected (2-core CPU, see README): >= 95% test accuracy on every domain.
 """
 from compmod_jax.train import defaults
 
+from configs import common
+
 ARGUMENTS = {"setup": "mixture", "tiny": 0}
 
 
 def get_config(arg=None):
   args = defaults.parse_argument(arg, ARGUMENTS)
-  return defaults.digits_multidomain(args["setup"], args["tiny"])
+  return common.digits_multidomain(args["setup"], args["tiny"])

@@ -19,13 +19,15 @@ adversarial 98.12 / 98.33; moment matching 96.93 / 96.85; comp. supervised 98.25
 from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
+from configs import common
+
 SOURCES = {"mnist": "embedded_digits/mnist", "mnist_shear": "embedded_digits/mnist_shear",
            "mnist_scale": "embedded_digits/mnist_scale", "svhn": "svhn_cropped"}
 TARGET = "uci_digits"
 
 
 def pretraining(setup, tiny):
-  config = defaults.digits_multitask(
+  config = common.digits_multitask(
       {name: defaults.task(dataset) for name, dataset in SOURCES.items()}, tiny)
   multitask.apply_setup(config.model, setup)
   config.data.update(image_size=32, channels=3)
@@ -37,9 +39,9 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, defaults.DA_ARGUMENTS)
+  args = defaults.parse_argument(arg, common.DA_ARGUMENTS)
   # ~10 epochs of the target's 1,438 training digits at 64 per step.
-  return defaults.domain_adaptation(
+  return common.domain_adaptation(
       lambda setup: pretraining(setup, args["tiny"]), TARGET,
       defaults.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,
       total_steps=250)

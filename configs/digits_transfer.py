@@ -23,13 +23,15 @@ The argument `setup` must match the pretraining run's; `tiny=1` is a seconds-lon
 from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
+from configs import common
+
 ARGUMENTS = {"setup": "mixture_patches", "tiny": 0}
 
 
 def get_config(arg=None):
   args = defaults.parse_argument(arg, ARGUMENTS)
   tasks = {"uci_digits": defaults.task("embedded_digits/uci_digits")}
-  config = defaults.digits_multitask(tasks, args["tiny"])
+  config = common.digits_multitask(tasks, args["tiny"])
   multitask.apply_setup(config.model, args["setup"])
   config.xi_init = "best_source"
   config.trainable = "xi_head_bn"

@@ -27,6 +27,8 @@ Expected (Table 3, sketch): source-only 24.75 (plain) / 11.61 (comp.); adversari
 from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
+from configs import common
+
 SOURCES = ("clipart", "infograph", "painting", "quickdraw", "real")
 TARGET = "sketch"
 
@@ -58,8 +60,8 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, defaults.DA_ARGUMENTS)
-  return defaults.domain_adaptation(
+  args = defaults.parse_argument(arg, common.DA_ARGUMENTS)
+  return common.domain_adaptation(
       lambda setup: pretraining(setup, args["tiny"]), TARGET,
       defaults.task(f"domainnet/{TARGET}", batch_size=64), args, source_batch_size=32,
       total_steps=40_000)

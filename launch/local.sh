@@ -3,7 +3,7 @@
 #
 #   launch/local.sh configs/digits.py workdirs/digits [--config.key=value ...]
 #
-# On CPU the allocator matters (DESIGN.md §6: the same step ran ~1.7x slower with glibc's
+# On CPU the allocator matters (docs/design.md: the same step ran ~1.7x slower with glibc's
 # default malloc): tcmalloc is preloaded when installed (Debian: libtcmalloc-minimal4), else
 # glibc is asked for huge pages, which recovers most of the loss.
 set -euo pipefail

@@ -1,6 +1,9 @@
 """Shared test setup: eight simulated CPU devices (set before JAX touches its backend), one
-compilation cache for the session (identical steps compile once across tests), and the
-embedded digits prepared once."""
+persistent compilation cache that every test process and subprocess of the machine shares
+(identical steps compile once, across tests, pytest-xdist workers and runs), and, once per test
+run for all workers, the embedded digits and the tiny pretrained model several test files start
+from."""
+import fcntl
 import os
 import tempfile
 
@@ -9,8 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# COMPMOD_TEST_CACHE_DIR overrides it (CI points it at an empty folder, to measure a cold run).
+CACHE_DIR = os.environ.get("COMPMOD_TEST_CACHE_DIR") or os.path.join(
+    tempfile.gettempdir(), f"compmod_jax_test_cache_{os.getuid()}")
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="compmod_jax_cache_"))
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from compmod_jax.data import embedded_digits  # noqa: E402
@@ -18,27 +24,44 @@ from compmod_jax.data.pipeline import get_builder  # noqa: E402
 from compmod_jax.methods import multitask  # noqa: E402
 
 
+def built_once_per_run(tmp_path_factory, name, build):
+  """The folder `name`, filled by build(folder) once per test run: with pytest-xdist, the
+  first worker to ask builds it under a file lock and the others wait for it, then share it."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the run's folder, above each worker's own
+  folder, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      folder.mkdir(exist_ok=True)
+      build(folder)
+      done.touch()
+  return folder
+
+
 @pytest.fixture(scope="session")
 def embedded_dir(tmp_path_factory):
-  """Every embedded_digits config prepared once for the whole session."""
-  data_dir = tmp_path_factory.mktemp("tfds")
-  for config in embedded_digits.EmbeddedDigits.BUILDER_CONFIGS:
-    get_builder(f"embedded_digits/{config.name}", str(data_dir))
-  return data_dir
+  """Every embedded_digits config prepared once for the whole run."""
+  def prepare(data_dir):
+    for config in embedded_digits.EmbeddedDigits.BUILDER_CONFIGS:
+      get_builder(f"embedded_digits/{config.name}", str(data_dir))
+  return built_once_per_run(tmp_path_factory, "tfds", prepare)
 
 
 @pytest.fixture(scope="session")
 def source_workdir(embedded_dir, tmp_path_factory):
   """A tiny model pretrained on two embedded domains, mnist and mnist_blur, on 8 devices
   (per-task xi and BN: setup mixture_patches): the checkpoint transfer and adaptation start
-  from."""
-  from compmod_jax.train import defaults, loop
-  config = defaults.digits_multitask(
-      {task: defaults.task(f"embedded_digits/{task}") for task in ("mnist", "mnist_blur")},
-      tiny=True)
-  multitask.apply_setup(config.model, "mixture_patches")
-  config.data.data_dir = str(embedded_dir)
-  config.eval_batch_size = 200
-  workdir = tmp_path_factory.mktemp("pretrained")
-  loop.train_and_evaluate(config, str(workdir))
-  return workdir
+  from. Tests only read it (they copy it before damaging it)."""
+  def pretrain(workdir):
+    from compmod_jax.train import defaults, loop
+    from configs import common
+    config = common.digits_multitask(
+        {task: defaults.task(f"embedded_digits/{task}") for task in ("mnist", "mnist_blur")},
+        tiny=True)
+    multitask.apply_setup(config.model, "mixture_patches")
+    config.data.data_dir = str(embedded_dir)
+    config.eval_batch_size = 200
+    loop.train_and_evaluate(config, str(workdir))
+  return built_once_per_run(tmp_path_factory, "pretrained", pretrain)

@@ -1,7 +1,5 @@
 """Unsupervised domain adaptation on the target's mixture weights (paper §4.4, App. D.3)."""
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,16 +10,11 @@ import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from compmod_jax.analysis import tables
-from compmod_jax.methods import adaptation
-from compmod_jax.train import defaults, loop, steps
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import digits_da  # noqa: E402
-import digits_svhn_da  # noqa: E402
-import domainnet_da  # noqa: E402
-from mock_tfds import (checkpointable_mock_dataset, labelled_mock_dataset,  # noqa: E402
-                       write_mock_metadata)
+from compmod_jax.methods import adaptation, registry
+from compmod_jax.train import context, defaults, loop, report, start, steps
+from configs import digits_da, digits_svhn_da, domainnet_da
+from helpers import mock_datasets
+from mock_tfds import labelled_mock_dataset, write_mock_metadata
 
 SOURCES = ("mnist", "mnist_blur")
 TARGET = "uci_digits"
@@ -54,18 +47,19 @@ def adaptation_setup(method="adversarial", model="compositional", trainable=""):
   config = digits_da.get_config(f"method={method},model={model},trainable={trainable},tiny=1")
   config.tasks = {t: defaults.task(f"embedded_digits/{t}", batch_size=8)
                   for t in SOURCES + (TARGET,)}
-  model = loop.model_for(config, {t: 10 for t in config.tasks})
-  mesh = loop.make_mesh(config)
-  state, tx, _, trainable_mask = loop.create_train_state(config, model, mesh,
-                                                         jnp.zeros((1, 28, 28, 1)))
-  step = steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model, tx=tx,
-                              loss_fn=loop.method_loss(config, model.spec),
-                              trainable=trainable_mask, config=config)
+  model = start.model_for(config, {t: 10 for t in config.tasks})
+  ctx = context.RunContext(config=config, workdir="", mesh=context.make_mesh(config),
+                           model=model, method=registry.get(config.method), train_streams={},
+                           eval_streams={}, eval_steps={})
+  state, optimization = start.create_train_state(ctx, jnp.zeros((1, 28, 28, 1)))
+  step = steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model,
+                              optimization=optimization,
+                              loss_fn=ctx.method.make_loss(config, model.spec), config=config)
   keys = iter(jax.random.split(jax.random.key(3), 8))
   batch = {t: {"image": jax.random.uniform(next(keys), (8, 28, 28, 1)) + 0.3 * (t == TARGET),
                "label": jax.random.randint(next(keys), (8,), 0, 10), "mask": jnp.ones(8)}
            for t in config.tasks}
-  return model, mesh, state, step, batch
+  return model, ctx.mesh, state, step, batch
 
 
 def flat_host(tree):
@@ -80,7 +74,7 @@ def test_an_adaptation_step_moves_only_the_targets_trainable_rows_and_the_method
     method, model, trained):
   model, mesh, state, step, batch = adaptation_setup(method, model)
   before = flat_host({"params": state.params, "batch_stats": state.batch_stats})
-  new_state, metrics = step(state, loop.global_batch(mesh, batch))
+  new_state, metrics = step(state, context.global_batch(mesh, batch))
   after = flat_host({"params": new_state.params, "batch_stats": new_state.batch_stats})
   target_row = model.spec.task_index(TARGET)
   other_rows = [model.spec.task_index(t) for t in SOURCES]
@@ -120,7 +114,8 @@ def test_the_two_classifier_step_splits_the_min_max_between_classifiers_and_targ
   classifiers held fixed (Maximum Classifier Discrepancy's steps B and C, M3SDA's moments)."""
   model, _, state, _, batch = adaptation_setup("moment_matching")
   params, batch_stats = state.params, state.batch_stats
-  loss_fn = loop.method_loss(digits_da.get_config("method=moment_matching,tiny=1"), model.spec)
+  config = digits_da.get_config("method=moment_matching,tiny=1")
+  loss_fn = registry.get(config.method).make_loss(config, model.spec)
   grads = jax.grad(lambda p: loss_fn(model, p, batch_stats, batch, None)[0])(params)
   pair = adaptation.ClassifierPair(10)
   embed = lambda p, task, train: model.apply(
@@ -156,8 +151,8 @@ def test_the_adversarial_loss_never_reads_the_target_labels_and_bn_moves_with_xi
                                            label=(batch[TARGET]["label"] + 1) % 10)})
   before = flat_host(state.params)
   copy = jax.tree.map(jnp.copy, state)  # the step donates its input
-  first, metrics = step(state, loop.global_batch(mesh, batch))
-  second, metrics_relabelled = step(copy, loop.global_batch(mesh, relabelled))
+  first, metrics = step(state, context.global_batch(mesh, batch))
+  second, metrics_relabelled = step(copy, context.global_batch(mesh, relabelled))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(first), jax.device_get(second))
   assert float(metrics["total_loss"]) == float(metrics_relabelled["total_loss"])
   after = flat_host(first.params)
@@ -188,10 +183,10 @@ def test_digits_da_runs_of_both_models_write_the_table3_layout(
   assert plain["init_from"]["checkpoint"] == str(pretrained_dir / "checkpoints" / "4")
   assert plain["init_from"]["source_tasks"] == {"mnist": 10, "mnist_blur": 10}
   assert plain["step"] == 0
-  assert plain["target_test_accuracy"] == pytest.approx(
+  assert plain["tasks"][TARGET]["test_accuracy"] == pytest.approx(
       plain["tasks"][TARGET]["accuracy_before_finetune"], abs=0)
   assert plain["init_from"]["new_tasks"][TARGET]["source_accuracy_on_train"] == {}
-  assert loop.read_results(pretrained_dir)["tasks"].keys() == set(SOURCES)
+  assert report.read_results(pretrained_dir)["tasks"].keys() == set(SOURCES)
   runs = {"plain_source_only": plain}
   for method in ("adversarial", "moment_matching"):
     runs[method] = loop.train_and_evaluate(tiny_da(embedded_dir, source_workdir, method),
@@ -200,8 +195,11 @@ def test_digits_da_runs_of_both_models_write_the_table3_layout(
     assert (tmp_path / f"da_{method}" / "new_task_xi.png").exists()
   markdown = tables.da_table([tmp_path / f"da_{run}" for run in runs], out=tmp_path / "table3")
   table = json.loads((tmp_path / "table3" / "table3.json").read_text())
-  one_run = lambda result: {"mean": result["target_test_accuracy"], "std": 0.0,
-                            "by_seed": {"0": result["target_test_accuracy"]}}
+  accuracy = lambda result: result["tasks"][TARGET]["test_accuracy"]
+  assert [runs[m]["target_test_accuracy"] for m in adaptation.METHODS] == [
+      accuracy(runs[m]) for m in adaptation.METHODS]
+  one_run = lambda result: {"mean": accuracy(result), "std": 0.0,
+                            "by_seed": {"0": accuracy(result)}}
   assert table == {"xi_init": "source:mnist_blur", "target_test_accuracy": {
       "source_only": {"plain": one_run(plain)},
       "adversarial": {"compositional": one_run(runs["adversarial"])},
@@ -213,9 +211,10 @@ def test_digits_da_runs_of_both_models_write_the_table3_layout(
 def write_da_run(workdir, method, seed, accuracy, xi_init="source:mnist"):
   """The two files the Table 3 tool reads from a finished run."""
   workdir.mkdir(parents=True)
-  (workdir / "results.json").write_text(json.dumps({"target_test_accuracy": accuracy}))
+  (workdir / "results.json").write_text(json.dumps(
+      {"tasks": {TARGET: {"test_accuracy": accuracy}}}))
   (workdir / "config.json").write_text(json.dumps({
-      "adaptation": {"method_name": method, "model_name": "compositional"},
+      "adaptation": {"method_name": method, "model_name": "compositional", "target": TARGET},
       "trainable": "xi", "seed": seed, "xi_init": xi_init}))
   return workdir
 
@@ -277,13 +276,10 @@ def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tm
 def test_digits_svhn_config_mixes_embedded_digits_and_svhn_under_mock_data(tmp_path):
   config = digits_svhn_da.get_config("method=source_only,model=plain,tiny=1")
   config.data.data_dir = config.pretrain.data.data_dir = str(tmp_path / "tfds")
-  for name in set(digits_svhn_da.SOURCES.values()) | {"embedded_digits/uci_digits"}:
-    write_mock_metadata(name, config.data.data_dir, 16)
-  with tfds.testing.mock_data(num_examples=16, as_dataset_fn=checkpointable_mock_dataset(16),
-                              policy=tfds.testing.MockPolicy.USE_FILES,
-                              data_dir=config.data.data_dir):
+  names = set(digits_svhn_da.SOURCES.values()) | {"embedded_digits/uci_digits"}
+  with mock_datasets(names, config.data.data_dir, 16):
     results = loop.train_and_evaluate(config, str(tmp_path / "work"))
   assert results["init_from"]["source_tasks"] == {d: 10 for d in digits_svhn_da.SOURCES}
   assert results["step"] == 0 and results["tasks"][TARGET]["test_examples"] == 16
-  pretrained = loop.read_results(tmp_path / "work" / "pretrained")
+  pretrained = report.read_results(tmp_path / "work" / "pretrained")
   assert pretrained["step"] == 4 and set(pretrained["tasks"]) == set(digits_svhn_da.SOURCES)

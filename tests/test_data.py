@@ -268,7 +268,8 @@ def mocked_cifar100(monkeypatch, tmp_path):
   """cifar100 as random TFDS mock data, taken as prepared (mock_data mocks only the reads)."""
   monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda builder: True)
   with tfds.testing.mock_data(num_examples=64):
-    yield make_data_config(tmp_path, name="cifar100", channels=3, normalization="standard")
+    yield make_data_config(tmp_path, name="cifar100", channels=3, normalization="standard",
+                           image_size=None)  # the stored 32x32
 
 
 def test_cifar100_batches_from_mock_data(mocked_cifar100):

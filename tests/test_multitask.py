@@ -1,26 +1,18 @@
 """Multi-task and multi-domain training (paper §4.3, App. C)."""
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from compmod_jax.analysis import similarity
 from compmod_jax.data import pipeline
 from compmod_jax.methods import multitask, supervised
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
-from compmod_jax.train import defaults, loop
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import digits_9tasks  # noqa: E402
-import digits_multidomain  # noqa: E402
-import natural5  # noqa: E402
-from mock_tfds import checkpointable_mock_dataset, write_mock_metadata  # noqa: E402
+from compmod_jax.train import context, defaults, loop
+from configs import digits_9tasks, digits_multidomain, natural5
+from helpers import mock_datasets
 
 TASKS = (("a", 10), ("b", 2), ("c", 5))
 
@@ -36,7 +28,8 @@ def init(spec):
 
 
 def test_four_setups_create_exactly_their_parameters():
-  shapes = {setup: jax.eval_shape(lambda s=setup: init(setup_spec(s))) for setup in multitask.SETUPS}
+  shapes = {setup: jax.eval_shape(lambda s=setup: init(setup_spec(s)))
+            for setup in multitask.SETUPS}
   for setup, variables in shapes.items():
     params = variables["params"]
     has_mixture = "mixture_logits" in params
@@ -104,7 +97,7 @@ def test_label_maps_make_new_tasks_from_the_same_digits(embedded_dir):
   assert len(config.tasks) == 9
   streams = {}
   for task in ("original_digit", "original_parity", "original_ge5"):
-    data_config = loop.task_data_config(config, task)
+    data_config = context.task_data_config(config, task)
     data_config.data_dir = str(embedded_dir)
     streams[task] = pipeline.DataStream(data_config, batch_size=50, train=False)
   classes = {t: pipeline.num_classes(s.builder, s.data_config)
@@ -152,11 +145,7 @@ def test_tiny_multidomain_run_learns_every_task(embedded_dir, tmp_path):
 def test_natural5_config_runs_under_mock_data(tmp_path):
   config = natural5.get_config("setup=mixture_patches,tiny=1")
   config.data.data_dir = str(tmp_path / "tfds")
-  for name in natural5.DATASETS:
-    write_mock_metadata(name, config.data.data_dir, 16)
-  with tfds.testing.mock_data(num_examples=16, as_dataset_fn=checkpointable_mock_dataset(16),
-                              policy=tfds.testing.MockPolicy.USE_FILES,
-                              data_dir=config.data.data_dir):
+  with mock_datasets(natural5.DATASETS, config.data.data_dir, 16):
     results = loop.train_and_evaluate(config, str(tmp_path / "work"))
   assert set(results["tasks"]) == set(natural5.DATASETS)
   assert all(r["test_examples"] == 16 for r in results["tasks"].values())

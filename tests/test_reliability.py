@@ -15,7 +15,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,17 +22,13 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 import tensorstore as ts
 
 from compmod_jax.data import pipeline
-from compmod_jax.train import checkpoint, loop, nonfinite, steps
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import digits  # noqa: E402
+from compmod_jax.train import checkpoint, context, loop, nonfinite, start, steps
+from helpers import REPO, free_port, read_checkpoint, subprocess_env, tiny_digits
 
 # A failed orbax read leaves coroutines whose errors surface when they are garbage-collected,
 # during whichever test runs then; they are orbax's, and expected here.
@@ -48,17 +43,7 @@ COMPARED = ("params", "ema_params", "batch_stats", "opt_state")
 
 
 def fault_config(data_dir, **overrides):
-  config = digits.get_config("tiny")
-  for key, value in dict(FAULT_RUN, **{"data.data_dir": str(data_dir)}, **overrides).items():
-    set_field(config, key, value)
-  return config
-
-
-def set_field(config, dotted_key, value):
-  *parents, leaf = dotted_key.split(".")
-  for parent in parents:
-    config = config[parent]
-  config[leaf] = value
+  return tiny_digits(data_dir, **{**FAULT_RUN, **overrides})
 
 
 def committed_steps(workdir):
@@ -73,12 +58,7 @@ def half_written(workdir):
 
 def saved_state(workdir, step=None):
   """A committed step's train state as numpy, read without touching the workdir."""
-  manager = ocp.CheckpointManager(str(workdir / "checkpoints"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    return jax.device_get(manager.restore(step or manager.latest_step())["state"])
-  finally:
-    manager.close()
+  return read_checkpoint(workdir, step)[1]["state"]
 
 
 def assert_same_state(state, reference):
@@ -147,12 +127,8 @@ def driver_env(extra=None):
   """CPU with the 8 devices of the in-process runs (bit-identical results) and their
   compilation cache, every program in it (orbax's many small slicing programs too): each run
   starts seconds faster."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  env.update(extra or {})
-  return env
+  return subprocess_env(**{"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                           **(extra or {})})
 
 
 @pytest.fixture
@@ -222,12 +198,6 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(
   assert not half_written(workdir)
   assert sorted(map(int, os.listdir(workdir / "data_state"))) == committed_steps(workdir)
   assert_same_state(saved_state(workdir), reference[1])
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -513,8 +483,8 @@ def no_heavy_work(monkeypatch):
   """Fails the test if the run reads data or builds the train state."""
   def heavy(*args, **kwargs):
     raise AssertionError("heavy work started before the error")
-  monkeypatch.setattr(loop, "make_streams", heavy)
-  monkeypatch.setattr(loop, "create_train_state", heavy)
+  monkeypatch.setattr(context, "make_streams", heavy)
+  monkeypatch.setattr(start, "create_train_state", heavy)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
@@ -522,9 +492,7 @@ def test_bad_config_fails_first_with_one_clear_error(tmp_path, no_heavy_work, ca
   overrides, error, message = BAD_CONFIGS[case]
   data_dir = tmp_path / "data"
   data_dir.mkdir()
-  config = fault_config(data_dir)
-  for key, value in overrides.items():
-    set_field(config, key, value)
+  config = fault_config(data_dir, **overrides)
   with pytest.raises(error, match=message):
     loop.train_and_evaluate(config, str(tmp_path / "work"))
   assert os.listdir(data_dir) == []  # no dataset was prepared

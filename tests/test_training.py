@@ -1,7 +1,7 @@
 """The training loop, optimizer groups, regularisers and checkpoints (issue: training)."""
+import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,41 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import tensorflow_datasets as tfds
 
 from compmod_jax.data import pipeline
-from compmod_jax.methods import regularizers
+from compmod_jax.methods import regularizers, registry
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
-from compmod_jax.train import defaults, loop, optim
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import cifar100_signatures  # noqa: E402
-import digits  # noqa: E402
-from mock_tfds import checkpointable_mock_dataset, write_mock_metadata  # noqa: E402
-
-
-def tiny_digits(data_dir, **overrides):
-  config = digits.get_config("tiny")
-  config.data.data_dir = str(data_dir)
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+from compmod_jax.train import context, defaults, loop, optim, start, steps
+from configs import cifar100_signatures
+from helpers import REPO, free_port, mock_datasets, read_checkpoint, run_main, subprocess_env
+from helpers import tiny_digits
 
 
 def final_params(workdir):
-  """The last checkpoint's parameters and EMA as numpy trees."""
-  checkpointer = loop.checkpoint.Checkpointer(str(workdir), keep=2)
-  try:
-    step = checkpointer.latest_step()
-    restored = checkpointer.manager.restore(step)
-    return step, restored["state"]
-  finally:
-    checkpointer.close()
+  """The last checkpoint's step and train state as numpy trees."""
+  step, saved = read_checkpoint(workdir)
+  return step, saved["state"]
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +170,7 @@ def test_entropy_regulariser_matches_definition():
 def test_cifar100_signature_config_runs_under_mock_data(tmp_path):
   config = cifar100_signatures.get_config("K=2,L=4,signature=cyclic,tiny=1")
   config.data.data_dir = str(tmp_path / "tfds")
-  write_mock_metadata("cifar100", config.data.data_dir, 48)
-  with tfds.testing.mock_data(num_examples=48, as_dataset_fn=checkpointable_mock_dataset(48),
-                              policy=tfds.testing.MockPolicy.USE_FILES,
-                              data_dir=config.data.data_dir):
+  with mock_datasets(("cifar100",), config.data.data_dir, 48):
     results = loop.train_and_evaluate(config, str(tmp_path / "work"))
   assert results["step"] == 6
   assert results["tasks"]["cifar100"]["test_examples"] == 48
@@ -212,12 +188,6 @@ def test_missing_dataset_fails_fast_naming_it(tmp_path):
   assert time.time() - started < 10
 
 
-def run_main(*args, timeout=240):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "compmod_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
 def test_config_typo_is_an_error_naming_the_key(tmp_path):
   result = run_main("--config=configs/digits.py:tiny", f"--workdir={tmp_path}",
                     "--config.model.num_layerz=3")
@@ -233,27 +203,21 @@ def test_eight_devices_give_the_loss_of_one_device(embedded_dir):
     config.mesh_shape = (devices,)
     mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:devices])
-    streams = loop.make_streams(config, train=True)
-    model = loop.make_model(config, streams)
-    state, tx, _, trainable = loop.create_train_state(config, model, mesh,
-                                                      jnp.zeros((1, 28, 28, 1)))
-    loss_fn = lambda *args: loop.supervised.classification_loss(*args,
-                                                                task_weights={"mnist": 1.0})
-    step = loop.steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model,
-                                     tx=tx, loss_fn=loss_fn, trainable=trainable,
-                                     config=config)
+    streams = context.make_streams(config, train=True)
+    model = start.model_for(config, {"mnist": 10})
+    ctx = context.RunContext(config=config, workdir="", mesh=mesh, model=model,
+                             method=registry.get("supervised"), train_streams=streams,
+                             eval_streams={}, eval_steps={})
+    state, optimization = start.create_train_state(ctx, jnp.zeros((1, 28, 28, 1)))
+    step = steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model,
+                                optimization=optimization,
+                                loss_fn=ctx.method.make_loss(config, None), config=config)
     iterator = iter(streams["mnist"])
     losses[devices] = []
     for _ in range(3):
-      state, metrics = step(state, loop.global_batch(mesh, {"mnist": next(iterator)}))
+      state, metrics = step(state, ctx.global_batch({"mnist": next(iterator)}))
       losses[devices].append(float(metrics["total_loss"]))
   np.testing.assert_allclose(losses[8], losses[1], rtol=2e-5)
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -263,8 +227,7 @@ def test_two_processes_train_together(embedded_dir, tmp_path):
             f"--config.data.data_dir={embedded_dir}", "--config.total_steps=4",
             "--config.eval_every=4", "--config.checkpoint_every=4", "--config.log_every=2",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
   workers = [subprocess.Popen([sys.executable, "-m", "compmod_jax.main", *common,
                                f"--process_id={i}"], cwd=REPO, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -277,3 +240,79 @@ def test_two_processes_train_together(embedded_dir, tmp_path):
   assert results["step"] == 4 and results["tasks"]["mnist"]["test_examples"] == 1000
   assert sorted(os.listdir(tmp_path / "data_state" / "4" / "mnist")) == ["process_0",
                                                                          "process_1"]
+
+
+def test_ema_follows_tf_warmup_and_evaluation_reads_only_the_ema_weights():
+  """EMA (App. A.2): decay_t = min(decay, (1 + t) / (10 + t)) at step t; the eval step uses
+  ema_params and ignores params."""
+  ema, params = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, -2.0])}
+  for step, decay in ((0, 0.1), (5, 6 / 15), (10_000, 0.999)):
+    expected = decay * ema["w"] + (1 - decay) * params["w"]
+    np.testing.assert_allclose(optim.ema_update(ema, params, 0.999, step)["w"], expected,
+                               rtol=1e-6)
+  spec = NetworkSpec(tasks=(("a", 10),), input_channels=1, num_layers=2, num_templates=2,
+                     patch_size=4, depth_multiplier=0.2)
+  model = CompositionalIsometricNet(spec)
+  images = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
+  a, b = (model.init(jax.random.key(seed), images) for seed in (1, 2))
+  examples = {"image": images, "label": jnp.arange(16) % 10, "mask": jnp.ones(16)}
+  evaluate = lambda ema_variables, params: steps.eval_step(
+      steps.TrainState(step=0, params=params, batch_stats=ema_variables["batch_stats"],
+                       opt_state=None, ema_params=ema_variables["params"]), examples,
+      model=model, task="a")
+  expected_loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(a, images, task="a"), examples["label"]))
+  np.testing.assert_allclose(evaluate(a, b["params"])["loss_sum"], expected_loss, rtol=1e-6)
+  assert evaluate(a, b["params"]) == evaluate(a, a["params"])
+  assert evaluate(b, a["params"])["loss_sum"] != evaluate(a, a["params"])["loss_sum"]
+
+
+def test_weight_decay_shrinks_kernels_only():
+  config = defaults.base_config()
+  config.optimizer.update(name="sgd", momentum=0.0, schedule="constant", warmup_steps=0,
+                          learning_rate=1.0, weight_decay=0.1)
+  params = {"templates": {"expand_kernel": jnp.full((2, 3), 2.0), "se_reduce_bias": jnp.ones(3)},
+            "block_bn": {"expand": {"scale": jnp.ones(3)}}, "mixture_logits": jnp.ones((1, 2, 2)),
+            "heads": {"a": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}}
+  tx, _ = optim.make_optimizer(config, params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  # With zero gradients, SGD at rate 1 moves a decayed parameter by -0.1 x itself.
+  np.testing.assert_allclose(new["templates"]["expand_kernel"], 1.8, rtol=1e-6)
+  np.testing.assert_allclose(new["heads"]["a"]["kernel"], 0.9, rtol=1e-6)
+  for path in (("templates", "se_reduce_bias"), ("block_bn", "expand", "scale"),
+               ("mixture_logits",), ("heads", "a", "bias")):
+    value = functools.reduce(lambda tree, key: tree[key], path, new)
+    np.testing.assert_array_equal(value, functools.reduce(lambda t, k: t[k], path, params))
+
+
+@pytest.mark.parametrize("schedule, after_warmup", [
+    # steps after warmup s = 0, 45, 90 of 90 (total 100, warmup 10); base 0.1, final 0.01
+    ("constant", (0.1, 0.1, 0.1)),
+    ("linear", (0.1, 0.055, 0.01)),
+    ("cosine", (0.1, 0.01 + 0.09 * 0.5, 0.01)),
+    ("exponential", (0.1, 0.1 * 0.5 ** (45 / 30), 0.1 * 0.5 ** 3)),
+])
+def test_schedules_warm_up_linearly_then_follow_their_formula(schedule, after_warmup):
+  config = defaults.base_config()
+  config.total_steps = 100
+  config.optimizer.update(schedule=schedule, learning_rate=0.1, warmup_steps=10,
+                          final_lr_fraction=0.1, decay_steps=30, decay_rate=0.5)
+  lr = optim.make_schedule(config)
+  np.testing.assert_allclose([lr(0), lr(5)], [0.0, 0.05], rtol=1e-6)
+  np.testing.assert_allclose([lr(10), lr(55), lr(100)], after_warmup, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_each_optimizer_descends_a_quadratic(name):
+  config = defaults.base_config()
+  config.optimizer.update(name=name, schedule="constant", warmup_steps=0, learning_rate=0.05,
+                          weight_decay=0.0)
+  params = {"heads": {"a": {"bias": jnp.array([3.0, -2.0])}}}
+  tx, _ = optim.make_optimizer(config, params)
+  state = tx.init(params)
+  loss = lambda p: jnp.sum(p["heads"]["a"]["bias"] ** 2)
+  for _ in range(20):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(loss(params)) < 0.5 * 13.0

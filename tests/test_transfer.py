@@ -15,14 +15,12 @@ import pytest
 from flax import traverse_util
 
 from compmod_jax.analysis import tables
-from compmod_jax.methods import multitask, transfer
-from compmod_jax.models import network
+from compmod_jax.methods import multitask, registry, transfer
+from compmod_jax.models import network, templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import defaults, loop, optim, pretrained
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import digits_transfer  # noqa: E402
+from configs import digits_transfer
+from helpers import REPO, subprocess_env
 
 SOURCES = ("mnist", "mnist_blur")
 NEW = "uci_digits"
@@ -212,7 +210,7 @@ def test_trainable_presets_train_their_groups_and_only_the_new_tasks_rows(preset
   config.tasks = {NEW: defaults.task("embedded_digits/uci_digits")}
   config.trainable = preset
   params = host_variables(spec)["params"]
-  mask = flat(optim.trainable_mask(params, config, spec))
+  mask = flat(optim.trainable_mask(params, config, spec, registry.get("supervised")))
   trained = {path.split("/")[0] for path, m in mask.items() if np.any(m)}
   assert trained == groups
   for path, m in mask.items():
@@ -312,9 +310,7 @@ def test_accuracy_init_interpolates_by_the_logged_accuracies_and_resumes_its_own
 
 def test_a_checkpoint_from_eight_devices_restores_on_one(embedded_dir, source_workdir,
                                                          tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
   workdir = tmp_path / "one_device"
   subprocess.run(
       [sys.executable, "-m", "compmod_jax.main", "--config=configs/digits_transfer.py:tiny=1",
@@ -368,3 +364,30 @@ def test_bad_transfer_configs_fail_before_training_with_clear_errors(embedded_di
   with pytest.raises(pretrained.PretrainedCheckpointError,
                      match=r"params/mixture_logits has shape \(2, 3, 2\) in the checkpoint"):
     loop.train_and_evaluate(config, str(tmp_path / "run_other_depth"))
+
+
+@pytest.mark.parametrize("xi_init", ["random", "diagonal"])
+def test_random_and_diagonal_start_a_fresh_xi_with_the_sources_mean_head_and_bn(
+    embedded_dir, source_workdir, tmp_path, xi_init):
+  config = tiny_transfer(embedded_dir, source_workdir, xi_init=xi_init, trainable="head")
+  results = loop.train_and_evaluate(config, str(tmp_path))
+  info = results["init_from"]["new_tasks"][NEW]
+  assert info["coefficients"] == {s: 0.5 for s in SOURCES}
+  source, _ = source_model(source_workdir)
+  after, after_net = source_model(tmp_path)
+  spec = after_net.spec
+  if xi_init == "random":  # the new model's own initial row (config.model.mixture_init)
+    fresh = after_net.init(jax.random.key(config.seed), jnp.zeros((1, 28, 28, 1)))
+    expected_logits = fresh["params"]["mixture_logits"][spec.task_index(NEW)]
+  else:
+    expected_logits = transfer.fresh_xi_logits("diagonal", spec, None, config.seed)
+    assert np.argmax(expected_logits, -1).tolist() == list(
+        templates.build_signature("sequential", spec.num_layers, spec.num_templates, (), 0))
+  # trainable=head: xi, BN and statistics are exactly what the strategy built.
+  logits = after.variables["params"]["mixture_logits"][spec.task_index(NEW)]
+  np.testing.assert_array_equal(logits, expected_logits)
+  np.testing.assert_allclose(info["initial_xi"], jax.nn.softmax(expected_logits, -1),
+                             rtol=1e-6)
+  old_bn = source.variables["params"]["block_bn"]["expand"]["scale"]
+  np.testing.assert_allclose(after.variables["params"]["block_bn"]["expand"]["scale"][
+      spec.task_index(NEW)], old_bn.mean(0), rtol=1e-6)

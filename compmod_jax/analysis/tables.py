@@ -8,9 +8,9 @@ set, the new task's test accuracy before and after fine-tuning, the parameters i
 model and the parameters the run trained.
 `da`: the paper's Table 3 layout, target test accuracy per adaptation method (rows) and model
 (columns), from runs of the domain adaptation configs (configs/digits_da.py and the configs
-built like it, defaults.domain_adaptation) that start from the same target variables; runs of
-one cell with different seeds give their mean and standard deviation. With --out also written
-as table3.md and table3.json in that directory.
+built like it by configs/common.py) that start from the same target variables; runs of one cell
+with different seeds give their mean and standard deviation. With --out also written as
+table3.md and table3.json in that directory.
 """
 import json
 import sys
@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from compmod_jax.train import defaults
+from compmod_jax.methods import adaptation as adaptation_methods
 
 flags.DEFINE_string("task", None, "The new task to tabulate (default: each run's only one).")
 flags.DEFINE_string("out", None, "da: directory to write table3.md and table3.json into.")
@@ -65,8 +65,9 @@ def transfer_table(workdirs, task=None):
 
 def da_results(workdirs):
   """(xi_init, {method: {model: {seed: target test accuracy}}}) of domain-adaptation runs; each
-  run's method, model and seed come from its config.json (config.adaptation; a trainable set
-  other than the model's default, defaults.DA_MODELS, is added to the method's name). All runs
+  run's target, method, model and seed come from its config.json (config.adaptation; a
+  trainable set other than the model's default, adaptation.TABLE3_MODELS, is added to the
+  method's name). All runs
   must start from the same target variables (config.xi_init): cells compare methods, not
   starting points."""
   table, starts = {}, {}
@@ -74,18 +75,18 @@ def da_results(workdirs):
     results = read_results(workdir)
     config = json.loads((epath.Path(workdir) / "config.json").read_text())
     adaptation = config.get("adaptation") or {}
-    if "target_test_accuracy" not in results or not adaptation.get("method_name"):
-      raise ValueError(f"{workdir} is not a domain-adaptation run (no "
-                       f"target_test_accuracy in its results.json).")
+    if not adaptation.get("method_name") or adaptation["target"] not in results["tasks"]:
+      raise ValueError(f"{workdir} is not a domain-adaptation run (its config.json has no "
+                       f"adaptation.method_name, or results.json no result of its target).")
     starts.setdefault(config["xi_init"], []).append(str(workdir))
     method, model = adaptation["method_name"], adaptation["model_name"]
-    if config["trainable"] != defaults.DA_MODELS[model][1]:  # what else the target trained
+    if config["trainable"] != adaptation_methods.TABLE3_MODELS[model][1]:  # what else trained
       method += f" ({config['trainable']})"
     seeds = table.setdefault(method, {}).setdefault(model, {})
     if config["seed"] in seeds:
       raise ValueError(f"Two runs for method {method!r}, model {model!r} with seed "
                        f"{config['seed']}; pass one workdir per seed.")
-    seeds[config["seed"]] = results["target_test_accuracy"]
+    seeds[config["seed"]] = results["tasks"][adaptation["target"]]["test_accuracy"]
   if len(starts) > 1:
     raise ValueError(f"The runs start from different target variables (config.xi_init: "
                      f"{starts}); make one table per starting point.")
@@ -110,7 +111,7 @@ def da_table(workdirs, out=None):
   table = {method: {model: _summary(by_seed) for model, by_seed in row.items()}
            for method, row in runs.items()}
   models = sorted({model for row in table.values() for model in row})
-  order = defaults.DA_METHODS
+  order = adaptation_methods.TABLE3_METHODS
   methods = sorted(table, key=lambda m: (order.index(m.split(" ")[0]), m)
                    if m.split(" ")[0] in order else (len(order), m))
   lines = [f"Target test accuracy (%), the target's variables copied from {xi_init}; a cell of "

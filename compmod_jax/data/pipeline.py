@@ -67,14 +67,16 @@ class DatasetNotFoundError(tfds.core.DatasetNotFoundError):
 
 
 def default_data_config():
-  """Returns the `config.data` fields with defaults for the embedded MNIST domain.
+  """Returns the `config.data` fields (the base config's) with defaults for the embedded
+  digits.
 
   Fields:
     name: TFDS name, e.g. 'embedded_digits/mnist_blur', 'cifar100', 'mnist_corrupted/shear'.
     data_dir: TFDS data_dir (None: TFDS's default, ~/tensorflow_datasets or $TFDS_DATA_DIR).
     download: allow TFDS to download and prepare a missing real dataset (needs network).
     train_split, eval_split: TFDS split strings, e.g. 'train[:90%]'.
-    image_size: side of the square output image; None keeps the stored size.
+    image_size: side of the square output image (default 28, the digits'); None keeps the
+        stored size.
     channels: 1 or 3; grayscale and RGB are converted into each other as needed.
     normalization: 'unit' -> [0, 1]; 'standard' -> (x / 255 - mean) / std (STANDARD_MEAN_STD).
     augment: 'none', 'crop' (random translation: pad by 1/8 and crop back; for digits) or
@@ -94,7 +96,7 @@ def default_data_config():
       "download": False,
       "train_split": "train",
       "eval_split": "test",
-      "image_size": config_dict.placeholder(int),
+      "image_size": config_dict.FieldReference(28, field_type=int),
       "channels": 1,
       "normalization": "unit",
       "augment": "none",

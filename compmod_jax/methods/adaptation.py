@@ -1,7 +1,8 @@
 """Unsupervised multi-source domain adaptation on the target's variables (paper §4.4, App. D).
 
 Both methods train the target's trainable variables (by default its xi alone: config.trainable)
-and a few variables of their own, kept in params["adaptation"] under their own optimizer group.
+and a few variables of their own, kept in params["adaptation"] under their own optimizer group
+(registry.Method.own_params). Both are methods of the plug-in registry (methods/registry.py).
 Each step computes both players' objectives at once; every term sees the other player's
 variables through stop_gradient, so each gets the gradient of its own objective only.
 
@@ -26,12 +27,55 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import linen as nn
 
-from compmod_jax.methods import supervised
+from compmod_jax.methods import registry, supervised
 
 METHODS = ("adversarial", "moment_matching")
+# The key of the methods' own variables in params, and so their optimizer group.
+OWN_PARAMS = "adaptation"
+# Table 3 (analysis/tables.py): its rows, in order (source-only and the supervised bound run
+# the supervised method on the target alone), and its columns, the two models, each with the
+# multi-task set-up of its pretraining and the variables adaptation trains by default.
+TABLE3_METHODS = ("source_only",) + METHODS + ("supervised",)
+TABLE3_MODELS = {"compositional": ("mixture_patches", "xi"),
+                 "plain": ("simple_baseline", "input_adapter")}
+
+
+def default_config():
+  """config.adaptation: the target task (its private variables are the only model variables
+  that train; the adaptation losses never read its labels), the discriminator's width, the
+  weight of the moment distance, and the labels of the run in the Table 3 layout."""
+  return ml_collections.ConfigDict(dict(
+      target="", discriminator_channels=64, moment_weight=1.0, method_name="", model_name=""))
+
+
+def check_config(config):
+  adaptation = config.get("adaptation")
+  if adaptation is None:
+    raise ValueError(f"config.method={config.method!r} needs a config.adaptation section "
+                     f"(methods/adaptation.py default_config(); configs/common.py "
+                     f"domain_adaptation builds one).")
+  if adaptation.target not in config.tasks or len(config.tasks) < 2:
+    raise ValueError(f"config.method={config.method!r} needs config.adaptation.target to name "
+                     f"one of config.tasks and at least one source task beside it; got target "
+                     f"{adaptation.target!r} and tasks {sorted(config.tasks)}")
+  if not adaptation.moment_weight >= 0:
+    raise ValueError(f"config.adaptation.moment_weight must be >= 0, got "
+                     f"{adaptation.moment_weight}")
+  if adaptation.discriminator_channels < 1:
+    raise ValueError(f"config.adaptation.discriminator_channels must be a positive integer, got "
+                     f"{adaptation.discriminator_channels}")
+
+
+def target_only(config):
+  return (config.adaptation.target,)
+
+
+def target_accuracy(config, task_results):
+  return {"target_test_accuracy": task_results[config.adaptation.target]["test_accuracy"]}
 
 
 class Discriminator(nn.Module):
@@ -62,7 +106,7 @@ def method_module(config, spec):
   return ClassifierPair(dict(spec.tasks)[config.adaptation.target])
 
 
-def init_method_params(config, model, variables, key, example_images):
+def init_params(config, model, variables, key, example_images):
   """The method's own initial variables, for inputs shaped like the features it reads."""
   features = jax.eval_shape(functools.partial(model.apply, method=feature_method(config, model)),
                             variables, example_images)
@@ -109,7 +153,7 @@ def adversarial_loss(model, params, batch_stats, batch, rng, *, target, discrimi
   sources, target_features, batch_stats = _features(model, params, batch_stats, batch, target,
                                                     model.body_features)
   disc = lambda p, x: discriminator.apply({"params": p}, x)
-  disc_params = params["adaptation"]
+  disc_params = params[OWN_PARAMS]
   source_logits = disc(disc_params, jnp.concatenate(list(sources.values())))
   target_logits = disc(disc_params, jax.lax.stop_gradient(target_features))
   discriminator_loss = 0.5 * (binary_cross_entropy(source_logits, 1.0)
@@ -155,7 +199,7 @@ def moment_matching_loss(model, params, batch_stats, batch, rng, *, target, clas
   sources, target_embedding, batch_stats = _features(model, params, batch_stats, batch, target,
                                                      model.embedding)
   pair = lambda p, x: classifiers.apply({"params": p}, x)
-  pair_params = params["adaptation"]
+  pair_params = params[OWN_PARAMS]
   classification = 0.0
   for task, embedding in sources.items():
     mask = batch[task]["mask"].astype(jnp.float32)
@@ -174,3 +218,9 @@ def moment_matching_loss(model, params, batch_stats, batch, rng, *, target, clas
   loss = (classification - classifiers_discrepancy + target_discrepancy
           + moment_weight * moments)
   return loss, (batch_stats, metrics)
+
+
+for _name in METHODS:
+  registry.register(registry.Method(
+      _name, make_loss=make_loss, own_params=OWN_PARAMS, init_params=init_params,
+      trained_tasks=target_only, results=target_accuracy, check_config=check_config))

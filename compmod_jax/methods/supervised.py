@@ -5,9 +5,13 @@ with that task's mixture weights, head and BN statistics; the loss is the weight
 tasks' masked mean cross-entropies. All tasks share one jitted step (the task loop below is
 unrolled at trace time, so nothing recompiles per task).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from compmod_jax.methods import registry
 
 
 def masked_mean(values, mask):
@@ -30,3 +34,12 @@ def classification_loss(model, params, batch_stats, batch, rng, task_weights):
     metrics[f"{task}/loss"] = loss
     metrics[f"{task}/accuracy"] = masked_mean(jnp.argmax(logits, -1) == examples["label"], mask)
   return total, (batch_stats, metrics)
+
+
+def make_loss(config, spec):
+  del spec  # every task of the batch is classified
+  task_weights = {task: config.tasks[task].weight for task in config.tasks}
+  return functools.partial(classification_loss, task_weights=task_weights)
+
+
+METHOD = registry.register(registry.Method("supervised", make_loss=make_loss))

@@ -21,18 +21,172 @@ per-task BN scale/bias and its BN moving statistics. For coefficients c over the
 Heads are combined only when every source head has the new task's number of classes (the
 paper's case: one label set); otherwise the new head keeps its fresh initialisation, and the
 strategies that evaluate source heads (best_source, accuracy, learned) are refused.
+
+Each strategy is a small function of a `NewTask` (the run context, the variables, the new task
+and the sources) returning a `NewTaskStart` (c, or the source to copy, or a fresh xi row, and
+what it measured); STRATEGIES maps config.xi_init to it. `initialise_new_task` runs one and
+builds the task. The run context (compmod_jax/train/context.py RunContext) gives the data and
+evaluation; this module never imports the trainer.
 """
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import traverse_util
 
 from compmod_jax.models import network, templates
 
-XI_INITS = ("best_source", "accuracy", "learned", "random", "diagonal")
-NEEDS_SOURCE_HEADS = ("best_source", "accuracy", "learned")
 SOURCE_PREFIX = "source:"
+DEFAULT_XI_INIT = "best_source"
+NEEDS_SOURCE_HEADS = ("best_source", "accuracy", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class NewTask:
+  """What a strategy is given: the run (a RunContext), the model's variables {"params",
+  "batch_stats"} as host arrays with the checkpoint loaded, the new task, the source tasks
+  (sorted, as the model orders them)."""
+  ctx: Any
+  variables: dict
+  task: str
+  sources: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class NewTaskStart:
+  """What a strategy chose: coefficients c over the sources (Eq. 1) or the one source to copy
+  exactly, a fresh xi row when it replaces Eq. 1's, and what it measured on the way."""
+  coefficients: np.ndarray
+  copy_source: Optional[str] = None
+  xi_logits: Optional[Any] = None
+  source_accuracies: dict = dataclasses.field(default_factory=dict)
+  learning_losses: tuple = ()
+
+
+def _copy(new, source):
+  return NewTaskStart(coefficients=(np.array(new.sources) == source).astype(np.float64),
+                      copy_source=source)
+
+
+def _best_source(new):
+  accuracies = source_accuracies(new)
+  best = max(new.sources, key=lambda name: accuracies[name])
+  return dataclasses.replace(_copy(new, best), source_accuracies=accuracies)
+
+
+def _accuracy_weighted(new):
+  accuracies = source_accuracies(new)
+  return NewTaskStart(coefficients=accuracy_coefficients(accuracies, new.sources),
+                      source_accuracies=accuracies)
+
+
+def _learned(new):
+  ctx, config = new.ctx, new.ctx.config
+  stream = ctx.task_stream(new.task, global_batch_size=ctx.train_batch_size(new.task),
+                           train=True, seed=config.seed + 7919)  # its own shuffle
+  batches = (ctx.global_batch(batch) for batch in stream)
+  coefficients, losses = learn_coefficients(
+      ctx.model, ctx.replicated(new.variables), new.task, new.sources, batches,
+      steps=config.transfer.learned_steps, learning_rate=config.transfer.learned_learning_rate)
+  return NewTaskStart(coefficients=np.asarray(coefficients, np.float64),
+                      learning_losses=tuple(losses))
+
+
+def _fresh_xi(new, init):
+  """A fresh xi row (a fixed signature has none); head and BN uniform over the sources."""
+  uniform = np.full(len(new.sources), 1.0 / len(new.sources))
+  params, spec = new.variables["params"], new.ctx.model.spec
+  if "mixture_logits" not in params:
+    return NewTaskStart(coefficients=uniform)
+  fresh_row = params["mixture_logits"][spec.task_index(new.task)]
+  return NewTaskStart(coefficients=uniform, xi_logits=fresh_xi_logits(
+      init, spec, fresh_row, new.ctx.config.seed))
+
+
+STRATEGIES = {
+    "best_source": _best_source,
+    "accuracy": _accuracy_weighted,
+    "learned": _learned,
+    "random": functools.partial(_fresh_xi, init="random"),
+    "diagonal": functools.partial(_fresh_xi, init="diagonal"),
+}
+XI_INITS = tuple(STRATEGIES)
+
+
+def strategy(xi_init):
+  """The function of config.xi_init."""
+  if xi_init.startswith(SOURCE_PREFIX):
+    return functools.partial(_copy, source=xi_init[len(SOURCE_PREFIX):])
+  return STRATEGIES[xi_init]
+
+
+def source_accuracies(new):
+  """{source: accuracy of its own xi, BN and head on the new task's training data} (the first
+  config.transfer.selection_examples, read in evaluation mode)."""
+  ctx, config = new.ctx, new.ctx.config
+  stream = ctx.task_stream(new.task, global_batch_size=config.eval_batch_size, train=False,
+                           split=config.data.train_split)
+  max_batches = math.ceil(config.transfer.selection_examples / config.eval_batch_size)
+  accuracies = {}
+  for name in new.sources:
+    candidate = build_task(new.variables, ctx.model.spec, new.task, new.sources,
+                           copy_source=name)
+    accuracies[name] = ctx.accuracy(candidate, stream, new.task, max_batches)
+    logging.info("Task %s: xi, BN and head of source %s give %.4f accuracy on its training "
+                 "data.", new.task, name, accuracies[name])
+  return accuracies
+
+
+def initialise_new_task(ctx, variables, task, source_classes):
+  """`variables` (host) with task's xi, head and BN built from the sources as
+  ctx.config.xi_init says, and what the run reports about them."""
+  xi_init, spec = ctx.config.xi_init, ctx.model.spec
+  check_heads_fit(xi_init, task, dict(spec.tasks)[task], source_classes)
+  if xi_init in NEEDS_SOURCE_HEADS:
+    logging.warning("xi_init=%s uses the labels of task %s's training split (for domain "
+                    "adaptation: paper App. D.2's selection); with xi_init=source:<task> no "
+                    "label of %s is read.", xi_init, task, task)
+  new = NewTask(ctx=ctx, variables=variables, task=task, sources=tuple(sorted(source_classes)))
+  start = strategy(xi_init)(new)
+  variables = jax.device_get(build_task(
+      variables, spec, task, list(new.sources),
+      coefficients=jnp.asarray(start.coefficients, jnp.float32),
+      copy_source=start.copy_source, xi_logits=start.xi_logits))
+  coefficients = dict(zip(new.sources, start.coefficients.tolist()))
+  logging.info("Task %s: xi_init=%s, coefficients %s.", task, xi_init,
+               {name: round(c, 4) for name, c in coefficients.items()})
+  initial_xi = (templates.mixture_weights(variables["params"]["mixture_logits"])
+                [spec.task_index(task)] if "mixture_logits" in variables["params"] else None)
+  return variables, {
+      "xi_init": xi_init, "coefficients": coefficients,
+      "initial_xi": None if initial_xi is None else np.asarray(initial_xi).tolist(),
+      "source_accuracy_on_train": start.source_accuracies,
+      "coefficient_learning_loss": list(start.learning_losses[-1:]),
+      "added_parameters": added_parameters(spec, variables["params"], task)}
+
+
+def check_config(config):
+  """Errors for config.xi_init and config.transfer, raised before any heavy work."""
+  check_xi_init(config.xi_init)
+  for rule in config.transfer.dont_load:
+    try:
+      re.compile(rule)
+    except re.error as error:
+      raise ValueError(f"config.transfer.dont_load rule {rule!r} is not a regex: {error}") from None
+  for name in ("selection_examples", "learned_steps"):
+    if config.transfer[name] <= 0:
+      raise ValueError(f"config.transfer.{name} must be a positive integer, got "
+                       f"{config.transfer[name]!r}")
+  if not config.transfer.learned_learning_rate > 0:
+    raise ValueError(f"config.transfer.learned_learning_rate must be > 0, got "
+                     f"{config.transfer.learned_learning_rate}")
 
 
 def check_xi_init(xi_init, source_tasks=None):

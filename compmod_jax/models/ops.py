@@ -1,8 +1,8 @@
 """Array operations of the isometric block, each behind one function.
 
 XLA:CPU's grouped (depthwise) convolution and, above all, its gradient are several times slower
-than the same arithmetic written as shifted copies of the input (see DESIGN.md §6, measured in
-`benchmarks/`). TPU and GPU have fast native depthwise convolutions, so every choice here takes an
+than the same arithmetic written as shifted copies of the input (docs/design.md, "Performance
+on CPU"; measured by `benchmarks/`). TPU and GPU have fast native depthwise convolutions, so every choice here takes an
 `impl` argument that `resolve_conv_impl` fills in per backend.
 """
 import functools

@@ -5,7 +5,9 @@ group has a learning-rate multiplier in the config, and a multiplier of 0 freeze
 its parameters get exactly zero updates and no optimizer state. A parameter that no group
 covers is an error naming it, so a new parameter can never be trained (or frozen) by accident.
 """
+import dataclasses
 import re
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +17,10 @@ from flax import traverse_util
 
 from compmod_jax.models import network
 
-# (group, regex over "/"-joined parameter paths). Order matters: the first match wins, so the
-# BN parameters that live inside the template bank ("mixed" batch norm) count as batch norm.
+# (group, regex over "/"-joined parameter paths) of the model's parameters. Order matters: the
+# first match wins, so the BN parameters that live inside the template bank ("mixed" batch norm)
+# count as batch norm. A method's own variables (registry.Method.own_params) add one group
+# after these (`parameter_groups`).
 PARAMETER_GROUPS = (
     ("batch_norm", r"^block_bn/|^templates/bn/"),
     ("templates", r"^templates/"),
@@ -24,16 +28,14 @@ PARAMETER_GROUPS = (
     ("input_adapter", r"^input_adapter/"),
     ("output_adapter", r"^output_adapter/"),
     ("heads", r"^heads/"),
-    ("adaptation", r"^adaptation/"),  # a domain adaptation method's own (methods/adaptation.py)
 )
+MODEL_GROUPS = tuple(name for name, _ in PARAMETER_GROUPS)
 # config.trainable: which groups of the model a run trains (the others get multiplier 0). ""
 # leaves it to config.optimizer.lr_multipliers alone. The presets of transfer learning (paper
 # §4.3): head only, head + BN, the paper's method (mixture weights + head + BN), and full
 # fine-tuning; and of domain adaptation (§4.4): the mixture weights alone, or with BN or the
-# input adapter, and the plain network's baseline, its input adapter alone.
-# A method's own variables (discriminator, classifier pair) are not the model's: presets leave
-# them alone.
-METHOD_GROUPS = ("adaptation",)
+# input adapter, and the plain network's baseline, its input adapter alone. A method's own
+# variables are not the model's: presets leave their group alone.
 TRAINABLE_PRESETS = {
     "xi": ("mixture_logits",),
     "xi_bn": ("mixture_logits", "batch_norm"),
@@ -42,16 +44,31 @@ TRAINABLE_PRESETS = {
     "head": ("heads",),
     "head_bn": ("heads", "batch_norm"),
     "xi_head_bn": ("heads", "batch_norm", "mixture_logits"),
-    "all": tuple(name for name, _ in PARAMETER_GROUPS),
+    "all": MODEL_GROUPS,
 }
 OPTIMIZERS = ("rmsprop", "sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine", "exponential")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimization:
+  """A run's optimizer, its learning-rate schedule and the trainable mask (`trainable_mask`)."""
+  tx: Any
+  schedule: Callable
+  trainable: Any
 
 
 def path_names(params):
   """A tree like `params` whose leaves are their "/"-joined paths."""
   flat = traverse_util.flatten_dict(params, sep="/")
   return traverse_util.unflatten_dict({k: k for k in flat}, sep="/")
+
+
+def parameter_groups(method=None):
+  """The model's groups, plus the group of `method`'s own variables when it has some."""
+  if method is None or not method.own_params:
+    return PARAMETER_GROUPS
+  return PARAMETER_GROUPS + ((method.own_params, f"^{re.escape(method.own_params)}/"),)
 
 
 def group_labels(params, groups=PARAMETER_GROUPS):
@@ -61,12 +78,13 @@ def group_labels(params, groups=PARAMETER_GROUPS):
       if re.search(pattern, path):
         return name
     raise ValueError(f"Parameter {path!r} matches no optimizer group; groups and their "
-                     f"patterns: {dict(groups)}. Add a group for it in train/optim.py.")
+                     f"patterns: {dict(groups)}. Add a group for it in train/optim.py (a "
+                     f"method's own variables: registry.Method.own_params).")
   return jax.tree.map(label, path_names(params))
 
 
 def check_config(config, groups=PARAMETER_GROUPS):
-  """Errors for `config.optimizer`, raised before any heavy work."""
+  """Errors for `config.optimizer` and `config.trainable`, raised before any heavy work."""
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
@@ -84,44 +102,44 @@ def check_config(config, groups=PARAMETER_GROUPS):
     if multiplier < 0:
       raise ValueError(f"config.optimizer.lr_multipliers.{name} must be >= 0 (0 freezes), "
                        f"got {multiplier}")
-  if config.get("trainable", "") and config.trainable not in TRAINABLE_PRESETS:
+  if config.trainable and config.trainable not in TRAINABLE_PRESETS:
     raise ValueError(f"config.trainable must be one of {tuple(TRAINABLE_PRESETS)} or '' (use "
                      f"config.optimizer.lr_multipliers alone), got {config.trainable!r}")
 
 
 def group_multipliers(config, groups=PARAMETER_GROUPS):
-  """{group: learning-rate multiplier}: config.optimizer.lr_multipliers, with the groups
-  outside the config.trainable preset (when one is set) at 0."""
+  """{group: learning-rate multiplier}: config.optimizer.lr_multipliers (default 1), with the
+  model groups outside the config.trainable preset (when one is set) at 0."""
   multipliers = {name: config.optimizer.lr_multipliers.get(name, 1.0) for name, _ in groups}
-  preset = config.get("trainable", "")
-  if preset:
-    multipliers = {name: m if name in TRAINABLE_PRESETS[preset] + METHOD_GROUPS else 0.0
+  if config.trainable:
+    preset = TRAINABLE_PRESETS[config.trainable]
+    multipliers = {name: m if name in preset or name not in MODEL_GROUPS else 0.0
                    for name, m in multipliers.items()}
   return multipliers
 
 
-def check_trainable(params, config, spec, groups=PARAMETER_GROUPS):
-  """Fails when no parameter of this model would be trained.
+def check_trainable(params, config, spec, method):
+  """Fails when no parameter of this model would be trained by `method`.
 
   That happens when every multiplier is 0, when the only groups with a multiplier > 0 match no
   parameter of this model (e.g. mixture_logits with a fixed signature), or when they hold only
   rows of tasks this run does not train. A group that matches nothing while others train is
-  fine: the default multipliers name every group.
+  fine: the default multipliers name every group. The method's own variables do not count:
+  they alone would change nothing of the model.
   """
-  mask = traverse_util.flatten_dict(trainable_mask(params, config, spec, groups), sep="/")
+  groups = parameter_groups(method)
+  mask = traverse_util.flatten_dict(trainable_mask(params, config, spec, method), sep="/")
   labels = traverse_util.flatten_dict(group_labels(params, groups), sep="/")
-  if any(np.any(m) for path, m in mask.items() if labels[path] not in METHOD_GROUPS):
+  if any(np.any(m) for path, m in mask.items() if labels[path] in MODEL_GROUPS):
     return
   multipliers = {name: m for name, m in group_multipliers(config, groups).items()
-                 if name not in METHOD_GROUPS}
-  present = sorted(set(labels.values()))
-  preset = config.get("trainable", "")
+                 if name in MODEL_GROUPS}
+  preset = f" (config.trainable={config.trainable!r})" if config.trainable else ""
   raise ValueError(
-      f"config.optimizer.lr_multipliers trains nothing in this model"
-      f"{f' (config.trainable={preset!r})' if preset else ''}: the groups with a multiplier > 0 "
-      f"are {sorted(n for n, m in multipliers.items() if m > 0)}, and this model's parameters "
-      f"are in {present}; the run trains the tasks {list(trained_task_names(config))}. Give one "
-      f"of those groups a multiplier > 0.")
+      f"config.optimizer.lr_multipliers trains nothing in this model{preset}: the groups with a "
+      f"multiplier > 0 are {sorted(n for n, m in multipliers.items() if m > 0)}, and this "
+      f"model's parameters are in {sorted(set(labels.values()))}; the run trains the tasks "
+      f"{list(method.trained_tasks(config))}. Give one of those groups a multiplier > 0.")
 
 
 def make_schedule(config):
@@ -180,16 +198,17 @@ def make_optimizer(config, params, groups=PARAMETER_GROUPS):
   return tx, schedule
 
 
-def trainable_mask(params, config, spec, groups=PARAMETER_GROUPS):
+def trainable_mask(params, config, spec, method):
   """Which parameter entries this run may change, as a tree like `params`.
 
   A leaf is a numpy bool: a scalar when the whole array trains or not (its group's multiplier
   is > 0 or not), or a [tasks, 1, ...] mask over the rows of an array with one row per task.
-  Rows and heads of tasks the model holds but this run does not train (trained_tasks) are
+  Rows and heads of tasks the model holds but `method` does not train (its trained_tasks) are
   always frozen: a model restored with more tasks keeps their predictions bit-identical.
   """
+  groups = parameter_groups(method)
   multipliers = group_multipliers(config, groups)
-  trained_tasks = set(trained_task_names(config))
+  trained_tasks = set(method.trained_tasks(config))
   flat = traverse_util.flatten_dict(params, sep="/")
   labels = traverse_util.flatten_dict(group_labels(params, groups), sep="/")
 
@@ -205,14 +224,6 @@ def trainable_mask(params, config, spec, groups=PARAMETER_GROUPS):
     return rows.reshape((len(owners),) + (1,) * (len(leaf.shape) - 1))
 
   return traverse_util.unflatten_dict({p: mask(p, leaf) for p, leaf in flat.items()}, sep="/")
-
-
-def trained_task_names(config):
-  """The tasks whose private variables (xi, head, per-task BN) train: the adaptation target
-  alone when there is one (the source domains only feed it data), else every task."""
-  if config.adaptation.target:
-    return (config.adaptation.target,)
-  return tuple(sorted(config.tasks))
 
 
 def count_trainable(mask, params):

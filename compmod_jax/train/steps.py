@@ -22,8 +22,9 @@ class TrainState:
   ema_params: Any
 
 
-def train_step(state, batch, *, model, tx, loss_fn, trainable, config):
-  """One update. loss_fn(model, params, batch_stats, batch, rng) -> (loss, (stats, metrics))."""
+def train_step(state, batch, *, model, optimization, loss_fn, config):
+  """One update with `optimization` (optim.Optimization: its tx and trainable mask).
+  loss_fn(model, params, batch_stats, batch, rng) -> (loss, (stats, metrics))."""
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
   def objective(params):
@@ -33,12 +34,12 @@ def train_step(state, batch, *, model, tx, loss_fn, trainable, config):
 
   (total, (batch_stats, metrics, reg_losses)), grads = jax.value_and_grad(
       objective, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = optimization.tx.update(grads, state.opt_state, state.params)
   # `trainable` (optim.trainable_mask) may freeze single rows of an array (other tasks' mixture
   # weights); selecting the old values, rather than zeroing the update, keeps them bit-identical
   # (weight decay and -0.0 + 0.0 cannot touch them), in the parameters and in their EMA.
   keep_frozen = lambda new, old: jax.tree.map(
-      lambda t, n, o: jnp.where(t, n, o), trainable, new, old)
+      lambda t, n, o: jnp.where(t, n, o), optimization.trainable, new, old)
   params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
   ema = keep_frozen(optim.ema_update(state.ema_params, params, config.ema_decay, state.step),
                     state.ema_params)

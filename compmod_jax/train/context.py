@@ -1,0 +1,129 @@
+"""The run context: what one run holds while it trains (config, workdir, mesh, model, method,
+data streams, evaluation steps), and the small operations on it that the loop, the start-up
+paths and the methods share: this process's share of a task's data, global batches on the mesh,
+replicated parameters, and evaluation.
+
+Methods (compmod_jax/methods) never import the trainer; they are handed a RunContext and use
+its attributes and methods.
+"""
+import dataclasses
+import itertools
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from compmod_jax.data import pipeline
+from compmod_jax.methods import multitask
+from compmod_jax.train import steps
+
+
+def make_mesh(config):
+  """A data-parallel mesh. Auto axis types: replicated params need no explicit sharding."""
+  shape = tuple(jax.device_count() if n == -1 else n for n in config.mesh_shape)
+  return jax.make_mesh(shape, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def task_data_config(config, task):
+  """config.data with the task's own dataset and labeling."""
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.name = config.tasks[task].dataset
+  data_config.label_map = config.tasks[task].get("label_map", "identity")
+  return data_config
+
+
+def task_stream(config, task, *, global_batch_size, train, seed=0, split=None):
+  """This process's share of `task`'s split (default: the train or eval split)."""
+  return pipeline.DataStream(
+      task_data_config(config, task), batch_size=global_batch_size // jax.process_count(),
+      train=train, split=split, seed=seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def make_streams(config, *, train):
+  """{task: DataStream} with this process's share of each task's split."""
+  if train:
+    batch_sizes = multitask.task_batch_sizes(config, jax.device_count())
+  else:
+    batch_sizes = {task: config.eval_batch_size for task in config.tasks}
+  return {task: task_stream(config, task, global_batch_size=batch_sizes[task], train=train,
+                            seed=config.seed + index)
+          for index, task in enumerate(sorted(config.tasks))}
+
+
+def replicated(mesh, host_tree):
+  """A host (numpy) tree as arrays replicated on the mesh (every process passes the same)."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda index: np.asarray(x)[index]), host_tree)
+
+
+def global_batch(mesh, local_batch):
+  """This process's batch (a tree of numpy arrays) as one global array split over "data"."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)
+
+
+@dataclasses.dataclass
+class RunContext:
+  """One run: its config, workdir, mesh, model, method and data.
+
+  eval_steps: {task: jitted eval step}; run_info: what every checkpoint and results.json of the
+  run carry about how it started (a pretrained checkpoint, new tasks' initialisation).
+  """
+  config: Any
+  workdir: str
+  mesh: Any
+  model: Any
+  method: Any
+  train_streams: dict
+  eval_streams: dict
+  eval_steps: dict
+  run_info: dict = dataclasses.field(default_factory=dict)
+
+  def replicated(self, host_tree):
+    return replicated(self.mesh, host_tree)
+
+  def global_batch(self, local_batch):
+    return global_batch(self.mesh, local_batch)
+
+  def task_stream(self, task, **kwargs):
+    """task_stream(config, task, global_batch_size=..., train=..., seed=..., split=...)."""
+    return task_stream(self.config, task, **kwargs)
+
+  def train_batch_size(self, task):
+    """Global examples of `task` per training step."""
+    return multitask.task_batch_sizes(self.config, jax.device_count())[task]
+
+  def evaluate(self, state):
+    """{task: test accuracy, loss and examples} on each task's whole eval split (padded batches
+    are masked), with the EMA parameters."""
+    results = {}
+    for task, stream in sorted(self.eval_streams.items()):
+      totals = self.eval_sums(state, stream, task)
+      count = max(totals["count"], 1.0)
+      results[task] = {"test_accuracy": totals["correct"] / count,
+                       "test_loss": totals["loss_sum"] / count, "test_examples": int(count)}
+    return results
+
+  def eval_sums(self, state, stream, task, max_batches=None):
+    """Correct predictions, cross-entropy and real examples of `task`'s eval step summed over
+    one pass of an eval stream (or its first `max_batches` batches)."""
+    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+    for local_batch in itertools.islice(stream, max_batches):
+      sums = self.eval_steps[task](state, self.global_batch(local_batch))
+      for key in totals:
+        totals[key] += float(sums[key])
+    return totals
+
+  def accuracy(self, variables, stream, task, max_batches=None):
+    """Accuracy of host `variables` {"params", "batch_stats"} as `task` on `stream` (read in
+    evaluation mode; the first `max_batches` batches, or one pass)."""
+    placed = self.replicated(variables)
+    state = steps.TrainState(step=0, params=None, batch_stats=placed["batch_stats"],
+                             opt_state=None, ema_params=placed["params"])
+    totals = self.eval_sums(state, stream, task, max_batches)
+    return totals["correct"] / max(totals["count"], 1.0)

@@ -1,0 +1,132 @@
+"""What a run shows its user: results.json, accuracy_table.md, mixture-weight pictures and the
+TensorBoard scalars. results.json is the interface later tools read (analysis/tables.py)."""
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from compmod_jax.analysis import figures, similarity
+from compmod_jax.methods import regularizers
+from compmod_jax.models import templates
+from compmod_jax.train import workdir as workdir_io
+
+
+def mixture_weights_by_task(model, params):
+  """{task: xi [L, K]} for a learned signature, or the one-hot fixed signature."""
+  spec = model.spec
+  if "mixture_logits" in params:
+    xi = np.asarray(templates.mixture_weights(params["mixture_logits"]))
+  else:
+    one_hot = np.eye(spec.bank_size)[np.asarray(spec.fixed_signature)]
+    xi = np.broadcast_to(one_hot, (len(spec.tasks),) + one_hot.shape)
+  return {task: xi[index] for index, (task, _) in enumerate(spec.tasks)}
+
+
+def mixture_scalars(model, params):
+  """Per-layer entropy and max of xi for each task (learned signatures only)."""
+  if "mixture_logits" not in params:
+    return {}
+  entropy = np.asarray(regularizers.mixture_entropy(params["mixture_logits"]))
+  scalars = {}
+  for task, xi in mixture_weights_by_task(model, params).items():
+    index = model.spec.task_index(task)
+    for layer in range(xi.shape[0]):
+      scalars[f"xi_entropy/{task}/layer_{layer + 1:02d}"] = entropy[index, layer]
+      scalars[f"xi_max/{task}/layer_{layer + 1:02d}"] = xi[layer].max()
+    scalars[f"xi_entropy/{task}/mean"] = entropy[index].mean()
+  return scalars
+
+
+def write_train_metrics(ctx, writer, step, pending_metrics, learning_rate, state):
+  """The training metrics averaged since the last write, the learning rate and xi scalars."""
+  averaged = {k: float(np.mean([float(m[k]) for m in pending_metrics]))
+              for k in pending_metrics[0]}
+  averaged["learning_rate"] = float(learning_rate)
+  averaged.update(mixture_scalars(ctx.model, jax.device_get(state.params)))
+  writer.write_scalars(step, averaged)
+
+
+def write_results(ctx, results, step, wall_time_s):
+  """results.json, rewritten at each evaluation. A run started from a pretrained checkpoint
+  adds, per new task, `accuracy_before_finetune` and `added_parameters`, and the details of
+  its initialisation under "init_from"; the method adds its own fields (Method.results)."""
+  run_info = ctx.run_info
+  results = {task: dict(r, **_new_task_summary(run_info, task)) for task, r in results.items()}
+  payload = {"tasks": results, "step": int(step), "wall_time_s": float(wall_time_s)}
+  payload.update(ctx.method.results(ctx.config, results))
+  if run_info:
+    payload["init_from"] = run_info
+  if jax.process_index() == 0:  # one writer: processes share the workdir
+    workdir_io.write_json(epath.Path(ctx.workdir) / "results.json", payload)
+  return payload
+
+
+def _new_task_summary(run_info, task):
+  info = run_info.get("new_tasks", {}).get(task)
+  if not info:
+    return {}
+  return {"accuracy_before_finetune": info["accuracy_before_finetune"],
+          "added_parameters": sum(info["added_parameters"].values())}
+
+
+def read_results(workdir):
+  return workdir_io.read_json(epath.Path(workdir) / "results.json")
+
+
+def evaluate_and_report(ctx, writer, step, state, wall_time):
+  """Evaluates every task and writes what the user looks at: scalars, results.json, the
+  accuracy table, mixture-weight heatmaps and (with several tasks) the task similarity."""
+  started = time.time()
+  results = ctx.evaluate(state)
+  eval_seconds = time.time() - started
+  scalars = {f"{task}/{key}": value for task, r in results.items() for key, value in r.items()}
+  scalars["eval_seconds"] = eval_seconds
+  writer.write_scalars(step, scalars)
+  pictures = _pictures(ctx, step, mixture_weights_by_task(ctx.model,
+                                                          jax.device_get(state.ema_params)))
+  writer.write_images(step, {name: rgb[None] for name, rgb in pictures.items()})
+  payload = write_results(ctx, results, step, wall_time)
+  if jax.process_index() == 0:
+    for name, rgb in pictures.items():
+      (epath.Path(ctx.workdir) / f"{name}.png").write_bytes(figures.png_bytes(rgb))
+    (epath.Path(ctx.workdir) / "accuracy_table.md").write_text(
+        accuracy_table(payload["tasks"], step))
+  logging.info("step %d (evaluated in %.1f s): %s", step, eval_seconds, ", ".join(
+      f"{task} test accuracy {r['test_accuracy']:.4f}" for task, r in results.items()))
+  return payload
+
+
+def _pictures(ctx, step, xi_by_task):
+  """{name: RGB array}: xi heatmaps, each new task's xi at the start and now, and with several
+  tasks their similarity per layer."""
+  pictures = {"mixture_weights": figures.mixture_heatmaps(xi_by_task, step)}
+  new_tasks = {task: info["initial_xi"] for task, info in
+               ctx.run_info.get("new_tasks", {}).items() if info.get("initial_xi")}
+  if new_tasks:  # a new task's (a target domain's) xi at the start and now
+    pictures["new_task_xi"] = figures.mixture_heatmaps(
+        {name: xi for task, start in sorted(new_tasks.items()) for name, xi in
+         ((f"{task} (start)", np.asarray(start)), (f"{task} (step {step})", xi_by_task[task]))},
+        step)
+  if len(xi_by_task) > 1:
+    pictures["task_similarity"] = figures.task_similarity_grid(
+        *similarity.task_similarity(xi_by_task), step)
+  return pictures
+
+
+def accuracy_table(results, step):
+  """Per-task test accuracy as a Markdown table (results.json holds the same as JSON); tasks
+  new to a pretrained model also show their accuracy before fine-tuning."""
+  lines = [f"Test accuracy at step {step}", "",
+           "| task | accuracy | before fine-tuning | loss | examples |",
+           "|---|---:|---:|---:|---:|"]
+  for task, r in sorted(results.items()):
+    before = r.get("accuracy_before_finetune")
+    before = "" if before is None else f"{100 * before:.2f}"
+    lines.append(f"| {task} | {100 * r['test_accuracy']:.2f} | {before} | {r['test_loss']:.4f} | "
+                 f"{r['test_examples']} |")
+  if len(results) > 1:
+    mean = np.mean([r["test_accuracy"] for r in results.values()])
+    lines.append(f"| mean | {100 * mean:.2f} | | | |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,157 @@
+"""How a run starts: its context (model, method, data), a fresh train state, then either its
+own newest good checkpoint (resume) or another run's checkpoint (config.init_from: loaded
+strictly by train/pretrained.py, new tasks built by methods/transfer.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from compmod_jax.data import pipeline
+from compmod_jax.methods import registry, transfer
+from compmod_jax.models import network
+from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.train import checkpoint, context, optim, pretrained, steps
+
+
+def model_for(config, num_classes):
+  """The network of `config` for tasks with these {task: number of classes}."""
+  spec = NetworkSpec.from_config(config.model, sorted(num_classes.items()),
+                                 config.data.channels)
+  return CompositionalIsometricNet(spec)
+
+
+def make_context(config, workdir, source_tasks):
+  """The run context: the mesh, this process's data streams, the network for the tasks of
+  config.tasks plus the tasks {name: classes} of a pretrained checkpoint the run starts from
+  (their rows stay frozen: optim.trainable_mask), the method and the eval steps."""
+  train_streams = context.make_streams(config, train=True)
+  eval_streams = context.make_streams(config, train=False)
+  num_classes = dict(source_tasks)
+  num_classes.update({task: pipeline.num_classes(stream.builder, stream.data_config)
+                      for task, stream in train_streams.items()})
+  model = model_for(config, num_classes)
+  return context.RunContext(
+      config=config, workdir=workdir, mesh=context.make_mesh(config), model=model,
+      method=registry.get(config.method), train_streams=train_streams,
+      eval_streams=eval_streams,
+      eval_steps={task: steps.jit_eval_step(model, task) for task in eval_streams})
+
+
+def example_images(ctx):
+  """One all-zero image batch shaped like the data (the first eval batch tells the shape)."""
+  stream = next(iter(ctx.eval_streams.values()))
+  shape = next(iter(stream))["image"].shape[1:]
+  iter(stream)  # restart the pass consumed for the shape
+  return jnp.zeros((1,) + tuple(shape), jnp.float32)
+
+
+def create_train_state(ctx, images):
+  """The fresh state and the run's optim.Optimization. Parameters are created already replicated on
+  the mesh (jit with out_shardings). The method's own variables live beside the model's, under
+  params[method.own_params], in their own optimizer group."""
+  config, model, method = ctx.config, ctx.model, ctx.method
+
+  def init_variables(rng):
+    variables = dict(model.init(rng, images))
+    if method.own_params:
+      own = method.init_params(config, model, variables, jax.random.fold_in(rng, 1), images)
+      variables["params"] = dict(variables["params"], **{method.own_params: own})
+    return variables
+
+  params_shapes = jax.eval_shape(init_variables, jax.random.key(0))["params"]
+  tx, schedule = optim.make_optimizer(config, params_shapes, optim.parameter_groups(method))
+  trainable = optim.trainable_mask(params_shapes, config, model.spec, method)
+
+  def init(rng):
+    variables = init_variables(rng)
+    params = variables["params"]
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            batch_stats=variables["batch_stats"], opt_state=tx.init(params),
+                            ema_params=params)
+
+  state = jax.jit(init, out_shardings=NamedSharding(ctx.mesh, P()))(jax.random.key(config.seed))
+  return state, optim.Optimization(tx=tx, schedule=schedule, trainable=trainable)
+
+
+def refuse_other_config(config, workdir, checkpointer):
+  """The run's newest checkpoint meta (None without one); refuses a conflicting config."""
+  meta = checkpointer.newest_meta()
+  conflicts = checkpoint.config_conflicts(meta["config"], config) if meta else []
+  if conflicts:
+    raise ValueError(
+        f"The checkpoint in {workdir} was made with another config; refusing to resume:\n  "
+        + "\n  ".join(conflicts) + "\nUse a new --workdir, or the checkpoint's config "
+        f"(saved in {epath.Path(workdir) / 'config.json'}).")
+  return meta
+
+
+def resume(ctx, checkpointer, state):
+  """The newest good checkpoint's state and meta (corrupt newer ones are handled as
+  config.on_corrupt_checkpoint says), or the fresh state and {}."""
+  restored, meta = checkpointer.restore_newest_good(
+      checkpoint.abstract_state(state), ctx.train_streams, ctx.config.on_corrupt_checkpoint)
+  if restored is None:
+    return state, {}
+  logging.info("Resumed from %s at step %d.", checkpointer.workdir, meta["step"])
+  return restored, meta
+
+
+def pretrained_source(config):
+  """The checkpoint config.init_from names, read and checked against config.xi_init."""
+  source = pretrained.load(config.init_from)
+  if set(config.tasks) - set(source.tasks):  # xi_init applies to new tasks only
+    transfer.check_xi_init(config.xi_init, source.tasks)
+  return source
+
+
+def from_pretrained(ctx, state, source, trainable):
+  """Loads the pretrained checkpoint into the fresh state (strictly: pretrained.merge), builds
+  each new task's variables from the source tasks (methods/transfer.py) and evaluates the
+  result. Sets ctx.run_info (what every checkpoint and results.json of the run carry) and
+  returns the state and that evaluation."""
+  config, spec, own = ctx.config, ctx.model.spec, ctx.method.own_params
+  sources = sorted(source.tasks)
+  fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  method_params = fresh["params"].pop(own) if own else None  # the pretraining had no such
+  variables, report = pretrained.merge(fresh, source.variables, spec, sources,
+                                       tuple(config.transfer.dont_load))
+  logging.info("From %s: loaded %d variables; new-task rows or heads in %d; kept fresh by "
+               "config.transfer.dont_load: %s", source.step_dir, len(report.loaded),
+               len(report.new), report.not_loaded or "none")
+  ctx.run_info = {"checkpoint": str(source.step_dir), "step": source.step,
+                  "source_tasks": source.tasks, "xi_init": config.xi_init,
+                  "trainable": config.trainable or "lr_multipliers",
+                  "trainable_parameters": optim.count_trainable(trainable, state.params),
+                  "new_tasks": {}}
+  for task in sorted(set(config.tasks) - set(sources)):
+    variables, ctx.run_info["new_tasks"][task] = transfer.initialise_new_task(
+        ctx, variables, task, source.tasks)
+  if own:
+    variables["params"][own] = method_params
+  # Separate copies: the train step donates its state, and params and EMA may not share one.
+  state = state.replace(params=ctx.replicated(variables["params"]),
+                        ema_params=ctx.replicated(variables["params"]),
+                        batch_stats=ctx.replicated(variables["batch_stats"]))
+  results = ctx.evaluate(state)
+  for task, info in ctx.run_info["new_tasks"].items():
+    info["accuracy_before_finetune"] = results[task]["test_accuracy"]
+    logging.info("Task %s before fine-tuning: test accuracy %.4f; it adds %s parameters.",
+                 task, results[task]["test_accuracy"], info["added_parameters"])
+  _warn_if_shared_parameters_train(ctx, trainable, sources)
+  return state, results
+
+
+def _warn_if_shared_parameters_train(ctx, trainable, sources):
+  flat = traverse_util.flatten_dict(trainable, sep="/")
+  shared = sorted(path for path, mask in flat.items()
+                  if network.task_owners(ctx.model.spec, "params/" + path) is None
+                  and np.any(mask) and not path.startswith(f"{ctx.method.own_params}/"))
+  kept = sorted(set(sources) - set(ctx.config.tasks))
+  if shared and kept:
+    logging.warning("config.trainable=%r trains parameters all tasks share (%s, ...): the "
+                    "predictions of the checkpoint's tasks %s will change. Use 'head', "
+                    "'head_bn' or 'xi_head_bn' to keep them.", ctx.config.trainable, shared[0],
+                    kept)

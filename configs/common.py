@@ -1,0 +1,109 @@
+"""Recipes several experiment configs share (imported by them as `configs.common`).
+
+Not an experiment itself: each config file in this folder is one, with its command and expected
+result in its docstring.
+"""
+import ml_collections
+
+from compmod_jax.methods import adaptation, multitask
+from compmod_jax.train import defaults, optim
+
+# The embedded digit domains of the multi-domain configs: MNIST and five renderings of it.
+MNIST_DOMAINS = ("mnist", "mnist_shear", "mnist_scale", "mnist_shot_noise", "mnist_blur",
+                 "mnist_boundary")
+
+
+def digits_multitask(tasks, tiny):
+  """The recipe shared by the embedded-digits multi-task configs: 8 layers, 4 templates, 4x4
+  input patches (7x7x24 activations), random translations, 32 examples per task and step."""
+  config = defaults.base_config()
+  config.tasks = tasks
+  config.data.augment = "crop"
+  config.batch_size = 32 * len(tasks)
+  config.total_steps = 2000
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.log_every = 100
+  config.model.num_layers = 8
+  config.model.num_templates = 4
+  config.model.patch_size = 4
+  config.optimizer.learning_rate = 0.005  # 0.02 stalls at these batch sizes (configs/digits.py)
+  if tiny:
+    defaults.make_tiny(config, total_steps=4, batch_size=8 * len(tasks))
+    config.optimizer.learning_rate = 0.02
+    config.model.num_layers = 3
+    config.model.num_templates = 2
+  return config
+
+
+def digits_multidomain(setup, tiny):
+  """Every MNIST domain a task with its own xi (configs/digits_multidomain.py), with the model
+  fields of one of the App. C set-ups."""
+  tasks = {domain: defaults.task(f"embedded_digits/{domain}") for domain in MNIST_DOMAINS}
+  config = digits_multitask(tasks, tiny)
+  multitask.apply_setup(config.model, setup)
+  return config
+
+
+# The arguments of every domain adaptation config (`domain_adaptation` says what they mean).
+DA_ARGUMENTS = {"method": "adversarial", "model": "compositional", "source": "best_source",
+                "trainable": "", "tiny": 0}
+# App. D.3-D.4: Adam, with a learning rate decaying linearly (a polynomial of degree 1) from the
+# first value to the second.
+DA_LEARNING_RATES = {"adversarial": (2e-4, 1e-5), "moment_matching": (1e-4, 1e-5),
+                     "supervised": (2e-4, 1e-5), "source_only": (2e-4, 1e-5)}
+
+
+def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_size,
+                      total_steps):
+  """A domain adaptation run of the `target` domain (`target_task`, a task config) from a model
+  pretrained on source domains: `pretrain_for(setup)` returns that multi-domain pretraining
+  config with one of the multi-task set-ups (multitask.SETUPS). args: method (a row of Table 3:
+  adaptation.TABLE3_METHODS), model (a column: adaptation.TABLE3_MODELS), source (a source task
+  or "best_source", App. D.2's choice by target labels), trainable ("" = the model's default),
+  tiny (the pretraining's debug settings, 8 examples per domain and step).
+
+  Every domain gets its own input adapter row (loaded from the pretrained shared adapter), so
+  tuning the target's never moves the sources'. Source-only runs train no step; source-only and
+  the supervised bound run the supervised method on the target alone.
+  """
+  method, model = args["method"], args["model"]
+  for name, value, allowed in (("method", method, adaptation.TABLE3_METHODS),
+                               ("model", model, adaptation.TABLE3_MODELS)):
+    if value not in allowed:
+      raise ValueError(f"Domain adaptation {name} must be one of {tuple(allowed)}, got {value!r}")
+  setup, default_trainable = adaptation.TABLE3_MODELS[model]
+  trainable = args["trainable"] or default_trainable
+  pretrain = pretrain_for(setup)
+  if model == "plain":
+    # App. D.3: the baseline has as many layers as the compositional model has templates, so
+    # both have about the same number of parameters.
+    pretrain.model.num_layers = pretrain.model.num_templates
+  config = ml_collections.ConfigDict(pretrain.to_dict())
+  config.pretrain = pretrain
+  config.tasks = {target: target_task}
+  config.adaptation = adaptation.default_config()
+  config.adaptation.update(target=target, method_name=method, model_name=model)
+  if method in adaptation.METHODS:  # the sources' data feed the adaptation loss
+    config.tasks.update({domain: defaults.task(pretrain.tasks[domain].dataset,
+                                               batch_size=source_batch_size)
+                         for domain in pretrain.tasks})
+    config.method = method
+    config.optimizer.lr_multipliers[adaptation.OWN_PARAMS] = 1.0
+  config.model.input_adapter = "per_task"
+  config.xi_init = args["source"] if args["source"] == "best_source" else f"source:{args['source']}"
+  config.trainable = trainable
+  first, last = DA_LEARNING_RATES[method]
+  config.optimizer.update(name="adam", schedule="linear", learning_rate=first, warmup_steps=0,
+                          final_lr_fraction=last / first, weight_decay=0.0)
+  for group in optim.TRAINABLE_PRESETS[trainable]:  # the target's variables learn faster
+    config.optimizer.lr_multipliers[group] = 10.0
+  config.ema_decay = 0.0  # evaluate the adapted variables themselves
+  if method == "source_only":
+    config.total_steps = 0
+  elif not args["tiny"]:
+    config.total_steps = total_steps
+  if args["tiny"]:
+    for task_config in config.tasks.values():
+      task_config.batch_size = 8
+  return config

@@ -1,0 +1,87 @@
+"""Helpers every test file shares: tiny configs, a read-only checkpoint reader, subprocess
+runs that share the session's compilation cache, free ports, and the mock-data block."""
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+
+from configs import digits
+from mock_tfds import checkpointable_mock_dataset, write_mock_metadata
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def set_field(config, dotted_key, value):
+  """config["a"]["b"] = value for dotted_key "a.b"."""
+  *parents, leaf = dotted_key.split(".")
+  for parent in parents:
+    config = config[parent]
+  config[leaf] = value
+
+
+def with_fields(config, **dotted_overrides):
+  """`config` with fields set by dotted keys, passed as keyword names with "__" for "."
+  (model__num_layers=3) or through a dict (**{"model.num_layers": 3})."""
+  for key, value in dotted_overrides.items():
+    set_field(config, key.replace("__", "."), value)
+  return config
+
+
+def tiny_digits(data_dir, **overrides):
+  """configs/digits.py:tiny on the session's embedded digits, with dotted-key overrides."""
+  config = digits.get_config("tiny")
+  config.data.data_dir = str(data_dir)
+  return with_fields(config, **overrides)
+
+
+def read_checkpoint(workdir, step=None):
+  """A committed step's saved items {"state", "meta"} as numpy (default: the newest step),
+  read without changing anything in the workdir."""
+  manager = ocp.CheckpointManager(str(os.path.join(workdir, "checkpoints")),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = manager.latest_step() if step is None else step
+    return step, jax.device_get(dict(manager.restore(step)))
+  finally:
+    manager.close()
+
+
+def subprocess_env(**extra):
+  """The environment of a compmod_jax process started by a test: CPU, quiet TF, and this
+  session's persistent compilation cache with every program in it, so a subprocess reuses
+  what the tests compiled (and the next subprocess what it compiled)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.update(extra)
+  return env
+
+
+def run_main(*args, timeout=300, **env):
+  """python -m compmod_jax.main *args from the repository root; the CompletedProcess."""
+  return subprocess.run([sys.executable, "-m", "compmod_jax.main", *args], cwd=REPO,
+                        env=subprocess_env(**env), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mock_datasets(names, data_dir, num_examples):
+  """The TFDS datasets `names` under tfds.testing.mock_data in `data_dir`: metadata with split
+  sizes and a checkpointable reader of random images and labels."""
+  for name in names:
+    write_mock_metadata(name, data_dir, num_examples)
+  with tfds.testing.mock_data(num_examples=num_examples,
+                              as_dataset_fn=checkpointable_mock_dataset(num_examples),
+                              policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir):
+    yield
