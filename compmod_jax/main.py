@@ -17,6 +17,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from compmod_jax import cli  # noqa: E402
 from compmod_jax.train import loop  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -59,22 +60,9 @@ def main(argv):
       logging.info("final %s test accuracy: %.4f", task, values["test_accuracy"])
 
 
-def make_config_folder_importable(argv):
-  """Config files import their shared recipes as `configs.common`: puts the folder that holds
-  the config file's folder (the repository root for configs/<file>.py) on the import path, so
-  the command works from any working directory."""
-  for index, arg in enumerate(argv):
-    path = arg.partition("=")[2] if arg.startswith("--config=") else None
-    if arg == "--config" and index + 1 < len(argv):
-      path = argv[index + 1]
-    if path:
-      folder = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":")[0])))
-      sys.path.insert(0, folder)
-
-
 def run():
   """Console-script entry point (`compmod`)."""
-  make_config_folder_importable(sys.argv)
+  cli.make_config_folder_importable(sys.argv)
   app.run(main)
 
 

@@ -52,9 +52,10 @@ def read_checkpoint(workdir, step=None):
 
 
 def subprocess_env(**extra):
-  """The environment of a compmod_jax process started by a test: CPU, quiet TF, and this
-  session's persistent compilation cache with every program in it, so a subprocess reuses
-  what the tests compiled (and the next subprocess what it compiled)."""
+  """The environment of a compmod_jax process started by a test: CPU, quiet TF, the tests'
+  compilation settings (tests/conftest.py), and this session's persistent compilation cache with every program
+  in it, so a subprocess reuses what the tests compiled (and the next subprocess what it
+  compiled)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -62,9 +63,9 @@ def subprocess_env(**extra):
   return env
 
 
-def run_main(*args, timeout=300, **env):
-  """python -m compmod_jax.main *args from the repository root; the CompletedProcess."""
-  return subprocess.run([sys.executable, "-m", "compmod_jax.main", *args], cwd=REPO,
+def run_main(*args, module="main", timeout=300, **env):
+  """python -m compmod_jax.<module> *args from the repository root; the CompletedProcess."""
+  return subprocess.run([sys.executable, "-m", f"compmod_jax.{module}", *args], cwd=REPO,
                         env=subprocess_env(**env), capture_output=True, text=True,
                         timeout=timeout)
 

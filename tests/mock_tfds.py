@@ -1,35 +1,50 @@
 """Real TFDS datasets under tfds.testing.mock_data, in a form the training loop can use:
-split sizes in the metadata (eval pads to them) and a checkpointable mock reader."""
+the dataset's real split names (data/catalog.py) with small sizes in the metadata (eval pads to
+them), and a checkpointable mock reader."""
 import os
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from compmod_jax.data import catalog
+
 # Stand-in side for datasets whose images have no fixed size (imagenet2012, sun397, ...).
 UNKNOWN_SIDE = 40
 
 
+def mock_split_names(name):
+  """The real dataset's splits; train and test for one outside the catalog (the embedded
+  digits')."""
+  facts = catalog.facts(name)
+  return tuple(sorted(facts.splits)) if facts else ("train", "test")
+
+
 def write_mock_metadata(name, data_dir, num_examples):
-  """Dataset metadata with split sizes, as a prepared dataset has (mock_data reads it)."""
+  """Dataset metadata with `num_examples` in each of the real dataset's splits, as a prepared
+  dataset has (mock_data reads it): a split the dataset lacks cannot be read."""
   builder = tfds.builder(name, data_dir=data_dir)
   builder.info.set_splits(tfds.core.SplitDict([
       tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
-      for split in ("train", "test")]))
+      for split in mock_split_names(name)]))
   os.makedirs(builder.data_dir, exist_ok=True)
   builder.info.write_to_directory(builder.data_dir)
 
 
 def checkpointable_mock_dataset(num_examples):
   """A mock `_as_dataset` from tensor slices (mock_data's own uses from_generator, whose
-  position cannot be checkpointed): random images and labels shaped like the real features."""
+  position cannot be checkpointed): random images and labels shaped like the real features;
+  a split whose labels the real dataset withholds has labels -1, as there."""
   def as_dataset(builder, split, decoders=None, read_config=None, **kwargs):
-    del split, read_config, kwargs
+    del read_config, kwargs
     features = builder.info.features
     shape = tuple(UNKNOWN_SIDE if side is None else side for side in features["image"].shape)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (num_examples,) + shape, dtype=np.uint8)
     labels = rng.integers(0, features["label"].num_classes, num_examples)
+    facts = catalog.facts(builder.info.full_name.rsplit("/", 1)[0])
+    if facts and str(split).split("[")[0] in facts.unlabelled_splits:
+      labels = np.full(num_examples, -1)
     if decoders and "image" in decoders:
       images = [tf.io.encode_png(image).numpy() for image in images]
     return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})

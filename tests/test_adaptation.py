@@ -32,11 +32,15 @@ def test_discriminator_loss_falls_when_trained_alone_on_separable_features():
     return 0.5 * (adaptation.binary_cross_entropy(disc.apply({"params": p}, source), 1.0)
                   + adaptation.binary_cross_entropy(disc.apply({"params": p}, target), 0.0))
 
-  losses = []
-  for _ in range(40):
+  @jax.jit
+  def step(params, opt_state):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for _ in range(40):
+    params, opt_state, loss = step(params, opt_state)
     losses.append(float(loss))
   assert losses[0] > 0.5 and losses[-1] < 0.1 * losses[0], losses[::10]
   assert float(jnp.mean(disc.apply({"params": params}, source) > 0)) == 1.0
@@ -116,13 +120,13 @@ def test_the_two_classifier_step_splits_the_min_max_between_classifiers_and_targ
   params, batch_stats = state.params, state.batch_stats
   config = digits_da.get_config("method=moment_matching,tiny=1")
   loss_fn = registry.get(config.method).make_loss(config, model.spec)
-  grads = jax.grad(lambda p: loss_fn(model, p, batch_stats, batch, None)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: loss_fn(model, p, batch_stats, batch, None)[0]))(params)
   pair = adaptation.ClassifierPair(10)
   embed = lambda p, task, train: model.apply(
       {"params": p, "batch_stats": batch_stats}, batch[task]["image"], task=task, train=train,
       mutable=["batch_stats"] if train else False, method=model.embedding)
   target_embedding = lambda p: embed(p, TARGET, True)[0]
-  sources = [embed(params, task, False) for task in SOURCES]
+  sources = [jax.jit(embed, static_argnums=(1, 2))(params, task, False) for task in SOURCES]
 
   def classifiers_objective(pair_params):
     cross_entropy = [optax.softmax_cross_entropy_with_integer_labels(
@@ -137,11 +141,14 @@ def test_the_two_classifier_step_splits_the_min_max_between_classifiers_and_targ
                                                           embedding))
             + adaptation.moment_distance(sources, embedding))
 
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
-               grads["adaptation"], jax.grad(classifiers_objective)(params["adaptation"]))
+  # Two computations of the same gradients, summed in different orders: float32 rounding
+  # (up to ~1e-8 on entries near 1e-5), hence atol.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads["adaptation"],
+               jax.jit(jax.grad(classifiers_objective))(params["adaptation"]))
   np.testing.assert_allclose(grads["mixture_logits"],
-                             jax.grad(target_objective)(params)["mixture_logits"],
-                             rtol=1e-5, atol=1e-8)
+                             jax.jit(jax.grad(target_objective))(params)["mixture_logits"],
+                             rtol=1e-5, atol=1e-7)
   assert np.abs(grads["mixture_logits"]).max() > 0
 
 
@@ -172,23 +179,9 @@ def tiny_da(data_dir, init_from, method, model="compositional"):
   return config
 
 
-def test_digits_da_runs_of_both_models_write_the_table3_layout(
-    embedded_dir, source_workdir, tmp_path):
-  # Without init_from the run pretrains config.pretrain first (two domains here, for time): the
-  # plain network, whose shared input adapter then starts every domain's own.
-  config = tiny_da(embedded_dir, "", "source_only", model="plain")
-  config.pretrain.tasks = {t: config.pretrain.tasks[t] for t in SOURCES}
-  plain = loop.train_and_evaluate(config, str(tmp_path / "da_plain_source_only"))
-  pretrained_dir = tmp_path / "da_plain_source_only" / "pretrained"
-  assert plain["init_from"]["checkpoint"] == str(pretrained_dir / "checkpoints" / "4")
-  assert plain["init_from"]["source_tasks"] == {"mnist": 10, "mnist_blur": 10}
-  assert plain["step"] == 0
-  assert plain["tasks"][TARGET]["test_accuracy"] == pytest.approx(
-      plain["tasks"][TARGET]["accuracy_before_finetune"], abs=0)
-  assert plain["init_from"]["new_tasks"][TARGET]["source_accuracy_on_train"] == {}
-  assert report.read_results(pretrained_dir)["tasks"].keys() == set(SOURCES)
-  runs = {"plain_source_only": plain}
-  for method in ("adversarial", "moment_matching"):
+def test_digits_da_runs_write_the_table3_layout(embedded_dir, source_workdir, tmp_path):
+  runs = {}
+  for method in adaptation.METHODS:
     runs[method] = loop.train_and_evaluate(tiny_da(embedded_dir, source_workdir, method),
                                            str(tmp_path / f"da_{method}"))
     assert runs[method]["step"] == 4
@@ -201,11 +194,11 @@ def test_digits_da_runs_of_both_models_write_the_table3_layout(
   one_run = lambda result: {"mean": accuracy(result), "std": 0.0,
                             "by_seed": {"0": accuracy(result)}}
   assert table == {"xi_init": "source:mnist_blur", "target_test_accuracy": {
-      "source_only": {"plain": one_run(plain)},
       "adversarial": {"compositional": one_run(runs["adversarial"])},
       "moment_matching": {"compositional": one_run(runs["moment_matching"])}}}
-  assert markdown.splitlines()[2] == "| method | compositional | plain |"
-  assert markdown.splitlines()[4].startswith("| source_only |  | ")
+  assert markdown.splitlines()[2:5] == [
+      "| method | compositional |", "|---|---:|",
+      f"| adversarial | {100 * accuracy(runs['adversarial']):.2f} |"]
 
 
 def write_da_run(workdir, method, seed, accuracy, xi_init="source:mnist"):
@@ -257,6 +250,11 @@ def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tm
   config.data.data_dir = config.pretrain.data.data_dir = str(tmp_path / "tfds")
   assert config.data.most_frequent_classes == config.pretrain.data.most_frequent_classes == 100
   config.data.most_frequent_classes = config.pretrain.data.most_frequent_classes = 10
+  # Two of the five sources (the others add compile time, not coverage); every domain's labels
+  # still rank the classes.
+  kept = ("clipart", "real")
+  config.pretrain.tasks = {d: config.pretrain.tasks[d] for d in kept}
+  config.tasks = {d: config.tasks[d] for d in kept + (domainnet_da.TARGET,)}
   domains = domainnet_da.SOURCES + (domainnet_da.TARGET,)
   # 24 examples per domain: classes 0..9 (2 or 3 each) and 300 twice, which loses the tie for
   # the 10th place to the smaller ids: 22 examples per split remain.
@@ -268,7 +266,7 @@ def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tm
                               data_dir=config.data.data_dir):
     results = loop.train_and_evaluate(config, str(tmp_path / "work"))
   assert results["step"] == 4
-  assert results["init_from"]["source_tasks"] == {d: 10 for d in domainnet_da.SOURCES}
+  assert results["init_from"]["source_tasks"] == {d: 10 for d in kept}
   assert results["tasks"]["sketch"]["test_examples"] == 22
   assert 0.0 <= results["target_test_accuracy"] <= 1.0
 
@@ -276,10 +274,19 @@ def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tm
 def test_digits_svhn_config_mixes_embedded_digits_and_svhn_under_mock_data(tmp_path):
   config = digits_svhn_da.get_config("method=source_only,model=plain,tiny=1")
   config.data.data_dir = config.pretrain.data.data_dir = str(tmp_path / "tfds")
+  kept = ("mnist", "svhn")  # an embedded domain and the real one (the others add compile time)
+  config.pretrain.tasks = {d: config.pretrain.tasks[d] for d in kept}
   names = set(digits_svhn_da.SOURCES.values()) | {"embedded_digits/uci_digits"}
   with mock_datasets(names, config.data.data_dir, 16):
     results = loop.train_and_evaluate(config, str(tmp_path / "work"))
-  assert results["init_from"]["source_tasks"] == {d: 10 for d in digits_svhn_da.SOURCES}
+  # Without init_from the run pretrains config.pretrain first: the plain network, whose shared
+  # input adapter then starts every domain's own; source-only evaluates it as it starts.
+  pretrained_dir = tmp_path / "work" / "pretrained"
+  assert results["init_from"]["checkpoint"] == str(pretrained_dir / "checkpoints" / "4")
+  assert results["init_from"]["source_tasks"] == {d: 10 for d in kept}
   assert results["step"] == 0 and results["tasks"][TARGET]["test_examples"] == 16
-  pretrained = report.read_results(tmp_path / "work" / "pretrained")
-  assert pretrained["step"] == 4 and set(pretrained["tasks"]) == set(digits_svhn_da.SOURCES)
+  assert results["tasks"][TARGET]["test_accuracy"] == pytest.approx(
+      results["tasks"][TARGET]["accuracy_before_finetune"], abs=0)
+  assert set(results["init_from"]["new_tasks"][TARGET]["source_accuracy_on_train"]) == set(kept)
+  pretrained = report.read_results(pretrained_dir)
+  assert pretrained["step"] == 4 and set(pretrained["tasks"]) == set(kept)

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from compmod_jax.methods import registry, supervised
-from compmod_jax.train import loop
+from compmod_jax.train import loop, optim
 from helpers import read_checkpoint, tiny_digits
 
 OWN = "temperature"
@@ -59,13 +59,24 @@ def test_a_method_defined_in_a_test_file_trains_through_the_trainer(embedded_dir
   assert saved["state"]["params"][OWN]["log_t"] != 0.0
 
 
-def test_a_methods_group_follows_its_multiplier_and_its_check_runs_first(embedded_dir,
-                                                                        tmp_path):
-  config = tiny_digits(embedded_dir, total_steps=2, method="temperature_scaled")
-  config.optimizer.lr_multipliers[OWN] = 0.0
-  loop.train_and_evaluate(config, str(tmp_path / "frozen"))
-  params = read_checkpoint(tmp_path / "frozen")[1]["state"]["params"]
-  assert float(params[OWN]["log_t"]) == 0.0  # exactly: a frozen group gets zero updates
+def test_a_methods_group_follows_its_multiplier_outside_the_presets(embedded_dir):
+  method = registry.get("temperature_scaled")
+  assert optim.parameter_groups(method)[-1] == (OWN, "^temperature/")
+  config = tiny_digits(embedded_dir, method="temperature_scaled")
+  config.optimizer.update(schedule="constant", warmup_steps=0)  # a rate > 0 from the start
+  params = {"heads": {"mnist": {"bias": jnp.ones(2)}}, OWN: {"log_t": jnp.zeros(())}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  for multiplier, trainable in ((0.0, ""), (1.0, "head"), (1.0, "xi")):
+    config.optimizer.lr_multipliers[OWN] = multiplier
+    config.trainable = trainable
+    tx, _ = optim.make_optimizer(config, params, optim.parameter_groups(method))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # A multiplier of 0 freezes the method's variables exactly; a model preset never does.
+    assert (float(updates[OWN]["log_t"]) == 0.0) == (multiplier == 0.0), (multiplier, trainable)
+    assert (float(updates["heads"]["mnist"]["bias"][0]) == 0.0) == (trainable == "xi")
+
+
+def test_a_methods_config_check_runs_before_anything_else(embedded_dir, tmp_path):
   config = tiny_digits(embedded_dir, method="temperature_scaled")
   config.tasks.parity = config.tasks.mnist
   with pytest.raises(ValueError, match=r"temperature_scaled trains one task, got \['mnist', "

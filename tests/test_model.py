@@ -145,7 +145,7 @@ def test_gradients_reach_templates_and_mixture_logits(mixture_variables):
                       mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
 
-  grads = jax.grad(loss)(mixture_variables["params"])
+  grads = jax.jit(jax.grad(loss))(mixture_variables["params"])
   for name, grad in grads["templates"].items():
     per_template = jnp.abs(grad).reshape(K, -1).sum(-1)
     assert bool(jnp.all(per_template > 0)), f"no gradient reaches every template of {name}"

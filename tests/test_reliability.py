@@ -233,7 +233,10 @@ def test_two_processes_stop_at_the_same_step_on_sigterm_to_one(tmp_path, start_r
   for run in runs:
     assert run.finish() == 0, run.output()[-3000:]
     assert f"at step {stop}." in run.output()
-  assert json.loads((workdir / "results.json").read_text())["step"] == 16
+  assert "JAX process 1/2" in runs[1].output()
+  # The two processes trained and evaluated together: each example of the eval split once.
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["step"] == 16 and results["tasks"]["mnist"]["test_examples"] == 200
 
 
 # --- 3: checkpoint integrity -----------------------------------------------------------------

@@ -331,15 +331,15 @@ def test_a_corrupt_newest_pretrained_step_falls_back_to_the_previous_one(source_
   workdir = tmp_path / "pretrained"
   shutil.copytree(source_workdir, workdir)
   state_files = [os.path.join(root, name) for root, _, names
-                 in os.walk(workdir / "checkpoints" / "4" / "state") for name in names]
+                 in os.walk(workdir / "checkpoints" / "60" / "state") for name in names]
   largest = max(state_files, key=os.path.getsize)
   with open(largest, "r+b") as file:
     file.truncate(os.path.getsize(largest) // 2)
   source = pretrained.load(workdir)
-  assert source.step == 2
-  assert re.search(r"Checkpoint step 4 at .*checkpoints/4 is corrupt: its state cannot be "
+  assert source.step == 30
+  assert re.search(r"Checkpoint step 60 at .*checkpoints/60 is corrupt: its state cannot be "
                    r"read", caplog.text)
-  assert os.path.exists(workdir / "checkpoints" / "4")  # someone else's: never moved
+  assert os.path.exists(workdir / "checkpoints" / "60")  # someone else's: never moved
 
 
 def test_bad_transfer_configs_fail_before_training_with_clear_errors(embedded_dir,

@@ -122,17 +122,23 @@ def get_builder(name, data_dir=None, download=False):
 def check_dataset(name, data_dir=None, download=False):
   """Returns the (maybe unprepared) builder `get_builder` would prepare, or raises
   DatasetNotFoundError at once; reads at most the dataset's metadata, prepares nothing."""
+  builder = dataset_builder(name, data_dir)
+  preparable = download or builder.name == embedded_digits.EmbeddedDigits.name
+  if not (preparable or builder.is_prepared()):
+    raise DatasetNotFoundError(_not_prepared_message(builder, name, data_dir))
+  return builder
+
+
+def dataset_builder(name, data_dir=None):
+  """The TFDS builder of `name`, prepared or not: its features (classes, image shape) come
+  from the builder's code. DatasetNotFoundError for a name TFDS does not know."""
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    return tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
     raise DatasetNotFoundError(
         f"'{name}' is not a TFDS dataset. Use a TFDS name such as 'cifar100' or "
         f"'mnist_corrupted/shear', or 'embedded_digits/<config>' with a config in "
         f"{[config.name for config in embedded_digits.EmbeddedDigits.BUILDER_CONFIGS]}.") from error
-  preparable = download or builder.name == embedded_digits.EmbeddedDigits.name
-  if not (preparable or builder.is_prepared()):
-    raise DatasetNotFoundError(_not_prepared_message(builder, name, data_dir))
-  return builder
 
 
 def _not_prepared_message(builder, name, data_dir):

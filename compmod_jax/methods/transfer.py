@@ -132,7 +132,7 @@ def source_accuracies(new):
   config.transfer.selection_examples, read in evaluation mode)."""
   ctx, config = new.ctx, new.ctx.config
   stream = ctx.task_stream(new.task, global_batch_size=config.eval_batch_size, train=False,
-                           split=config.data.train_split)
+                           split=ctx.data_config(new.task).train_split)
   max_batches = math.ceil(config.transfer.selection_examples / config.eval_batch_size)
   accuracies = {}
   for name in new.sources:

@@ -27,10 +27,14 @@ def make_mesh(config):
 
 
 def task_data_config(config, task):
-  """config.data with the task's own dataset and labeling."""
+  """config.data with the task's own dataset, labeling and (when it sets them) splits."""
+  task_config = config.tasks[task]
   data_config = ml_collections.ConfigDict(config.data.to_dict())
-  data_config.name = config.tasks[task].dataset
-  data_config.label_map = config.tasks[task].get("label_map", "identity")
+  data_config.name = task_config.dataset
+  data_config.label_map = task_config.get("label_map", "identity")
+  for field in ("train_split", "eval_split"):
+    if task_config.get(field):
+      data_config[field] = task_config[field]
   return data_config
 
 
@@ -89,6 +93,10 @@ class RunContext:
 
   def global_batch(self, local_batch):
     return global_batch(self.mesh, local_batch)
+
+  def data_config(self, task):
+    """config.data as `task` reads it (its dataset, labeling and splits)."""
+    return task_data_config(self.config, task)
 
   def task_stream(self, task, **kwargs):
     """task_stream(config, task, global_batch_size=..., train=..., seed=..., split=...)."""

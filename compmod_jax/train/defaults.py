@@ -77,12 +77,16 @@ def base_config():
   return config
 
 
-def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="identity"):
+def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="identity",
+         train_split="", eval_split=""):
   """One task: a TFDS dataset, the weight of its loss in the total, its share of each step's
-  batch (or a fixed batch_size; 0 = share), and a labeling (pipeline.LABEL_MAPS)."""
+  batch (or a fixed batch_size; 0 = share), a labeling (pipeline.LABEL_MAPS), and the TFDS
+  splits it trains and is evaluated on when they differ from config.data's ("" = those;
+  slicing such as 'train[:80%]' works)."""
   return ml_collections.ConfigDict(dict(dataset=dataset, weight=weight,
                                         sampling_weight=sampling_weight,
-                                        batch_size=batch_size, label_map=label_map))
+                                        batch_size=batch_size, label_map=label_map,
+                                        train_split=train_split, eval_split=eval_split))
 
 
 def parse_argument(arg, arguments):

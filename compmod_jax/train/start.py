@@ -49,9 +49,18 @@ def example_images(ctx):
 
 
 def create_train_state(ctx, images):
-  """The fresh state and the run's optim.Optimization. Parameters are created already replicated on
-  the mesh (jit with out_shardings). The method's own variables live beside the model's, under
-  params[method.own_params], in their own optimizer group."""
+  """The fresh state and the run's optim.Optimization. Parameters are created already
+  replicated on the mesh (jit with out_shardings)."""
+  init, optimization = state_initializer(ctx, images)
+  state = jax.jit(init, out_shardings=NamedSharding(ctx.mesh, P()))(
+      jax.random.key(ctx.config.seed))
+  return state, optimization
+
+
+def state_initializer(ctx, images):
+  """(init(rng) -> TrainState, the run's optim.Optimization) for inputs shaped like `images`.
+  The method's own variables live beside the model's, under params[method.own_params], in
+  their own optimizer group."""
   config, model, method = ctx.config, ctx.model, ctx.method
 
   def init_variables(rng):
@@ -72,8 +81,7 @@ def create_train_state(ctx, images):
                             batch_stats=variables["batch_stats"], opt_state=tx.init(params),
                             ema_params=params)
 
-  state = jax.jit(init, out_shardings=NamedSharding(ctx.mesh, P()))(jax.random.key(config.seed))
-  return state, optim.Optimization(tx=tx, schedule=schedule, trainable=trainable)
+  return init, optim.Optimization(tx=tx, schedule=schedule, trainable=trainable)
 
 
 def refuse_other_config(config, workdir, checkpointer):

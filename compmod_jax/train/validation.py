@@ -5,7 +5,7 @@ shares, each task's data config and the model spec, then that something trains."
 import jax
 import jax.numpy as jnp
 
-from compmod_jax.data import pipeline
+from compmod_jax.data import catalog, pipeline
 from compmod_jax.methods import multitask, registry, transfer
 from compmod_jax.train import context, optim, start
 
@@ -31,7 +31,9 @@ def validate(config):
                      f"trainable='' to train everything).")
   multitask.task_batch_sizes(config, device_count)
   for task in config.tasks:
-    pipeline.check_data_config(context.task_data_config(config, task))
+    data_config = context.task_data_config(config, task)
+    pipeline.check_data_config(data_config)
+    _check_splits(task, data_config)
   # The model gets 2 classes per task as placeholders: the real counts come from the data, and
   # no check depends on them.
   model = start.model_for(config, {task: 2 for task in config.tasks})
@@ -65,6 +67,16 @@ def _check_training(config, device_count):
   if config.on_corrupt_checkpoint not in ON_CORRUPT_CHECKPOINT:
     raise ValueError(f"config.on_corrupt_checkpoint must be one of {ON_CORRUPT_CHECKPOINT}, got "
                      f"{config.on_corrupt_checkpoint!r}")
+
+
+def _check_splits(task, data_config):
+  """Each split the task reads exists in its dataset and has labels (data/catalog.py)."""
+  for field in ("train_split", "eval_split"):
+    problem = catalog.split_problem(data_config.name, data_config[field])
+    if problem:
+      raise ValueError(f"Task {task!r} reads {field}={data_config[field]!r} "
+                       f"(config.tasks.{task}.{field}, else config.data.{field}), but "
+                       f"{problem}.")
 
 
 def _check_tasks(config):

@@ -1,0 +1,64 @@
+"""The real datasets the configs name (data/catalog.py): every config reads only splits its
+datasets have, with labels; the catalog agrees with the installed TFDS builders."""
+import importlib
+import os
+
+import pytest
+import tensorflow_datasets as tfds
+
+from compmod_jax.data import catalog
+from compmod_jax.train import context, defaults, validation
+from helpers import REPO
+
+CONFIG_NAMES = sorted(name[:-3] for name in os.listdir(os.path.join(REPO, "configs"))
+                      if name.endswith(".py") and name != "common.py")
+EMBEDDED = "embedded_digits/"
+
+
+def configs_to_check():
+  """(label, config) for every config file with its default arguments, and the pretraining
+  config a domain-adaptation config carries."""
+  for name in CONFIG_NAMES:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    yield name, config
+    if config.get("pretrain"):
+      yield f"{name} (pretraining)", config.pretrain
+
+
+@pytest.mark.parametrize("name, facts", sorted(catalog.CATALOG.items()))
+def test_catalog_agrees_with_the_tfds_builders(name, facts):
+  info = tfds.builder(name, data_dir="/nonexistent").info  # the builder's code, no data
+  assert info.features["label"].num_classes == facts.num_classes
+  assert tuple(info.features["image"].shape) == facts.image_shape
+  assert set(facts.unlabelled_splits) <= set(facts.splits)
+
+
+@pytest.mark.parametrize("label, config", list(configs_to_check()),
+                         ids=[label for label, _ in configs_to_check()])
+def test_every_config_reads_splits_its_datasets_have(label, config):
+  for task in config.tasks:
+    data_config = context.task_data_config(config, task)
+    name = data_config.name
+    if name.startswith(EMBEDDED):
+      continue  # built here: train and test (data/embedded_digits.py)
+    facts = catalog.facts(name)
+    assert facts, f"{label}: task {task} reads {name!r}, which data/catalog.py does not record"
+    for field in ("train_split", "eval_split"):
+      assert catalog.split_problem(name, data_config[field]) is None, (label, task, field)
+    assert data_config.most_frequent_classes <= facts.num_classes, (label, task)
+
+
+def test_a_split_the_dataset_lacks_is_refused_naming_the_splits_it_has():
+  config = defaults.base_config()
+  config.tasks = {"food101": defaults.task("food101", eval_split="test")}
+  with pytest.raises(ValueError, match=r"Task 'food101' reads eval_split='test' "
+                                       r"\(config.tasks.food101.eval_split, else "
+                                       r"config.data.eval_split\), but 'food101' has no split "
+                                       r"'test'; its splits are \['train', 'validation'\]"):
+    validation.validate(config)
+  config.tasks = {"imagenet": defaults.task("imagenet2012", train_split="train[:90%]")}
+  config.data.eval_split = "test"
+  with pytest.raises(ValueError, match=r"the 'test' split of 'imagenet2012' has no labels"):
+    validation.validate(config)
+  config.data.eval_split = "train[90%:]+validation"
+  validation.validate(config)  # slices and sums of existing, labelled splits are fine

@@ -1,0 +1,71 @@
+"""python -m compmod_jax.plan: every pod config's sharded train step at its real shapes on 8
+devices, without data; one large-design config compiled, with its costs."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from compmod_jax import plan
+from configs import digits, imagenet_table1
+from helpers import run_main
+from test_catalog import configs_to_check
+
+
+def pod_configs():
+  """The configs whose datasets are real TFDS datasets, the ones that run on pods: their
+  steps are lowered at full size here. The embedded-digits configs run end to end in the
+  other tests."""
+  for label, config in configs_to_check():
+    if any(not task.dataset.startswith("embedded_digits/") for task in config.tasks.values()):
+      yield label, config
+
+
+@pytest.mark.parametrize("label, config", list(pod_configs()),
+                         ids=[label for label, _ in pod_configs()])
+def test_every_pod_config_lowers_its_sharded_step_at_its_real_shapes(label, config):
+  if config.trainable and not (config.init_from or config.get("pretrain")):
+    config.init_from = "a/pretrained/workdir"  # as its docstring runs it; the plan reads none
+  lowered, state, _ = plan.lower(config)
+  side = config.data.image_size
+  assert f"x{side}x{side}x{config.data.channels}xf32>" in lowered.as_text(), label
+  assert jax.tree.leaves(state.params)[0].sharding.is_fully_replicated
+
+
+def test_the_plan_of_a_large_design_config_counts_what_it_compiled():
+  config = imagenet_table1.get_config("K=8,L=8")
+  config.batch_size = 64  # 8 per device: the program's shapes, not its size, are the point here
+  result = plan.plan(config)
+  spec_params = result["parameters"]
+  assert spec_params["total"] == sum(spec_params["per_group"].values())
+  assert set(spec_params["per_group"]) == {"batch_norm", "templates", "input_adapter",
+                                           "output_adapter", "heads"}  # plain: no xi
+  assert spec_params["per_group"]["heads"] == 1280 * 1000 + 1000  # large design, ImageNet
+  assert result["per_device_batch"] == {"imagenet2012": 8}
+  assert result["image_shape"] == [224, 224, 3]
+  # One step is at least the forward and backward of each block's 1x1 convolutions (2 FLOPs a
+  # multiply-add, forward + two backward products): 3 x 2 x 2 x tokens x 40 x 240 per block.
+  tokens = 64 * 28 * 28
+  assert result["flops_per_step"] > 8 * 3 * 2 * 2 * tokens * 40 * 240
+  assert result["flops_per_step"] == pytest.approx(8 * result["flops_per_step_per_device"])
+  params_bytes = 4 * spec_params["total"]
+  assert result["bytes_per_device"] > 3 * params_bytes  # params, EMA, optimizer state, ...
+  with pytest.raises(plan.PlanError, match=r"needs .* GiB per device .* more than "
+                                           r"--device_memory_gb=0.001: lower config.batch_size"):
+    plan.plan(config, device_memory_gb=0.001)
+
+
+def test_a_batch_that_does_not_divide_over_the_devices_is_refused():
+  config = digits.get_config()
+  config.batch_size = 100
+  with pytest.raises(plan.PlanError, match=r"config.batch_size=100 must be divisible by the "
+                                           r"number of devices \(8\); try 96"):
+    plan.lower(config)
+
+
+def test_the_command_prints_one_json_object(tmp_path):
+  result = run_main("--config=configs/digits.py:tiny", "--num_devices=2", module="plan")
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = json.loads(result.stdout)
+  assert printed["devices"] == 2 and printed["per_device_batch"] == {"mnist": 16}
+  assert np.isfinite(printed["flops_per_step"]) and printed["compile_seconds"] > 0
