@@ -3,7 +3,6 @@ persistent compilation cache that every test process and subprocess of the machi
 (identical steps compile once, across tests, pytest-xdist workers and runs), and, once per test
 run for all workers, the embedded digits and the tiny pretrained model several test files start
 from."""
-import fcntl
 import os
 import tempfile
 
@@ -27,22 +26,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 from compmod_jax.data import embedded_digits  # noqa: E402
 from compmod_jax.data.pipeline import get_builder  # noqa: E402
-
-
-def built_once_per_run(tmp_path_factory, name, build):
-  """The folder `name`, filled by build(folder) once per test run: with pytest-xdist, the
-  first worker to ask builds it under a file lock and the others wait for it, then share it."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the run's folder, above each worker's own
-  folder, done = root / name, root / f"{name}.done"
-  with open(root / f"{name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not done.exists():
-      folder.mkdir(exist_ok=True)
-      build(folder)
-      done.touch()
-  return folder
+from helpers import built_once_per_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Helpers every test file shares: tiny configs, a read-only checkpoint reader, subprocess
 runs that share the session's compilation cache, free ports, and the mock-data block."""
 import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -14,6 +15,23 @@ from configs import digits
 from mock_tfds import checkpointable_mock_dataset, write_mock_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def built_once_per_run(tmp_path_factory, name, build):
+  """The folder `name`, filled by build(folder) once per test run: with pytest-xdist, the
+  first worker to ask builds it under a file lock and the others wait for it, then share it
+  (a module- or session-scoped fixture would otherwise run once in every worker)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the run's folder, above each worker's own
+  folder, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      folder.mkdir(exist_ok=True)
+      build(folder)
+      done.touch()
+  return folder
 
 
 def set_field(config, dotted_key, value):

@@ -257,9 +257,10 @@ def test_batch_norm_fused_relu_matches_autodiff_of_relu():
 
 
 def test_block_with_and_without_fused_bn_relu_agree(mixture_variables, monkeypatch):
-  run = lambda: jax.grad(lambda v: jnp.sum(apply(SPEC, v, train=True, mutable=["batch_stats"],
-                                                 rngs={"dropout": jax.random.key(0)})[0] ** 2),
-                         allow_int=True)(mixture_variables)
+  # A new jit each call: FUSE_BN_RELU is read while tracing.
+  run = lambda: jax.jit(jax.grad(lambda v: jnp.sum(apply(
+      SPEC, v, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})[0] ** 2),
+      allow_int=True))(mixture_variables)
   fused = run()
   monkeypatch.setattr(ops, "FUSE_BN_RELU", False)
   unfused = run()

@@ -28,7 +28,8 @@ import tensorstore as ts
 
 from compmod_jax.data import pipeline
 from compmod_jax.train import checkpoint, context, loop, nonfinite, start, steps
-from helpers import REPO, free_port, read_checkpoint, subprocess_env, tiny_digits
+from helpers import REPO, built_once_per_run, free_port, read_checkpoint, subprocess_env
+from helpers import tiny_digits
 
 # A failed orbax read leaves coroutines whose errors surface when they are garbage-collected,
 # during whichever test runs then; they are orbax's, and expected here.
@@ -68,10 +69,12 @@ def assert_same_state(state, reference):
 
 @pytest.fixture(scope="module")
 def reference(embedded_dir, tmp_path_factory):
-  """One uninterrupted run: its workdir (checkpoints 4, 6, 8) and its final state."""
-  workdir = tmp_path_factory.mktemp("reference")
-  results = loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
-  assert results["step"] == TOTAL_STEPS and committed_steps(workdir) == [4, 6, 8]
+  """One uninterrupted run, once per test run: its workdir (checkpoints 4, 6, 8; tests copy it
+  before changing anything) and its final state."""
+  def train(workdir):
+    results = loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
+    assert results["step"] == TOTAL_STEPS and committed_steps(workdir) == [4, 6, 8]
+  workdir = built_once_per_run(tmp_path_factory, "reliability_reference", train)
   return workdir, saved_state(workdir)
 
 

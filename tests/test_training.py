@@ -15,7 +15,7 @@ from compmod_jax.methods import regularizers, registry
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import context, defaults, loop, optim, start, steps
 from configs import cifar100_signatures
-from helpers import mock_datasets, read_checkpoint, run_main, tiny_digits
+from helpers import built_once_per_run, mock_datasets, read_checkpoint, run_main, tiny_digits
 
 
 def final_params(workdir):
@@ -27,17 +27,20 @@ def final_params(workdir):
 @pytest.fixture(scope="module")
 def finished_run(embedded_dir, tmp_path_factory):
   """One uninterrupted tiny run (configs/digits.py:tiny, 60 steps, a checkpoint at 30 and 60)
-  in a workdir given as a relative path, as in the README's command; shared by the tests that
-  inspect its workdir."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
+  in a workdir given as a relative path, as in the README's command; built once per test run
+  and shared by the tests that inspect its workdir."""
   config = tiny_digits(embedded_dir)
-  here = os.getcwd()
-  os.chdir(workdir.parent)
-  try:
-    results = loop.train_and_evaluate(config, workdir.name)
-  finally:
-    os.chdir(here)
-  return config, workdir, results
+
+  def train(workdir):
+    here = os.getcwd()
+    os.chdir(workdir.parent)
+    try:
+      loop.train_and_evaluate(config, workdir.name)
+    finally:
+      os.chdir(here)
+
+  workdir = built_once_per_run(tmp_path_factory, "finished_tiny_digits", train)
+  return config, workdir, json.loads((workdir / "results.json").read_text())
 
 
 def test_tiny_run_learns_and_writes_what_users_see(finished_run):
