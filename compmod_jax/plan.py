@@ -12,8 +12,10 @@ JSON object:
 
   parameters                  {"total": n, "per_group": {group: n}}
   per_device_batch            {task: examples per device and step}
-  flops_per_step              XLA's operation count of one step, all devices together
-  flops_per_step_per_device   the same, per device
+  flops_per_step              XLA's operation count of one step, all devices together (of
+                              the step with every layer unrolled: XLA counts a loop's body
+                              once, which would make a scanned model read as one layer)
+  flops_per_step_per_device   the same, divided by the devices
   bytes_per_device            memory of the compiled step per device: arguments + outputs +
                               temporaries - buffers the step updates in place (donated state)
   compile_seconds             lowering + compiling, on this machine
@@ -27,6 +29,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -105,8 +108,7 @@ def plan(config, device_memory_gb=None):
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - started
   devices = jax.device_count()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = step_flops(lowered if not ctx.model.spec.uses_scan else unrolled_lowering(config))
   memory = compiled.memory_analysis()
   bytes_per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                       + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
@@ -120,8 +122,8 @@ def plan(config, device_memory_gb=None):
       "per_device_batch": {task: n // devices for task, n in
                            multitask.task_batch_sizes(ctx.config, devices).items()},
       "image_shape": list(image_shape(ctx.config)),
-      "flops_per_step_per_device": float(cost.get("flops", 0.0)),
-      "flops_per_step": float(cost.get("flops", 0.0)) * devices,
+      "flops_per_step_per_device": flops / devices,
+      "flops_per_step": flops,
       "bytes_per_device": int(bytes_per_device),
       "compile_seconds": round(compile_seconds, 1)}
   if device_memory_gb and bytes_per_device > device_memory_gb * 2**30:
@@ -130,6 +132,20 @@ def plan(config, device_memory_gb=None):
         f"more than --device_memory_gb={device_memory_gb}: lower config.batch_size (now "
         f"{ctx.config.batch_size}) or use more devices.\n{json.dumps(result)}")
   return result
+
+
+def unrolled_lowering(config):
+  """The step of `config` lowered with a Python loop over the layers instead of lax.scan."""
+  unrolled = ml_collections.ConfigDict(config.to_dict())
+  unrolled.model.layer_iteration = "loop"
+  return lower(unrolled)[0]
+
+
+def step_flops(lowered):
+  """XLA's operation count of a lowered step (the whole batch, before partitioning)."""
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
 
 
 def main(argv):
