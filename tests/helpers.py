@@ -2,6 +2,7 @@
 runs that share the session's compilation cache, free ports, and the mock-data block."""
 import contextlib
 import fcntl
+import importlib
 import os
 import socket
 import subprocess
@@ -43,10 +44,9 @@ def set_field(config, dotted_key, value):
 
 
 def with_fields(config, **dotted_overrides):
-  """`config` with fields set by dotted keys, passed as keyword names with "__" for "."
-  (model__num_layers=3) or through a dict (**{"model.num_layers": 3})."""
+  """`config` with fields set by dotted keys (**{"model.num_layers": 3})."""
   for key, value in dotted_overrides.items():
-    set_field(config, key.replace("__", "."), value)
+    set_field(config, key, value)
   return config
 
 
@@ -104,3 +104,15 @@ def mock_datasets(names, data_dir, num_examples):
                               as_dataset_fn=checkpointable_mock_dataset(num_examples),
                               policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir):
     yield
+
+
+def configs_to_check():
+  """(label, config) for every experiment config file in configs/ with its default arguments,
+  and the pretraining config a domain-adaptation config carries."""
+  names = sorted(name[:-3] for name in os.listdir(os.path.join(REPO, "configs"))
+                 if name.endswith(".py") and name != "common.py")
+  for name in names:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    yield name, config
+    if config.get("pretrain"):
+      yield f"{name} (pretraining)", config.pretrain

@@ -1,28 +1,13 @@
 """The real datasets the configs name (data/catalog.py): every config reads only splits its
 datasets have, with labels; the catalog agrees with the installed TFDS builders."""
-import importlib
-import os
-
 import pytest
 import tensorflow_datasets as tfds
 
 from compmod_jax.data import catalog
 from compmod_jax.train import context, defaults, validation
-from helpers import REPO
+from helpers import configs_to_check
 
-CONFIG_NAMES = sorted(name[:-3] for name in os.listdir(os.path.join(REPO, "configs"))
-                      if name.endswith(".py") and name != "common.py")
 EMBEDDED = "embedded_digits/"
-
-
-def configs_to_check():
-  """(label, config) for every config file with its default arguments, and the pretraining
-  config a domain-adaptation config carries."""
-  for name in CONFIG_NAMES:
-    config = importlib.import_module(f"configs.{name}").get_config()
-    yield name, config
-    if config.get("pretrain"):
-      yield f"{name} (pretraining)", config.pretrain
 
 
 @pytest.mark.parametrize("name, facts", sorted(catalog.CATALOG.items()))

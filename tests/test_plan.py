@@ -8,8 +8,7 @@ import pytest
 
 from compmod_jax import plan
 from configs import digits, imagenet_table1
-from helpers import run_main
-from test_catalog import configs_to_check
+from helpers import configs_to_check, run_main
 
 
 def pod_configs():
