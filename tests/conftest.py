@@ -56,3 +56,14 @@ def source_workdir(embedded_dir, tmp_path_factory):
     config.model.bn_momentum = 0.9  # moving statistics must settle within a few steps
     loop.train_and_evaluate(config, str(workdir))
   return built_once_per_run(tmp_path_factory, "pretrained", pretrain)
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+  """Fails the test if the run reads data or builds the train state."""
+  from compmod_jax.train import context, start
+
+  def heavy(*args, **kwargs):
+    raise AssertionError("heavy work started before the error")
+  monkeypatch.setattr(context, "make_streams", heavy)
+  monkeypatch.setattr(start, "create_train_state", heavy)

@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorstore as ts
 
 from compmod_jax.data import pipeline
-from compmod_jax.train import checkpoint, context, loop, nonfinite, start, steps
+from compmod_jax.train import checkpoint, loop, nonfinite, steps
 from helpers import REPO, built_once_per_run, free_port, read_checkpoint, subprocess_env
 from helpers import tiny_digits
 
@@ -482,15 +482,6 @@ BAD_CONFIGS = {
                                r"config\.on_corrupt_checkpoint must be one of \('fall_back', "
                                r"'refuse'\)"),
 }
-
-
-@pytest.fixture
-def no_heavy_work(monkeypatch):
-  """Fails the test if the run reads data or builds the train state."""
-  def heavy(*args, **kwargs):
-    raise AssertionError("heavy work started before the error")
-  monkeypatch.setattr(context, "make_streams", heavy)
-  monkeypatch.setattr(start, "create_train_state", heavy)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))

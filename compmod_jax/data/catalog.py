@@ -76,11 +76,16 @@ def split_problem(name, split):
   recorded = facts(name)
   if recorded is None:
     return None
+  return missing_split(name, split, recorded.splits, recorded.unlabelled_splits)
+
+
+def missing_split(name, split, splits, unlabelled_splits=()):
+  """Why `split` cannot be read with labels from dataset `name` that has `splits`, or None."""
   for part in split.split("+"):
     base = part.split("[")[0].strip()
-    if base not in recorded.splits:
-      return (f"'{name}' has no split {base!r}; its splits are {sorted(recorded.splits)}")
-    if base in recorded.unlabelled_splits:
+    if base not in splits:
+      return f"'{name}' has no split {base!r}; its splits are {sorted(splits)}"
+    if base in unlabelled_splits:
       return (f"the {base!r} split of '{name}' has no labels (TFDS stores -1); evaluate on "
-              f"one of {sorted(set(recorded.splits) - set(recorded.unlabelled_splits))}")
+              f"one of {sorted(set(splits) - set(unlabelled_splits))}")
   return None

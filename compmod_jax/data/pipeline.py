@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from compmod_jax.data import embedded_digits
+from compmod_jax.data import embedded_digits, image_folder
 
 NORMALIZATIONS = ("unit", "standard")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
@@ -71,7 +71,8 @@ def default_data_config():
   digits.
 
   Fields:
-    name: TFDS name, e.g. 'embedded_digits/mnist_blur', 'cifar100', 'mnist_corrupted/shear'.
+    name: TFDS name, e.g. 'embedded_digits/mnist_blur', 'cifar100', 'mnist_corrupted/shear',
+        or 'folder:<path>' for your own images in class folders per split (image_folder.py).
     data_dir: TFDS data_dir (None: TFDS's default, ~/tensorflow_datasets or $TFDS_DATA_DIR).
     download: allow TFDS to download and prepare a missing real dataset (needs network).
     train_split, eval_split: TFDS split strings, e.g. 'train[:90%]'.
@@ -123,7 +124,9 @@ def check_dataset(name, data_dir=None, download=False):
   """Returns the (maybe unprepared) builder `get_builder` would prepare, or raises
   DatasetNotFoundError at once; reads at most the dataset's metadata, prepares nothing."""
   builder = dataset_builder(name, data_dir)
-  preparable = download or builder.name == embedded_digits.EmbeddedDigits.name
+  # Embedded digits and image folders are prepared from files already on this machine.
+  preparable = download or builder.name in (embedded_digits.EmbeddedDigits.name,
+                                            image_folder.ImageFolderDataset.name)
   if not (preparable or builder.is_prepared()):
     raise DatasetNotFoundError(_not_prepared_message(builder, name, data_dir))
   return builder
@@ -131,7 +134,10 @@ def check_dataset(name, data_dir=None, download=False):
 
 def dataset_builder(name, data_dir=None):
   """The TFDS builder of `name`, prepared or not: its features (classes, image shape) come
-  from the builder's code. DatasetNotFoundError for a name TFDS does not know."""
+  from the builder's code (a `folder:<path>` dataset's from listing its folder).
+  DatasetNotFoundError for a name TFDS does not know, ImageFolderError for a bad folder."""
+  if image_folder.is_folder_name(name):
+    return _folder_builder(name, data_dir)
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
@@ -139,6 +145,13 @@ def dataset_builder(name, data_dir=None):
         f"'{name}' is not a TFDS dataset. Use a TFDS name such as 'cifar100' or "
         f"'mnist_corrupted/shear', or 'embedded_digits/<config>' with a config in "
         f"{[config.name for config in embedded_digits.EmbeddedDigits.BUILDER_CONFIGS]}.") from error
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_builder(name, data_dir):
+  """Cached: listing a large folder (and fingerprinting its files) takes a while, and every
+  stream and check of a run asks for the builder."""
+  return image_folder.ImageFolderDataset(name[len(image_folder.PREFIX):], data_dir=data_dir)
 
 
 def _not_prepared_message(builder, name, data_dir):
@@ -197,7 +210,7 @@ def _most_frequent_classes(task_dataset, frequency_datasets, data_dir, download,
   """The `k` classes with the most `split` examples summed over `frequency_datasets`, as
   increasing label ids (so the renumbering does not depend on the ranking). Cached: every
   stream of a task asks, and the log says once what was kept."""
-  task_classes = tfds.builder(task_dataset, data_dir=data_dir).info.features["label"]
+  task_classes = dataset_builder(task_dataset, data_dir).info.features["label"]
   for name in frequency_datasets:
     _check_frequency_dataset(name, data_dir, download, task_dataset, task_classes.num_classes)
   counts = sum(_label_counts(name, data_dir, split) for name in frequency_datasets)
@@ -229,7 +242,7 @@ def _check_frequency_dataset(name, data_dir, download, task_dataset, task_num_cl
 def _label_counts(name, data_dir, split):
   """Examples per class in `split` of the prepared dataset `name` (read-only array). One pass
   over the labels, images left encoded; cached, since every stream of a run asks."""
-  builder = tfds.builder(name, data_dir=data_dir)
+  builder = dataset_builder(name, data_dir)
   num_labels = builder.info.features["label"].num_classes
   examples = builder.as_dataset(split=split,
                                 decoders={"image": tfds.decode.SkipDecoding()},

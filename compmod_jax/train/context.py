@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.data import pipeline
@@ -36,6 +37,20 @@ def task_data_config(config, task):
     if task_config.get(field):
       data_config[field] = task_config[field]
   return data_config
+
+
+def check_and_prepare_datasets(config):
+  """Fails at once for a task whose dataset is missing; then prepares those made from files on
+  this machine (embedded digits, image folders, downloads when allowed) on process 0 while the
+  others wait, since processes share the data_dir and must not write it together."""
+  data_configs = [task_data_config(config, task) for task in sorted(config.tasks)]
+  for data_config in data_configs:
+    pipeline.check_dataset(data_config.name, data_config.data_dir, data_config.download)
+  if jax.process_index() == 0:
+    for data_config in data_configs:
+      pipeline.get_builder(data_config.name, data_config.data_dir, data_config.download)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("compmod_jax: datasets prepared")
 
 
 def task_stream(config, task, *, global_batch_size, train, seed=0, split=None):

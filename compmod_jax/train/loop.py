@@ -18,7 +18,6 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
 from compmod_jax.analysis import accounting
-from compmod_jax.data import pipeline
 from compmod_jax.train import checkpoint, context, nonfinite, preemption, report, start, steps
 from compmod_jax.train import validation
 from compmod_jax.train import workdir as workdir_io
@@ -48,9 +47,7 @@ def train_and_evaluate(config, workdir):
           config.to_json_best_effort(indent=2, sort_keys=True))
     # A run resumes from its own checkpoints; the pretrained one is read only at the start.
     source = start.pretrained_source(config) if config.init_from and not own_meta else None
-    for task in sorted(config.tasks):
-      data_config = context.task_data_config(config, task)
-      pipeline.check_dataset(data_config.name, data_config.data_dir, data_config.download)
+    context.check_and_prepare_datasets(config)
     # From here on SIGTERM means: save at the next step boundary and exit cleanly.
     with preemption.PreemptionWatcher() as watcher:
       source_tasks = (source.tasks if source else

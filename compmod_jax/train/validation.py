@@ -5,7 +5,7 @@ shares, each task's data config and the model spec, then that something trains."
 import jax
 import jax.numpy as jnp
 
-from compmod_jax.data import catalog, pipeline
+from compmod_jax.data import catalog, image_folder, pipeline
 from compmod_jax.methods import multitask, registry, transfer
 from compmod_jax.train import context, optim, start
 
@@ -70,9 +70,15 @@ def _check_training(config, device_count):
 
 
 def _check_splits(task, data_config):
-  """Each split the task reads exists in its dataset and has labels (data/catalog.py)."""
+  """Each split the task reads exists in its dataset and has labels (data/catalog.py; an image
+  folder's splits are its sub-folders)."""
+  name = data_config.name
+  folder_splits = None
+  if image_folder.is_folder_name(name):  # listed, not read: its splits are its sub-folders
+    folder_splits = pipeline.dataset_builder(name, data_config.data_dir).split_names
   for field in ("train_split", "eval_split"):
-    problem = catalog.split_problem(data_config.name, data_config[field])
+    problem = (catalog.missing_split(name, data_config[field], folder_splits)
+               if folder_splits is not None else catalog.split_problem(name, data_config[field]))
     if problem:
       raise ValueError(f"Task {task!r} reads {field}={data_config[field]!r} "
                        f"(config.tasks.{task}.{field}, else config.data.{field}), but "
