@@ -85,9 +85,9 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
   config.adaptation = adaptation.default_config()
   config.adaptation.update(target=target, method_name=method, model_name=model)
   if method in adaptation.METHODS:  # the sources' data feed the adaptation loss
-    config.tasks.update({domain: defaults.task(pretrain.tasks[domain].dataset,
-                                               batch_size=source_batch_size)
-                         for domain in pretrain.tasks})
+    for domain, domain_task in pretrain.tasks.items():  # the same data, another batch size
+      config.tasks[domain] = ml_collections.ConfigDict(
+          {**domain_task.to_dict(), "batch_size": source_batch_size})
     config.method = method
     config.optimizer.lr_multipliers[adaptation.OWN_PARAMS] = 1.0
   config.model.input_adapter = "per_task"

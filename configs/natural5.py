@@ -6,8 +6,10 @@ output adapter 960/1280), 16 layers and 32 templates, for a TPU pod.
       gs://bucket/workdirs/natural5 --config.data.data_dir=gs://bucket/tensorflow_datasets
 
 Needs the five datasets prepared in the data_dir (imagenet2012 from manually downloaded
-archives). Set-ups as in Table 8: mixture (K=32), mixture_patches, simple_baseline,
-baseline_patches; `diag=1` initialises xi near-diagonal; `tiny=1` is a CPU smoke test.
+archives). Set-ups as in Table 8: mixture, mixture_patches, simple_baseline, baseline_patches;
+K templates (Table 8: 32, or 16 for "MW with patches"; the baselines have one block per layer);
+`diag=1` initialises xi near-diagonal; `tiny=1` is a CPU smoke test. transfer_table2.py
+transfers a finished run to new datasets (Tables 2, 10).
 Expected (Table 8, validation accuracy, MW K=32): CIFAR 76.6, FOOD 71.9, IMAGENET 63.1,
 PLACES 48.7, SUN 58.8.
 
@@ -20,7 +22,7 @@ from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
 DATASETS = ("imagenet2012", "cifar100", "places365_small", "sun397", "food101")
-ARGUMENTS = {"setup": "mixture", "diag": 0, "tiny": 0}
+ARGUMENTS = {"setup": "mixture", "K": 32, "diag": 0, "tiny": 0}
 
 
 def get_config(arg=None):
@@ -41,7 +43,7 @@ def get_config(arg=None):
   config.model.depth_multiplier = 1.0
   config.model.design = "large"
   config.model.num_layers = 16
-  config.model.num_templates = 32
+  config.model.num_templates = args["K"]
   config.model.patch_size = 8
   config.optimizer.learning_rate = 0.04
   config.optimizer.warmup_steps = 5_000

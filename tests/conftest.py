@@ -20,8 +20,8 @@ CACHE_DIR = os.environ.get("COMPMOD_TEST_CACHE_DIR") or os.path.join(
     tempfile.gettempdir(), f"compmod_jax_test_cache_{os.getuid()}")
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-# Every program, however quick to compile: a tiny run compiles ~160 small ones (orbax slices
-# each array per device when saving), which add up to seconds in every run and subprocess.
+# Every program, however quick to compile: a tiny run compiles ~30 small ones, which add up to
+# seconds in every run and subprocess.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 from compmod_jax.data import embedded_digits  # noqa: E402
@@ -67,3 +67,27 @@ def no_heavy_work(monkeypatch):
     raise AssertionError("heavy work started before the error")
   monkeypatch.setattr(context, "make_streams", heavy)
   monkeypatch.setattr(start, "create_train_state", heavy)
+
+
+@pytest.fixture(scope="session")
+def svhn_digits_run(tmp_path_factory):
+  """configs/digits_svhn_da.py:method=source_only,tiny=1 (the compositional model) on two of
+  its sources, mnist and svhn, under mock data (16 examples per split): it pretrains into
+  <workdir>/pretrained, then evaluates the target as it starts. The domain adaptation test
+  reads it; Table 9's transfer starts from its pretraining. Returns (workdir, config)."""
+  from compmod_jax.train import loop
+  from configs import digits_svhn_da
+  from helpers import mock_datasets
+  config = digits_svhn_da.get_config("method=source_only,tiny=1")
+  # An embedded domain and the real one (the other two add compile time, not coverage).
+  config.pretrain.tasks = {d: config.pretrain.tasks[d] for d in ("mnist", "svhn")}
+
+  def run(folder):
+    config.data.data_dir = config.pretrain.data.data_dir = str(folder / "tfds")
+    names = set(digits_svhn_da.SOURCES.values()) | {"embedded_digits/uci_digits"}
+    with mock_datasets(names, config.data.data_dir, 16):
+      loop.train_and_evaluate(config, str(folder / "work"))
+
+  folder = built_once_per_run(tmp_path_factory, "svhn_digits_da", run)
+  config.data.data_dir = config.pretrain.data.data_dir = str(folder / "tfds")
+  return folder / "work", config

@@ -12,8 +12,7 @@ from flax import traverse_util
 from compmod_jax.analysis import tables
 from compmod_jax.methods import adaptation, registry
 from compmod_jax.train import context, defaults, loop, report, start, steps
-from configs import digits_da, digits_svhn_da, domainnet_da
-from helpers import mock_datasets
+from configs import digits_da, domainnet_da
 from mock_tfds import labelled_mock_dataset, write_mock_metadata
 
 SOURCES = ("mnist", "mnist_blur")
@@ -271,17 +270,13 @@ def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tm
   assert 0.0 <= results["target_test_accuracy"] <= 1.0
 
 
-def test_digits_svhn_config_mixes_embedded_digits_and_svhn_under_mock_data(tmp_path):
-  config = digits_svhn_da.get_config("method=source_only,model=plain,tiny=1")
-  config.data.data_dir = config.pretrain.data.data_dir = str(tmp_path / "tfds")
-  kept = ("mnist", "svhn")  # an embedded domain and the real one (the others add compile time)
-  config.pretrain.tasks = {d: config.pretrain.tasks[d] for d in kept}
-  names = set(digits_svhn_da.SOURCES.values()) | {"embedded_digits/uci_digits"}
-  with mock_datasets(names, config.data.data_dir, 16):
-    results = loop.train_and_evaluate(config, str(tmp_path / "work"))
-  # Without init_from the run pretrains config.pretrain first: the plain network, whose shared
-  # input adapter then starts every domain's own; source-only evaluates it as it starts.
-  pretrained_dir = tmp_path / "work" / "pretrained"
+def test_digits_svhn_config_mixes_embedded_digits_and_svhn_under_mock_data(svhn_digits_run):
+  workdir, config = svhn_digits_run
+  kept = tuple(config.pretrain.tasks)
+  results = report.read_results(workdir)
+  # Without init_from the run pretrains config.pretrain first: the compositional network, whose
+  # shared input adapter then starts every domain's own; source-only evaluates it as it starts.
+  pretrained_dir = workdir / "pretrained"
   assert results["init_from"]["checkpoint"] == str(pretrained_dir / "checkpoints" / "4")
   assert results["init_from"]["source_tasks"] == {d: 10 for d in kept}
   assert results["step"] == 0 and results["tasks"][TARGET]["test_examples"] == 16

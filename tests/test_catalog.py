@@ -3,7 +3,7 @@ datasets have, with labels; the catalog agrees with the installed TFDS builders.
 import pytest
 import tensorflow_datasets as tfds
 
-from compmod_jax.data import catalog
+from compmod_jax.data import catalog, image_folder, pipeline
 from compmod_jax.train import context, defaults, validation
 from helpers import configs_to_check
 
@@ -26,6 +26,11 @@ def test_every_config_reads_splits_its_datasets_have(label, config):
     name = data_config.name
     if name.startswith(EMBEDDED):
       continue  # built here: train and test (data/embedded_digits.py)
+    if image_folder.is_folder_name(name):  # a user's folder: its splits are its sub-folders
+      splits = pipeline.dataset_builder(name).split_names
+      for field in ("train_split", "eval_split"):
+        assert catalog.missing_split(name, data_config[field], splits) is None, (label, task)
+      continue
     facts = catalog.facts(name)
     assert facts, f"{label}: task {task} reads {name!r}, which data/catalog.py does not record"
     for field in ("train_split", "eval_split"):

@@ -11,7 +11,7 @@ from compmod_jax.data import pipeline
 from compmod_jax.methods import multitask, supervised
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import context, defaults, loop
-from configs import digits_9tasks, natural5
+from configs import digits_9tasks, natural5, transfer_table2
 from helpers import mock_datasets
 
 TASKS = (("a", 10), ("b", 2), ("c", 5))
@@ -132,11 +132,22 @@ def test_tiny_multidomain_run_learns_every_task(source_workdir):
   assert "| mnist_blur |" in table and "| mean |" in table
 
 
-def test_natural5_config_runs_under_mock_data(tmp_path):
-  config = natural5.get_config("setup=mixture_patches,tiny=1")
-  config.data.data_dir = str(tmp_path / "tfds")
-  with mock_datasets(natural5.DATASETS, config.data.data_dir, 16):
-    results = loop.train_and_evaluate(config, str(tmp_path / "work"))
-  assert set(results["tasks"]) == set(natural5.DATASETS)
-  assert all(r["test_examples"] == 16 for r in results["tasks"].values())
+def test_natural5_then_its_table2_transfer_run_under_mock_data(tmp_path):
+  """natural5.py (tiny, mixture_patches) on its five datasets, then transfer_table2.py moving it
+  to stanford_dogs from imagenet2012's xi: every split as the real datasets name them."""
+  data_dir = str(tmp_path / "tfds")
+  pretrain = natural5.get_config("setup=mixture_patches,tiny=1")
+  config = transfer_table2.get_config("target=stanford_dogs,source=imagenet2012,tiny=1")
+  pretrain.data.data_dir = config.data.data_dir = data_dir
+  config.init_from = str(tmp_path / "natural5")
+  with mock_datasets(natural5.DATASETS + ("stanford_dogs",), data_dir, 16):
+    pretrained = loop.train_and_evaluate(pretrain, config.init_from)
+    results = loop.train_and_evaluate(config, str(tmp_path / "dogs"))
+  assert set(pretrained["tasks"]) == set(natural5.DATASETS)
+  assert all(r["test_examples"] == 16 for r in pretrained["tasks"].values())
+  dogs = results["tasks"]["stanford_dogs"]
+  assert dogs["test_examples"] == 16 and "accuracy_before_finetune" in dogs
+  assert results["init_from"]["new_tasks"]["stanford_dogs"]["coefficients"] == {
+      task: float(task == "imagenet2012") for task in natural5.DATASETS}
   assert natural5.get_config("diag=1").model.mixture_init == "diagonal"
+  assert natural5.get_config("K=16").model.num_templates == 16

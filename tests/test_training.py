@@ -14,7 +14,7 @@ from compmod_jax.data import pipeline
 from compmod_jax.methods import regularizers, registry
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import context, defaults, loop, optim, start, steps
-from configs import cifar100_signatures
+from configs import cifar100_signatures, imagenet_table1
 from helpers import built_once_per_run, mock_datasets, read_checkpoint, run_main, tiny_digits
 
 
@@ -182,6 +182,18 @@ def test_cifar100_signature_config_runs_under_mock_data(tmp_path):
   assert 0.0 <= results["tasks"]["cifar100"]["test_accuracy"] <= 1.0
   with pytest.raises(ValueError, match="takes"):
     cifar100_signatures.get_config("K=2,depth=3")
+
+
+def test_table1_config_runs_under_mock_data_on_imagenets_labelled_splits(tmp_path):
+  config = imagenet_table1.get_config("K=8,L=32,tiny=1")
+  assert config.model.signature == "progressive"
+  assert imagenet_table1.get_config("K=8,L=8").model.signature == "plain"
+  config.data.data_dir = str(tmp_path / "tfds")
+  with mock_datasets(("imagenet2012",), config.data.data_dir, 16):
+    results = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  # Evaluated on 'validation': imagenet2012's 'test' labels are -1 (the mock's too).
+  assert results["step"] == 2
+  assert results["tasks"]["imagenet2012"]["test_examples"] == 16
 
 
 def test_missing_dataset_fails_fast_naming_it(tmp_path):

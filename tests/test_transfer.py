@@ -19,8 +19,8 @@ from compmod_jax.methods import multitask, registry, transfer
 from compmod_jax.models import network, templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import defaults, loop, optim, pretrained
-from configs import digits_transfer
-from helpers import REPO, subprocess_env
+from configs import digits_transfer, transfer_table9
+from helpers import REPO, mock_datasets, subprocess_env
 
 SOURCES = ("mnist", "mnist_blur")
 NEW = "uci_digits"
@@ -391,3 +391,23 @@ def test_random_and_diagonal_start_a_fresh_xi_with_the_sources_mean_head_and_bn(
   old_bn = source.variables["params"]["block_bn"]["expand"]["scale"]
   np.testing.assert_allclose(after.variables["params"]["block_bn"]["expand"]["scale"][
       spec.task_index(NEW)], old_bn.mean(0), rtol=1e-6)
+
+
+def test_table9_config_interpolates_the_svhn_digits_sources_under_mock_data(svhn_digits_run,
+                                                                            tmp_path):
+  """transfer_table9.py:data=digits (tiny), xi_init=learned, from the pretraining that
+  digits_svhn_da.py ran (the same recipe), the target under mock data with its real splits."""
+  da_workdir, da_config = svhn_digits_run
+  config = transfer_table9.get_config("data=digits,xi_init=learned,tiny=1")
+  assert config.pretrain.model.to_dict() == da_config.pretrain.model.to_dict()
+  config.init_from = str(da_workdir / "pretrained")
+  config.data.data_dir = str(tmp_path / "tfds")
+  with mock_datasets([f"embedded_digits/{NEW}"], config.data.data_dir, 16):
+    results = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  info = results["init_from"]["new_tasks"][NEW]
+  sources = tuple(da_config.pretrain.tasks)
+  assert set(info["coefficients"]) == set(sources)
+  assert sum(info["coefficients"].values()) == pytest.approx(1.0, abs=1e-6)
+  assert results["step"] == config.total_steps == 4
+  assert results["tasks"][NEW]["test_examples"] == 16
+  assert {"accuracy_before_finetune", "test_accuracy"} <= set(results["tasks"][NEW])

@@ -71,8 +71,11 @@ class Checkpointer:
     self._verify_last_save()
     for task, stream in streams.items():
       stream.save(str(self._data_prefix(step, task)))
+    # The host copy is saved, not the device arrays: the state is replicated, so process 0
+    # writes it alone, and orbax compiles no slicing program per array and device (measured:
+    # 149 programs compiled in a tiny 2-save run before, 29 after; each save 4x faster).
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(host_state),
         meta=ocp.args.JsonSave(dict(meta, checksums=array_checksums(host_state)))))
     self._unverified = (step, abstract_state(state))
 
