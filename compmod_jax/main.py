@@ -47,6 +47,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if not FLAGS.coordinator_address and (FLAGS.num_processes is not None
+                                        or FLAGS.process_id is not None):
+    raise app.UsageError("--num_processes and --process_id need --coordinator_address=host:port "
+                         "(process 0's); without it this would run as a single process.")
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)

@@ -10,12 +10,16 @@ evaluation with the EMA weights.
 
 Expected on a 2-core CPU (see README for the measured run): test accuracy >= 0.97 within
 10 minutes. The paper's learning rate (0.02) stalls this batch size for ~1000 steps, so the
-digits configs use 0.005. "tiny" runs in seconds, for debugging only.
+digits configs use 0.005. "tiny" (or tiny=1) runs in seconds, for debugging only.
 """
 from compmod_jax.train import defaults
 
 
+ARGUMENTS = {"tiny": 0}
+
+
 def get_config(arg=None):
+  args = defaults.parse_argument(arg, ARGUMENTS)
   config = defaults.base_config()
   config.total_steps = 2500
   config.eval_every = 500
@@ -26,13 +30,11 @@ def get_config(arg=None):
   config.model.num_templates = 4
   config.model.patch_size = 4
   config.optimizer.learning_rate = 0.005
-  if arg == "tiny":
+  if args["tiny"]:
     defaults.make_tiny(config, total_steps=60, batch_size=32, eval_batch_size=200)
     config.data.augment = "none"
     config.optimizer.learning_rate = 0.02
     config.model.num_layers = 4
     config.model.num_templates = 2
     config.model.bn_momentum = 0.9  # moving statistics must settle within a few steps
-  elif arg:
-    raise ValueError(f"configs/digits.py takes no argument or 'tiny', got {arg!r}")
   return config

@@ -458,7 +458,25 @@ BAD_CONFIGS = {
                                        r"config\.batch_size=33 must be divisible by the "
                                        r"number of devices \(8\); try 32"),
     "learning_rate_not_positive": ({"optimizer.learning_rate": 0.0}, ValueError,
-                                   r"config\.optimizer\.learning_rate must be > 0, got 0\.0"),
+                                   r"config\.optimizer\.learning_rate must be in "
+                                   r"\(0, infinity\), got 0\.0"),
+    "learning_rate_nan": ({"optimizer.learning_rate": float("nan")}, ValueError,
+                          r"config\.optimizer\.learning_rate must be a finite number in "
+                          r"\(0, infinity\), got nan"),
+    "negative_final_lr_fraction": ({"optimizer.final_lr_fraction": -1.0}, ValueError,
+                                   r"config\.optimizer\.final_lr_fraction must be in \[0, 1\], "
+                                   r"got -1\.0"),
+    "adam_b1_above_one": ({"optimizer.adam_b1": 1.5}, ValueError,
+                          r"config\.optimizer\.adam_b1 must be in \[0, 1\), got 1\.5"),
+    "zero_decay_steps": ({"optimizer.decay_steps": 0}, ValueError,
+                         r"config\.optimizer\.decay_steps must be in \(0, infinity\), got 0"),
+    "negative_bn_eps": ({"model.bn_eps": -1.0}, ValueError,
+                        r"config\.model\.bn_eps must be in \(0, infinity\), got -1\.0"),
+    "negative_task_weight": ({"tasks.mnist.weight": -1.0}, ValueError,
+                             r"config\.tasks\.mnist\.weight must be in \(0, infinity\), "
+                             r"got -1\.0"),
+    "dropout_of_one": ({"model.dropout_rate": 1.0}, ValueError,
+                       r"config\.model\.dropout_rate must be in \[0, 1\), got 1\.0"),
     "unknown_optimizer": ({"optimizer.name": "lamb"}, ValueError,
                           r"config\.optimizer\.name must be one of \('rmsprop'"),
     "every_group_frozen": (
@@ -508,6 +526,24 @@ def test_unwritable_workdir_fails_before_heavy_work(embedded_dir, tmp_path, no_h
   with pytest.raises(ValueError, match=r"The workdir .*a_file/work' cannot be created or "
                                        r"written.*Pass --workdir="):
     loop.train_and_evaluate(fault_config(embedded_dir), str(tmp_path / "a_file" / "work"))
+
+
+def test_an_empty_workdir_is_refused_and_nothing_is_written_here(embedded_dir, tmp_path,
+                                                                 monkeypatch, no_heavy_work):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"--workdir is empty .* never used by default"):
+    loop.train_and_evaluate(fault_config(embedded_dir), "")
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_run_failing_on_its_data_dir_leaves_a_finished_workdir_as_it_was(reference, tmp_path,
+                                                                           no_heavy_work):
+  workdir = copy_of(reference[0], tmp_path)
+  before = {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()}
+  (tmp_path / "a_file").write_text("not a directory")
+  with pytest.raises(ValueError, match=r"config\.data\.data_dir='.*a_file' is a file"):
+    loop.train_and_evaluate(fault_config(tmp_path / "a_file"), str(workdir))
+  assert {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()} == before
 
 
 def test_checkpoint_of_another_model_fails_before_heavy_work(reference, tmp_path,

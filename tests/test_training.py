@@ -196,6 +196,25 @@ def test_table1_config_runs_under_mock_data_on_imagenets_labelled_splits(tmp_pat
   assert results["tasks"]["imagenet2012"]["test_examples"] == 16
 
 
+@pytest.mark.parametrize("argument, message", [
+    ("K=abc", r"Config argument K='abc' must be an integer \(default 8\)\.$"),
+    ("K=4;L=16", r"K='4;L=16' must be an integer .*separate arguments with ',' not ';'"),
+    ("depth=3", r"Unknown config argument 'depth' .* takes K=<integer, default 8>, "
+                r"L=<integer, default 32>, signature=<text, default 'progressive'>"),
+    ("signature", r"Config argument 'signature' needs a value: signature=<text>"),
+])
+def test_a_bad_config_file_argument_is_one_line_naming_it_and_what_it_takes(argument,
+                                                                             message):
+  with pytest.raises(ValueError, match=message) as error:
+    imagenet_table1.get_config(argument)
+  assert "\n" not in str(error.value)
+
+
+def test_a_bare_integer_argument_means_one():
+  assert imagenet_table1.get_config("tiny").to_dict() == imagenet_table1.get_config(
+      "tiny=1").to_dict()
+
+
 def test_missing_dataset_fails_fast_naming_it(tmp_path):
   config = tiny_digits(tmp_path / "empty")
   config.tasks.mnist.dataset = "cifar100"

@@ -184,9 +184,6 @@ def check_config(config):
     if config.transfer[name] <= 0:
       raise ValueError(f"config.transfer.{name} must be a positive integer, got "
                        f"{config.transfer[name]!r}")
-  if not config.transfer.learned_learning_rate > 0:
-    raise ValueError(f"config.transfer.learned_learning_rate must be > 0, got "
-                     f"{config.transfer.learned_learning_rate}")
 
 
 def check_xi_init(xi_init, source_tasks=None):

@@ -90,14 +90,36 @@ def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="i
 
 
 def parse_argument(arg, arguments):
-  """Parses a config file's argument "k1=v1,k2=v2" against {key: default} (typed by default)."""
+  """Parses a config file's argument "k1=v1,k2=v2" against {key: default}; each value takes its
+  default's type, and a bare `k` means k=1 for an integer argument (`:tiny`). Every mistake is
+  one ValueError naming the argument, what it got and what it takes."""
   values = dict(arguments)
+  takes = ", ".join(f"{key}=<{_TYPE_NAMES[type(default)]}, default {default!r}>"
+                    for key, default in arguments.items()) or "no arguments"
   for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
+    key, has_value, value = (part.strip() for part in item.partition("="))
     if key not in values:
-      raise ValueError(f"This config takes the arguments {sorted(arguments)}, got {key!r}")
-    values[key] = type(arguments[key])(value)
+      raise ValueError(f"Unknown config argument {key!r} in {arg!r}; this config takes {takes}, "
+                       f"written ':name=value,name=value'.")
+    if not has_value:
+      if type(arguments[key]) is not int:
+        raise ValueError(f"Config argument {key!r} needs a value: {key}=<"
+                         f"{_TYPE_NAMES[type(arguments[key])]}>.")
+      value = "1"
+    values[key] = _typed_argument(key, value, arguments[key])
   return values
+
+
+_TYPE_NAMES = {int: "integer", float: "number", str: "text"}
+
+
+def _typed_argument(key, value, default):
+  try:
+    return type(default)(value)
+  except ValueError:
+    hint = "; separate arguments with ',' not ';'" if ";" in value else ""
+    raise ValueError(f"Config argument {key}={value!r} must be an "
+                     f"{_TYPE_NAMES[type(default)]} (default {default!r}){hint}.") from None
 
 
 def make_tiny(config, *, total_steps, batch_size, eval_batch_size=None):

@@ -42,12 +42,14 @@ def train_and_evaluate(config, workdir):
   checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:
     own_meta = start.refuse_other_config(config, workdir, checkpointer)
-    if jax.process_index() == 0:  # one writer: processes share the workdir
-      (epath.Path(workdir) / "config.json").write_text(
-          config.to_json_best_effort(indent=2, sort_keys=True))
     # A run resumes from its own checkpoints; the pretrained one is read only at the start.
     source = start.pretrained_source(config) if config.init_from and not own_meta else None
     context.check_and_prepare_datasets(config)
+    # Written once the run has decided to use the workdir: a run that fails on its data leaves
+    # a finished run's config.json as it was.
+    if jax.process_index() == 0:  # one writer: processes share the workdir
+      (epath.Path(workdir) / "config.json").write_text(
+          config.to_json_best_effort(indent=2, sort_keys=True))
     # From here on SIGTERM means: save at the next step boundary and exit cleanly.
     with preemption.PreemptionWatcher() as watcher:
       source_tasks = (source.tasks if source else

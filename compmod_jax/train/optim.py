@@ -91,8 +91,6 @@ def check_config(config, groups=PARAMETER_GROUPS):
   if opt.schedule not in SCHEDULES:
     raise ValueError(f"config.optimizer.schedule must be one of {SCHEDULES}, got "
                      f"{opt.schedule!r}")
-  if opt.learning_rate <= 0:
-    raise ValueError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
   names = [name for name, _ in groups]
   unknown = sorted(set(opt.lr_multipliers) - set(names))
   if unknown:

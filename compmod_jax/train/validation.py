@@ -2,8 +2,11 @@
 is compiled. It checks the training fields itself and calls each part's own check: the
 method's (registry.Method.check_config), the optimizer's, transfer's, the multi-task batch
 shares, each task's data config and the model spec, then that something trains."""
+import math
+
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from compmod_jax.data import catalog, image_folder, pipeline
 from compmod_jax.methods import multitask, registry, transfer
@@ -14,11 +17,43 @@ POSITIVE_INTEGERS = ("batch_size", "eval_batch_size", "log_every", "eval_every",
                      "checkpoint_every", "keep_checkpoints")
 
 
+# Numeric fields and the interval each must lie in, as (low, high, low included, high
+# included); every value must also be a finite number. A NaN learning rate or a negative final
+# learning-rate fraction would otherwise train on garbage (gradient ascent) with exit code 0.
+INF = float("inf")
+NUMBER_RANGES = {
+    "ema_decay": (0, 1, True, False),
+    "optimizer.learning_rate": (0, INF, False, False),
+    "optimizer.final_lr_fraction": (0, 1, True, True),
+    "optimizer.warmup_steps": (0, INF, True, False),
+    "optimizer.decay_steps": (0, INF, False, False),
+    "optimizer.decay_rate": (0, 1, False, True),
+    "optimizer.momentum": (0, 1, True, False),
+    "optimizer.rmsprop_decay": (0, 1, True, False),
+    "optimizer.eps": (0, INF, False, False),
+    "optimizer.adam_b1": (0, 1, True, False),
+    "optimizer.adam_b2": (0, 1, True, False),
+    "optimizer.weight_decay": (0, INF, True, False),
+    "optimizer.grad_clip_norm": (0, INF, True, False),
+    "model.depth_multiplier": (0, INF, False, False),
+    "model.dropout_rate": (0, 1, True, False),
+    "model.se_ratio": (0, 1, False, True),
+    "model.mixture_init_scale": (0, INF, True, False),
+    "model.bn_momentum": (0, 1, True, False),
+    "model.bn_eps": (0, INF, False, False),
+    "regularizers.entropy_weight": (0, INF, True, False),
+    "regularizers.clustering_weight": (0, INF, True, False),
+    "transfer.learned_learning_rate": (0, INF, False, False),
+}
+TASK_NUMBER_RANGES = {"weight": (0, INF, False, False), "sampling_weight": (0, INF, False, False)}
+
+
 def validate(config):
   """Raises a ValueError naming the first bad field (a pretraining config first)."""
   if config.get("pretrain"):
     validate(config.pretrain)
   device_count = jax.device_count()
+  _check_numbers(config)
   _check_training(config, device_count)
   _check_tasks(config)
   method = registry.get(config.method)
@@ -30,6 +65,7 @@ def validate(config):
                      f"initialised model; set config.init_from=<pretrained workdir> (or "
                      f"trainable='' to train everything).")
   multitask.task_batch_sizes(config, device_count)
+  _check_data_dir(config.data.data_dir)
   for task in config.tasks:
     data_config = context.task_data_config(config, task)
     pipeline.check_data_config(data_config)
@@ -41,6 +77,33 @@ def validate(config):
   images = jnp.zeros((1, side, side, config.data.channels), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   optim.check_trainable(params, config, model.spec, method)
+
+
+def _check_data_dir(data_dir):
+  if data_dir and epath.Path(data_dir).exists() and not epath.Path(data_dir).is_dir():
+    raise ValueError(f"config.data.data_dir={data_dir!r} is a file; point it at the directory "
+                     f"that holds the TFDS datasets (or leave it unset for TFDS's default).")
+
+
+def _check_numbers(config):
+  fields = [(name, _field(config, name), interval) for name, interval in NUMBER_RANGES.items()]
+  fields += [(f"tasks.{task}.{name}", task_config.get(name, 1.0), interval)
+             for task, task_config in config.tasks.items()
+             for name, interval in TASK_NUMBER_RANGES.items()]
+  for name, value, (low, high, low_in, high_in) in fields:
+    allowed = (f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+               .replace("inf", "infinity"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ValueError(f"config.{name} must be a finite number in {allowed}, got {value!r}")
+    if not ((low <= value if low_in else low < value) and
+            (value <= high if high_in else value < high)):
+      raise ValueError(f"config.{name} must be in {allowed}, got {value!r}")
+
+
+def _field(config, dotted_name):
+  for part in dotted_name.split("."):
+    config = config[part]
+  return config
 
 
 def _starts_trained(config):
@@ -59,8 +122,6 @@ def _check_training(config, device_count):
       raise ValueError(f"config.{name}={config[name]} must be divisible by the number of "
                        f"devices ({device_count}); try "
                        f"{max(1, config[name] // device_count) * device_count}.")
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
   if config.max_nonfinite_skips < 0:
     raise ValueError(f"config.max_nonfinite_skips must be >= 0 (0 stops at the first NaN/Inf), "
                      f"got {config.max_nonfinite_skips}")

@@ -11,6 +11,10 @@ def prepare(workdir):
   Returns it as an absolute path (orbax refuses relative checkpoint paths, and a relative path
   would change meaning if anything changed the working directory).
   """
+  if not str(workdir or "").strip():
+    raise ValueError("--workdir is empty (an unset shell variable?); pass --workdir=<a directory "
+                     "for this run's checkpoints and results>. The current directory is never "
+                     "used by default.")
   path = epath.Path(workdir)
   if "://" not in str(workdir):
     path = path.absolute()
