@@ -68,8 +68,9 @@ def get_config(arg=None):
     dataset = image_folder.PREFIX + args["folder"]
   setup, trainable = MODELS[args["model"]]
   config = natural5.get_config(f"setup={setup},K={args['K']},tiny={args['tiny']}")
-  config.tasks = {args["target"]: defaults.task(dataset, train_split=train_split,
-                                                eval_split=eval_split)}
+  config.tasks = {args["target"]: defaults.task(
+      dataset, train_split=train_split, eval_split=eval_split,
+      augment="crop" if args["target"] == "emnist" else "")}  # mirrored letters are others
   config.xi_init = f"source:{args['source']}"
   config.trainable = trainable
   if args["tiny"]:

@@ -10,7 +10,7 @@ from compmod_jax.analysis import similarity
 from compmod_jax.data import pipeline
 from compmod_jax.methods import multitask, supervised
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
-from compmod_jax.train import context, defaults, loop
+from compmod_jax.train import context, defaults, loop, validation
 from configs import digits_9tasks, natural5, transfer_table2
 from helpers import mock_datasets
 
@@ -90,6 +90,17 @@ def test_task_sampling_gives_every_task_its_share():
   config.tasks.c.batch_size = 12
   with pytest.raises(ValueError, match="multiple of the device count"):
     multitask.task_batch_sizes(config, device_count=8)
+
+
+def test_a_task_sets_its_own_splits_and_augmentation_over_config_data():
+  config = transfer_table2.get_config("target=emnist")
+  emnist = context.task_data_config(config, "emnist")
+  assert (emnist.name, emnist.augment, emnist.train_split) == ("emnist/balanced", "crop", "train")
+  assert config.data.augment == "crop_flip"  # the natural images' own
+  config.tasks.emnist.augment = "mirror"
+  config.init_from = "a/natural5/workdir"  # as its docstring runs it; validation reads none
+  with pytest.raises(ValueError, match=r"Task 'emnist' .*config\.data\.augment='mirror'"):
+    validation.validate(config)
 
 
 def test_label_maps_make_new_tasks_from_the_same_digits(embedded_dir):

@@ -28,12 +28,13 @@ def make_mesh(config):
 
 
 def task_data_config(config, task):
-  """config.data with the task's own dataset, labeling and (when it sets them) splits."""
+  """config.data with the task's own dataset, labeling and (when it sets them) splits and
+  augmentation."""
   task_config = config.tasks[task]
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.name = task_config.dataset
   data_config.label_map = task_config.get("label_map", "identity")
-  for field in ("train_split", "eval_split"):
+  for field in ("train_split", "eval_split", "augment"):
     if task_config.get(field):
       data_config[field] = task_config[field]
   return data_config

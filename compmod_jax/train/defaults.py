@@ -78,15 +78,18 @@ def base_config():
 
 
 def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="identity",
-         train_split="", eval_split=""):
+         train_split="", eval_split="", augment=""):
   """One task: a TFDS dataset, the weight of its loss in the total, its share of each step's
-  batch (or a fixed batch_size; 0 = share), a labeling (pipeline.LABEL_MAPS), and the TFDS
-  splits it trains and is evaluated on when they differ from config.data's ("" = those;
-  slicing such as 'train[:80%]' works)."""
+  batch (or a fixed batch_size; 0 = share), a labeling (pipeline.LABEL_MAPS), the TFDS splits
+  it trains and is evaluated on and its training augmentation when they differ from
+  config.data's ("" = those; slicing such as 'train[:80%]' works; augment 'crop' keeps digits
+  and letters unflipped where natural images get 'crop_flip'). Image size and channels stay
+  config.data's: every task feeds the same input adapter."""
   return ml_collections.ConfigDict(dict(dataset=dataset, weight=weight,
                                         sampling_weight=sampling_weight,
                                         batch_size=batch_size, label_map=label_map,
-                                        train_split=train_split, eval_split=eval_split))
+                                        train_split=train_split, eval_split=eval_split,
+                                        augment=augment))
 
 
 def parse_argument(arg, arguments):

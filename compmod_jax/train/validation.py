@@ -68,7 +68,11 @@ def validate(config):
   _check_data_dir(config.data.data_dir)
   for task in config.tasks:
     data_config = context.task_data_config(config, task)
-    pipeline.check_data_config(data_config)
+    try:
+      pipeline.check_data_config(data_config)
+    except ValueError as error:  # the field may be the task's own setting
+      raise ValueError(f"Task {task!r} (config.tasks.{task}.<field>, else config.data): "
+                       f"{error}") from None
     _check_splits(task, data_config)
   # The model gets 2 classes per task as placeholders: the real counts come from the data, and
   # no check depends on them.
