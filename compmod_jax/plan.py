@@ -11,6 +11,8 @@ come from the TFDS builders' code), lowers and compiles the step ahead of time a
 JSON object:
 
   parameters                  {"total": n, "per_group": {group: n}}
+  source_tasks                the tasks of the checkpoint config.init_from names, when it
+                              exists here (read from it): a transfer run's model holds them
   per_device_batch            {task: examples per device and step}
   flops_per_step              XLA's operation count of one step, all devices together (of
                               the step with every layer unrolled: XLA counts a loop's body
@@ -31,13 +33,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from compmod_jax import cli
 from compmod_jax.data import pipeline
 from compmod_jax.methods import multitask, registry
-from compmod_jax.train import context, optim, start, steps, validation
+from compmod_jax.train import context, optim, pretrained, start, steps, validation
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -61,6 +64,15 @@ def task_classes(config):
   return classes
 
 
+def source_tasks(config):
+  """{task: classes} of the checkpoint config.init_from names, when it exists here: a transfer
+  run's model holds those tasks too (frozen). {} otherwise: the plan then covers the new
+  tasks' part of the model only."""
+  if not config.init_from or not epath.Path(config.init_from).exists():
+    return {}
+  return pretrained.load(config.init_from).tasks
+
+
 def image_shape(config):
   """(side, side, channels) of the model's input: config.data.image_size, else the stored size
   of the first task's images when it is fixed."""
@@ -82,7 +94,7 @@ def lower(config):
     validation.validate(config)
   except ValueError as error:
     raise PlanError(f"{error}") from error
-  model = start.model_for(config, task_classes(config))
+  model = start.model_for(config, {**source_tasks(config), **task_classes(config)})
   ctx = context.RunContext(config=config, workdir="", mesh=context.make_mesh(config),
                            model=model, method=registry.get(config.method), train_streams={},
                            eval_streams={}, eval_steps={})
@@ -119,6 +131,7 @@ def plan(config, device_memory_gb=None):
   result = {
       "devices": devices, "parameters": {"total": sum(per_group.values()),
                                          "per_group": dict(sorted(per_group.items()))},
+      "source_tasks": sorted(source_tasks(ctx.config)),
       "per_device_batch": {task: n // devices for task, n in
                            multitask.task_batch_sizes(ctx.config, devices).items()},
       "image_shape": list(image_shape(ctx.config)),

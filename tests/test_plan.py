@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compmod_jax import plan
-from configs import digits, imagenet_table1
+from configs import digits, digits_transfer, imagenet_table1
 from helpers import configs_to_check, run_main
 
 
@@ -71,6 +71,17 @@ def test_the_command_prints_one_json_object(tmp_path):
   printed = json.loads(result.stdout)
   assert printed["devices"] == 2 and printed["per_device_batch"] == {"mnist": 16}
   assert np.isfinite(printed["flops_per_step"]) and printed["compile_seconds"] > 0
+
+
+def test_a_transfer_plan_holds_the_tasks_of_the_checkpoint_it_starts_from(source_workdir):
+  config = digits_transfer.get_config("tiny=1")
+  config.init_from = str(source_workdir)
+  assert plan.source_tasks(config) == {"mnist": 10, "mnist_blur": 10}
+  _, state, _ = plan.lower(config)
+  assert set(state.params["heads"]) == {"mnist", "mnist_blur", "uci_digits"}
+  assert state.params["mixture_logits"].shape[0] == 3
+  config.init_from = "a/workdir/not/here"
+  assert plan.source_tasks(config) == {}
 
 
 def test_flops_count_every_layer_of_a_scanned_model():
