@@ -14,6 +14,7 @@ class missing from one split would silently shift the labels of the others). The
 covers every file's path and size: a folder that changes is prepared again under a new name,
 never read stale.
 """
+import functools
 import hashlib
 import os
 import re
@@ -63,6 +64,15 @@ def scan(folder):
   return examples, sorted(names[first])
 
 
+@functools.lru_cache(maxsize=None)
+def listing(folder):
+  """scan(folder) and its fingerprint, once per process: listing a large folder (on GCS, say)
+  takes a while, and every check and stream of a run builds the builder again (a builder made
+  before another process prepared the dataset would not see its splits)."""
+  examples, classes = scan(folder)
+  return examples, classes, _fingerprint(examples)
+
+
 def _subfolders(path):
   return [entry.rstrip("/") for entry in tf.io.gfile.listdir(path)
           if tf.io.gfile.isdir(os.path.join(path, entry))]
@@ -90,11 +100,10 @@ class ImageFolderDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def __init__(self, folder, *, data_dir=None):
     self.folder = folder.rstrip("/")
-    self._examples, self._classes = scan(self.folder)
+    self._examples, self._classes, fingerprint = listing(self.folder)
     slug = re.sub(r"[^a-z0-9_]+", "_", os.path.basename(self.folder).lower()).strip("_")
-    config = tfds.core.BuilderConfig(
-        name=f"{slug or 'images'}_{_fingerprint(self._examples)}",
-        description=f"Images of {self.folder}")
+    config = tfds.core.BuilderConfig(name=f"{slug or 'images'}_{fingerprint}",
+                                     description=f"Images of {self.folder}")
     super().__init__(config=config, data_dir=data_dir)
 
   @property

@@ -137,7 +137,7 @@ def dataset_builder(name, data_dir=None):
   from the builder's code (a `folder:<path>` dataset's from listing its folder).
   DatasetNotFoundError for a name TFDS does not know, ImageFolderError for a bad folder."""
   if image_folder.is_folder_name(name):
-    return _folder_builder(name, data_dir)
+    return image_folder.ImageFolderDataset(name[len(image_folder.PREFIX):], data_dir=data_dir)
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
@@ -145,13 +145,6 @@ def dataset_builder(name, data_dir=None):
         f"'{name}' is not a TFDS dataset. Use a TFDS name such as 'cifar100' or "
         f"'mnist_corrupted/shear', or 'embedded_digits/<config>' with a config in "
         f"{[config.name for config in embedded_digits.EmbeddedDigits.BUILDER_CONFIGS]}.") from error
-
-
-@functools.lru_cache(maxsize=None)
-def _folder_builder(name, data_dir):
-  """Cached: listing a large folder (and fingerprinting its files) takes a while, and every
-  stream and check of a run asks for the builder."""
-  return image_folder.ImageFolderDataset(name[len(image_folder.PREFIX):], data_dir=data_dir)
 
 
 def _not_prepared_message(builder, name, data_dir):
