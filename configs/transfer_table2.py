@@ -74,6 +74,7 @@ def get_config(arg=None):
   config.xi_init = f"source:{args['source']}"
   config.trainable = trainable
   if args["tiny"]:
+    config.batch_size = config.eval_batch_size = 16  # one task: natural5's 8 per task, twice
     return config
   config.batch_size = config.eval_batch_size = 256
   config.total_steps = 10_000

@@ -37,13 +37,13 @@ ARGUMENTS = {"data": "digits", "xi_init": "learned", "tiny": 0}
 
 def digits(tiny):
   pretrain = digits_svhn_da.pretraining(SETUP, tiny)
-  target = defaults.task(f"embedded_digits/{digits_svhn_da.TARGET}")
+  target = defaults.task(f"embedded_digits/{digits_svhn_da.TARGET}", batch_size=8 if tiny else 32)
   return pretrain, digits_svhn_da.TARGET, target, 1_000  # ~22 epochs of 1,438 digits at 32
 
 
 def domainnet(tiny):
   pretrain = domainnet_da.pretraining(SETUP, tiny)
-  target = defaults.task(f"domainnet/{domainnet_da.TARGET}", batch_size=64)
+  target = defaults.task(f"domainnet/{domainnet_da.TARGET}", batch_size=8 if tiny else 64)
   return pretrain, domainnet_da.TARGET, target, 20_000  # ~26 epochs of sketch's 100 classes
 
 

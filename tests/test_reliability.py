@@ -475,6 +475,10 @@ BAD_CONFIGS = {
     "negative_task_weight": ({"tasks.mnist.weight": -1.0}, ValueError,
                              r"config\.tasks\.mnist\.weight must be in \(0, infinity\), "
                              r"got -1\.0"),
+    "batch_larger_than_the_training_split": (
+        {"batch_size": 10_000_000}, ValueError,
+        r"Task 'mnist' gets 10000000 training examples per step .* train_split 'train' of "
+        r"'embedded_digits/mnist' has 4000; use a batch of at most 4000"),
     "dropout_of_one": ({"model.dropout_rate": 1.0}, ValueError,
                        r"config\.model\.dropout_rate must be in \[0, 1\), got 1\.0"),
     "unknown_optimizer": ({"optimizer.name": "lamb"}, ValueError,

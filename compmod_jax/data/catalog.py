@@ -61,6 +61,16 @@ CATALOG = {
 }
 
 
+# The embedded digits (data/embedded_digits.py), built on this machine: recorded so that a
+# config's batch can be checked against their splits before they are prepared.
+CATALOG.update({f"embedded_digits/{config}": DatasetFacts({"train": 4_000, "test": 1_000}, 10,
+                                                          (28, 28, 1))
+                for config in ("mnist", "mnist_shear", "mnist_scale", "mnist_shot_noise",
+                               "mnist_blur", "mnist_boundary")})
+CATALOG["embedded_digits/uci_digits"] = DatasetFacts({"train": 1_438, "test": 359}, 10,
+                                                     (28, 28, 1))
+
+
 def facts(name) -> Optional[DatasetFacts]:
   """The recorded facts of TFDS dataset `name` (with or without its default config, e.g.
   'sun397' or 'sun397/tfds'), or None for a dataset not in the catalog."""

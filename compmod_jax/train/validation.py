@@ -64,7 +64,7 @@ def validate(config):
     raise ValueError(f"config.trainable={config.trainable!r} freezes the rest of a freshly "
                      f"initialised model; set config.init_from=<pretrained workdir> (or "
                      f"trainable='' to train everything).")
-  multitask.task_batch_sizes(config, device_count)
+  batch_sizes = multitask.task_batch_sizes(config, device_count)
   _check_data_dir(config.data.data_dir)
   for task in config.tasks:
     data_config = context.task_data_config(config, task)
@@ -74,6 +74,7 @@ def validate(config):
       raise ValueError(f"Task {task!r} (config.tasks.{task}.<field>, else config.data): "
                        f"{error}") from None
     _check_splits(task, data_config)
+    _check_batch_fits(task, data_config, batch_sizes[task])
   # The model gets 2 classes per task as placeholders: the real counts come from the data, and
   # no check depends on them.
   model = start.model_for(config, {task: 2 for task in config.tasks})
@@ -81,6 +82,33 @@ def validate(config):
   images = jnp.zeros((1, side, side, config.data.channels), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   optim.check_trainable(params, config, model.spec, method)
+
+
+def _check_batch_fits(task, data_config, batch_size):
+  """A step's batch of a task must not exceed its training split: every batch would repeat
+  examples, and a huge one stalls the input pipeline instead of failing."""
+  examples = _known_split_size(data_config.name, data_config.data_dir, data_config.train_split)
+  if examples is not None and batch_size > examples:
+    raise ValueError(f"Task {task!r} gets {batch_size} training examples per step "
+                     f"(config.batch_size, or config.tasks.{task}.batch_size), but its "
+                     f"train_split {data_config.train_split!r} of '{data_config.name}' has "
+                     f"{examples}; use a batch of at most {examples}.")
+
+
+def _known_split_size(name, data_dir, split):
+  """Examples in `split` from a prepared dataset's metadata or else the catalog; None when
+  neither knows (an unprepared dataset outside the catalog). Reads no data."""
+  if not image_folder.is_folder_name(name):
+    builder = pipeline.dataset_builder(name, data_dir)
+    if builder.is_prepared():
+      problem = catalog.missing_split(name, split, builder.info.splits.keys())
+      if problem:
+        raise ValueError(f"{problem} (config.data.train_split or the task's train_split).")
+      return pipeline.dataset_size(builder, split)
+  recorded = catalog.facts(name)
+  if recorded and split in recorded.splits:  # whole splits only; slices are checked once read
+    return recorded.splits[split]
+  return None
 
 
 def _check_data_dir(data_dir):
