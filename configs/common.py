@@ -45,9 +45,39 @@ def digits_multidomain(setup, tiny):
   return config
 
 
+def natural_domains(tasks, setup, tiny, *, batch_size, total_steps, every, warmup_steps):
+  """The multi-domain pretraining recipe of App. D.2's DomainNet experiment, shared by the
+  natural-image domain configs: 128x128 RGB images (ImageNet statistics, random crops and
+  flips), 16 blocks and 12 templates at depth multiplier 1 (8x8 patches: 16x16x40
+  activations), dropout 0.3, a learning rate decaying linearly from 2e-3 to 2e-5, the set-up
+  `setup`. `every`: steps between evaluations and checkpoints. `tiny`: a CPU smoke test with 8
+  images per domain and step."""
+  config = defaults.base_config()
+  config.tasks = tasks
+  config.data.update(image_size=128, channels=3, normalization="standard", augment="crop_flip")
+  config.model.update(num_layers=16, num_templates=12, depth_multiplier=1.0, patch_size=8,
+                      dropout_rate=0.3)
+  config.optimizer.update(schedule="linear", learning_rate=2e-3, final_lr_fraction=0.01,
+                          warmup_steps=warmup_steps)
+  config.batch_size = config.eval_batch_size = batch_size
+  config.total_steps = total_steps
+  config.eval_every = config.checkpoint_every = every
+  config.log_every = 100
+  multitask.apply_setup(config.model, setup)
+  if tiny:
+    config.data.update(image_size=32, shuffle_buffer=64)
+    config.model.update(num_layers=3, num_templates=2, depth_multiplier=0.2, patch_size=4)
+    defaults.make_tiny(config, total_steps=4, batch_size=8 * len(tasks),
+                       eval_batch_size=8 * len(tasks))
+    for task in config.tasks.values():
+      task.batch_size = 8
+  return config
+
+
 # The arguments of every domain adaptation config (`domain_adaptation` says what they mean).
 DA_ARGUMENTS = {"method": "adversarial", "model": "compositional", "source": "best_source",
                 "trainable": "", "tiny": 0}
+DA_CHOICES = {"method": adaptation.TABLE3_METHODS, "model": adaptation.TABLE3_MODELS}
 # App. D.3-D.4: Adam, with a learning rate decaying linearly (a polynomial of degree 1) from the
 # first value to the second.
 DA_LEARNING_RATES = {"adversarial": (2e-4, 1e-5), "moment_matching": (1e-4, 1e-5),
@@ -68,10 +98,6 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
   the supervised bound run the supervised method on the target alone.
   """
   method, model = args["method"], args["model"]
-  for name, value, allowed in (("method", method, adaptation.TABLE3_METHODS),
-                               ("model", model, adaptation.TABLE3_MODELS)):
-    if value not in allowed:
-      raise ValueError(f"Domain adaptation {name} must be one of {tuple(allowed)}, got {value!r}")
   setup, default_trainable = adaptation.TABLE3_MODELS[model]
   trainable = args["trainable"] or default_trainable
   pretrain = pretrain_for(setup)

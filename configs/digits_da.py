@@ -59,7 +59,7 @@ TARGET = "uci_digits"
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, common.DA_ARGUMENTS)
+  args = defaults.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   config = common.domain_adaptation(
       lambda setup: common.digits_multidomain(setup, args["tiny"]), TARGET,
       defaults.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,

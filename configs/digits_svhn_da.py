@@ -39,7 +39,7 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, common.DA_ARGUMENTS)
+  args = defaults.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   # ~10 epochs of the target's 1,438 training digits at 64 per step.
   return common.domain_adaptation(
       lambda setup: pretraining(setup, args["tiny"]), TARGET,

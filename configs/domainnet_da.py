@@ -24,7 +24,6 @@ adaptation; here 60,000 and 40,000 steps of 64 examples per domain (set
 Expected (Table 3, sketch): source-only 24.75 (plain) / 11.61 (comp.); adversarial 27.54 /
 14.40; moment matching 26.12 / 14.22; comp. supervised 15.46. `tiny=1`: a CPU smoke test.
 """
-from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
 from configs import common
@@ -35,32 +34,19 @@ TARGET = "sketch"
 
 def pretraining(setup, tiny):
   """Every source domain a task (with per-domain xi for the compositional set-up)."""
-  config = defaults.base_config()
-  config.tasks = {d: defaults.task(f"domainnet/{d}", batch_size=64) for d in SOURCES}
-  config.data.update(image_size=128, channels=3, normalization="standard", augment="crop_flip",
-                     most_frequent_classes=100,
+  config = common.natural_domains(
+      {d: defaults.task(f"domainnet/{d}", batch_size=64) for d in SOURCES}, setup, tiny,
+      batch_size=320, total_steps=60_000, every=5_000, warmup_steps=1000)
+  config.data.update(most_frequent_classes=100,
                      class_frequency_datasets=tuple(f"domainnet/{d}"
                                                     for d in SOURCES + (TARGET,)))
-  config.model.update(num_layers=16, num_templates=12, depth_multiplier=1.0, patch_size=8,
-                      dropout_rate=0.3)
-  config.optimizer.update(schedule="linear", learning_rate=2e-3, final_lr_fraction=0.01,
-                          warmup_steps=1000)
-  config.batch_size = config.eval_batch_size = 320
-  config.total_steps = 60_000
-  config.eval_every = config.checkpoint_every = 5_000
-  config.log_every = 200
-  multitask.apply_setup(config.model, setup)
-  if tiny:
-    config.data.update(image_size=32, shuffle_buffer=64)
-    config.model.update(num_layers=3, num_templates=2, depth_multiplier=0.2, patch_size=4)
-    defaults.make_tiny(config, total_steps=4, batch_size=40, eval_batch_size=40)
-    for task in config.tasks.values():
-      task.batch_size = 8
+  if not tiny:
+    config.log_every = 200
   return config
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, common.DA_ARGUMENTS)
+  args = defaults.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   return common.domain_adaptation(
       lambda setup: pretraining(setup, args["tiny"]), TARGET,
       defaults.task(f"domainnet/{TARGET}", batch_size=64), args, source_batch_size=32,

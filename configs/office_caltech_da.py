@@ -24,7 +24,6 @@ Expected (Table 3, webcam): source-only 42.96 (plain) / 41.89 (comp.); adversari
 / compositional): amazon 49.84 / 68.96, caltech 64.70 / 65.17, dslr 64.54 / 55.51.
 """
 from compmod_jax.data import image_folder
-from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
 from configs import common
@@ -42,29 +41,12 @@ def domain_task(folder, domain, batch_size):
 
 def pretraining(setup, folder, tiny):
   """Every source domain a task (with per-domain xi for the compositional set-up)."""
-  config = defaults.base_config()
-  config.tasks = {d: domain_task(folder, d, 32) for d in SOURCES}
-  config.data.update(image_size=128, channels=3, normalization="standard", augment="crop_flip")
-  config.model.update(num_layers=16, num_templates=12, depth_multiplier=1.0, patch_size=8,
-                      dropout_rate=0.3)
-  config.optimizer.update(schedule="linear", learning_rate=2e-3, final_lr_fraction=0.01,
-                          warmup_steps=200)
-  config.batch_size = config.eval_batch_size = 96
-  config.total_steps = 3_000
-  config.eval_every = config.checkpoint_every = 500
-  config.log_every = 100
-  multitask.apply_setup(config.model, setup)
-  if tiny:
-    config.data.update(image_size=32, shuffle_buffer=64)
-    config.model.update(num_layers=3, num_templates=2, depth_multiplier=0.2, patch_size=4)
-    defaults.make_tiny(config, total_steps=4, batch_size=24, eval_batch_size=24)
-    for task in config.tasks.values():
-      task.batch_size = 8
-  return config
+  return common.natural_domains({d: domain_task(folder, d, 32) for d in SOURCES}, setup, tiny,
+                                batch_size=96, total_steps=3_000, every=500, warmup_steps=200)
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
+  args = defaults.parse_argument(arg, ARGUMENTS, common.DA_CHOICES)
   folder = args.pop("folder").rstrip("/")
   return common.domain_adaptation(
       lambda setup: pretraining(setup, folder, args["tiny"]), TARGET,

@@ -52,14 +52,8 @@ ARGUMENTS = {"target": "stanford_dogs", "folder": "", "source": "imagenet2012",
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
-  for name, allowed in (("target", TARGETS), ("model", MODELS)):
-    if args[name] not in allowed:
-      raise ValueError(f"transfer_table2.py: {name} must be one of {tuple(allowed)}, got "
-                       f"{args[name]!r}")
-  if args["source"] not in natural5.DATASETS:
-    raise ValueError(f"transfer_table2.py: source must be one of {natural5.DATASETS}, got "
-                     f"{args['source']!r}")
+  args = defaults.parse_argument(arg, ARGUMENTS, {"target": TARGETS, "model": MODELS,
+                                                   "source": natural5.DATASETS})
   dataset, train_split, eval_split = TARGETS[args["target"]]
   if args["target"] == "aircraft":
     if not args["folder"]:

@@ -51,11 +51,7 @@ DATA = {"digits": digits, "domainnet": domainnet}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
-  for name, allowed in (("data", DATA), ("xi_init", XI_INITS)):
-    if args[name] not in allowed:
-      raise ValueError(f"transfer_table9.py: {name} must be one of {tuple(allowed)}, got "
-                       f"{args[name]!r}")
+  args = defaults.parse_argument(arg, ARGUMENTS, {"data": DATA, "xi_init": XI_INITS})
   pretrain, target, target_task, total_steps = DATA[args["data"]](args["tiny"])
   config = ml_collections.ConfigDict(pretrain.to_dict())
   config.pretrain = pretrain

@@ -92,10 +92,11 @@ def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="i
                                         augment=augment))
 
 
-def parse_argument(arg, arguments):
+def parse_argument(arg, arguments, choices=None):
   """Parses a config file's argument "k1=v1,k2=v2" against {key: default}; each value takes its
-  default's type, and a bare `k` means k=1 for an integer argument (`:tiny`). Every mistake is
-  one ValueError naming the argument, what it got and what it takes."""
+  default's type, and a bare `k` means k=1 for an integer argument (`:tiny`). `choices`
+  ({key: allowed values}) restricts some arguments. Every mistake is one ValueError naming the
+  argument, what it got and what it takes."""
   values = dict(arguments)
   takes = ", ".join(f"{key}=<{_TYPE_NAMES[type(default)]}, default {default!r}>"
                     for key, default in arguments.items()) or "no arguments"
@@ -110,6 +111,10 @@ def parse_argument(arg, arguments):
                          f"{_TYPE_NAMES[type(arguments[key])]}>.")
       value = "1"
     values[key] = _typed_argument(key, value, arguments[key])
+  for key, allowed in (choices or {}).items():
+    if values[key] not in allowed:
+      raise ValueError(f"Config argument {key}={values[key]!r} must be one of "
+                       f"{tuple(allowed)}.")
   return values
 
 
