@@ -2,7 +2,6 @@
 import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -72,15 +71,18 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(finished_run, tmp_pat
     jax.tree.map(np.testing.assert_array_equal, resumed[name], reference[name])
 
 
-def test_rerunning_a_finished_run_only_reports(finished_run):
+def test_rerunning_a_finished_run_only_reports(finished_run, monkeypatch):
   config, workdir, results = finished_run
   checkpoints = sorted(os.listdir(workdir / "checkpoints"))
-  started = time.time()
+
+  def no_training_or_evaluation(*args, **kwargs):
+    raise AssertionError("a finished run trained or evaluated again")
+  monkeypatch.setattr(steps, "jit_train_step", no_training_or_evaluation)
+  monkeypatch.setattr(context.RunContext, "evaluate", no_training_or_evaluation)
   again = loop.train_and_evaluate(config, str(workdir))
   assert again == json.loads((workdir / "results.json").read_text())
   assert again["tasks"] == results["tasks"] and again["step"] == 60
   assert sorted(os.listdir(workdir / "checkpoints")) == checkpoints
-  assert time.time() - started < 30
 
 
 def test_checkpoint_with_another_config_is_refused(finished_run):
@@ -215,13 +217,11 @@ def test_a_bare_integer_argument_means_one():
       "tiny=1").to_dict()
 
 
-def test_missing_dataset_fails_fast_naming_it(tmp_path):
+def test_missing_dataset_fails_before_heavy_work_naming_it(tmp_path, no_heavy_work):
   config = tiny_digits(tmp_path / "empty")
   config.tasks.mnist.dataset = "cifar100"
-  started = time.time()
   with pytest.raises(pipeline.DatasetNotFoundError, match=r"cifar100.*empty"):
     loop.train_and_evaluate(config, str(tmp_path / "work"))
-  assert time.time() - started < 10
 
 
 def test_config_typo_is_an_error_naming_the_key(tmp_path):

@@ -240,7 +240,8 @@ def _label_counts(name, data_dir, split):
   examples = builder.as_dataset(split=split,
                                 decoders={"image": tfds.decode.SkipDecoding()},
                                 read_config=tfds.ReadConfig(try_autocache=False))
-  labels = examples.map(lambda example: example["label"], num_parallel_calls=tf.data.AUTOTUNE)
+  labels = examples.map(_traced(lambda example: example["label"]),
+                        num_parallel_calls=tf.data.AUTOTUNE)
   counts = np.zeros(num_labels, np.int64)
   for batch in labels.batch(LABEL_COUNT_BATCH).as_numpy_iterator():
     counts += np.bincount(batch, minlength=num_labels)
@@ -454,7 +455,8 @@ class DataStream:
     def renumber(example):
       return {**example, "label": tf.gather(new_labels, example["label"])}
 
-    return dataset.map(renumber).filter(lambda example: example["label"] >= 0)
+    return dataset.map(_traced(renumber)).filter(
+        _traced(lambda example: example["label"] >= 0))
 
   def _decode_and_preprocess(self, example, train, seed=None):
     image = self.builder.info.features["image"].decode_example(example["image"])
@@ -475,13 +477,14 @@ class DataStream:
       example_seed = tf.random.experimental.stateless_fold_in(process_seed, example_count)
       return self._decode_and_preprocess(example, train=True, seed=example_seed)
 
-    dataset = dataset.enumerate().map(preprocess_with_own_seed, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.enumerate().map(_traced(preprocess_with_own_seed),
+                                      num_parallel_calls=tf.data.AUTOTUNE)
     _check_fixed_image_shape(dataset.element_spec)
     return dataset.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
   def _eval_dataset(self):
     dataset = self._read_encoded(shuffle_files=False, seed=None, try_autocache=True)
-    dataset = dataset.map(lambda example: self._decode_and_preprocess(example, train=False),
+    dataset = dataset.map(_traced(lambda example: self._decode_and_preprocess(example, False)),
                           num_parallel_calls=tf.data.AUTOTUNE)
     _check_fixed_image_shape(dataset.element_spec)
     padding = tf.data.Dataset.from_tensors(_zero_example(dataset.element_spec)).repeat()
@@ -493,6 +496,13 @@ class DataStream:
     options.autotune.enabled = False
     dataset = dataset.batch(self.batch_size, drop_remainder=True).prefetch(2)
     return dataset.with_options(options)
+
+
+def _traced(function):
+  """`function` for tf.data.Dataset.map, traced as plain Python: its branches depend on the
+  config and on static shapes only, never on a tensor's value, so AutoGraph's rewriting of it
+  (and of every TF and TFDS function it calls) would change nothing and cost ~2 s per run."""
+  return tf.autograph.experimental.do_not_convert(function)
 
 
 def _check_fixed_image_shape(element_spec):
