@@ -1,6 +1,9 @@
-"""What the command-line entry points (main, plan) share before their flags are parsed."""
+"""What the command-line entry points (main, plan, surgery) share."""
+import logging as python_logging
 import os
 import sys
+
+from absl import logging
 
 
 def make_config_folder_importable(argv):
@@ -14,3 +17,18 @@ def make_config_folder_importable(argv):
     if path:
       folder = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":")[0])))
       sys.path.insert(0, folder)
+
+
+class _QuietLibraries(python_logging.Filter):
+  """Drops INFO lines of libraries that log every file they touch (orbax, TFDS); their
+  warnings and errors still show."""
+  NOISY = ("/orbax/", "/tensorflow_datasets/")
+
+  def filter(self, record):
+    return (record.levelno >= python_logging.WARNING
+            or not any(part in record.pathname for part in self.NOISY))
+
+
+def quiet_library_logs():
+  """Keeps a command's log readable: see _QuietLibraries."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())

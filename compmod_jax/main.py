@@ -7,7 +7,6 @@ Rerunning the same command resumes from the workdir's last checkpoint. On a TPU 
 same command on every worker (see launch/tpu_pod.sh); --distributed initialises
 jax.distributed first.
 """
-import logging as python_logging
 import os
 import sys
 
@@ -33,20 +32,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-class _QuietLibraries(python_logging.Filter):
-  """Drops INFO lines of libraries that log every file they touch (orbax, TFDS); their
-  warnings and errors still show."""
-  NOISY = ("/orbax/", "/tensorflow_datasets/")
-
-  def filter(self, record):
-    return (record.levelno >= python_logging.WARNING
-            or not any(part in record.pathname for part in self.NOISY))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_library_logs()
   if not FLAGS.coordinator_address and (FLAGS.num_processes is not None
                                         or FLAGS.process_id is not None):
     raise app.UsageError("--num_processes and --process_id need --coordinator_address=host:port "

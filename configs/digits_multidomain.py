@@ -7,7 +7,9 @@ and Table 12 on the embedded data).
       --workdir=workdirs/multidomain_baseline_patches
 
 The argument picks the App. C set-up (mixture | mixture_patches | simple_baseline |
-baseline_patches; default mixture) and `tiny=1` gives a seconds-long debug run. The workdir gets
+baseline_patches; default mixture), `shared_mixture_layers=<n>` makes the first n layers' mixture
+weights one row all domains share (Tables 11/12's "half-shared" model is n = 4 of these 8
+layers), and `tiny=1` gives a seconds-long debug run. The workdir gets
 results.json, accuracy_table.md, mixture_weights.png and task_similarity.png.
 Expected (2-core CPU, see README): >= 95% test accuracy on every domain.
 """
@@ -15,9 +17,11 @@ from compmod_jax.train import defaults
 
 from configs import common
 
-ARGUMENTS = {"setup": "mixture", "tiny": 0}
+ARGUMENTS = {"setup": "mixture", "shared_mixture_layers": 0, "tiny": 0}
 
 
 def get_config(arg=None):
   args = defaults.parse_argument(arg, ARGUMENTS)
-  return common.digits_multidomain(args["setup"], args["tiny"])
+  config = common.digits_multidomain(args["setup"], args["tiny"])
+  config.model.shared_mixture_layers = args["shared_mixture_layers"]
+  return config

@@ -9,7 +9,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.analysis import accounting
 from compmod_jax.models import ops, templates
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.models.network import (CompositionalIsometricNet, NetworkSpec,
+                                        parse_explicit_signature, task_owners)
+from compmod_jax.train import optim
 
 L, K = 6, 3
 SPEC = NetworkSpec(tasks=(("a", 10),), input_channels=1, num_layers=L, num_templates=K,
@@ -98,7 +100,7 @@ def test_fixed_signature_equals_learned_model_with_one_hot_xi(kind, mixture_vari
   fixed_params = dict(mixture_variables["params"])
   del fixed_params["mixture_logits"]
   fixed_out = apply(fixed, dict(mixture_variables, params=fixed_params))
-  learned = with_logits(mixture_variables, one_hot_logits(fixed.fixed_signature, K))
+  learned = with_logits(mixture_variables, one_hot_logits(fixed.fixed_signatures[0], K))
   np.testing.assert_array_equal(fixed_out, apply(SPEC, learned))
 
 
@@ -297,3 +299,64 @@ def test_bad_model_config_values_give_clear_errors(field, value, message):
     changes["signature"] = "explicit"
   with pytest.raises(ValueError, match=message):
     dataclasses.replace(SPEC, **changes)
+
+
+def test_shared_early_layers_give_every_task_one_xi_row_trained_by_all_tasks():
+  """model.shared_mixture_layers = n (paper Tables 11/12): one [n, K] parameter holds the first
+  n layers' logits of every task; the model equals one whose tasks each hold a copy of it."""
+  shared = dataclasses.replace(SPEC, tasks=(("a", 10), ("b", 10)), shared_mixture_layers=2)
+  variables = init(shared)
+  params = variables["params"]
+  assert params["shared_mixture_logits"].shape == (2, K)
+  assert params["mixture_logits"].shape == (2, L - 2, K)
+  every_task = templates.task_mixture_logits(params)
+  np.testing.assert_array_equal(every_task[0, :2], every_task[1, :2])
+  np.testing.assert_array_equal(every_task[:, 2:], params["mixture_logits"])
+  unshared = dataclasses.replace(shared, shared_mixture_layers=0)
+  copies = dict(variables, params={k: v for k, v in params.items()
+                                   if k != "shared_mixture_logits"} | {
+                                       "mixture_logits": every_task})
+  for task in ("a", "b"):
+    np.testing.assert_array_equal(apply(shared, variables, task=task),
+                                  apply(unshared, copies, task=task))
+
+  def loss(shared_logits, task):
+    changed = dict(variables, params=dict(params, shared_mixture_logits=shared_logits))
+    return jnp.sum(apply(shared, changed, task=task) ** 2)
+  grad_a, grad_b = (jax.grad(loss)(params["shared_mixture_logits"], t) for t in ("a", "b"))
+  assert np.abs(grad_a).max() > 0 and np.abs(grad_b).max() > 0
+  both = jax.grad(lambda s: loss(s, "a") + loss(s, "b"))(params["shared_mixture_logits"])
+  np.testing.assert_allclose(both, grad_a + grad_b, rtol=1e-5, atol=1e-7)
+  # One optimizer group with the tasks' own rows; owned by no task, so a new task that a
+  # transfer run adds cannot move it.
+  assert optim.group_labels(params)["shared_mixture_logits"] == "mixture_logits"
+  assert task_owners(shared, "params/shared_mixture_logits") is None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shared_mixture_layers", L, r"must be in 0\.\.5"),
+    ("explicit_signature", ((1, 2, 3, 1, 2, 3),), r"gives 1 per-task signatures but the model "
+                                                   r"has 2 tasks"),
+])
+def test_shared_and_per_task_signature_fields_are_checked(field, value, message):
+  changes = {field: value, "tasks": (("a", 10), ("b", 10))}
+  if field == "explicit_signature":
+    changes["signature"] = "explicit"
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(SPEC, **changes)
+
+
+def test_per_task_explicit_signatures_select_each_tasks_templates():
+  assert parse_explicit_signature("1,2,3,3,2,1;3,3,3,1,1,1") == ((1, 2, 3, 3, 2, 1),
+                                                                 (3, 3, 3, 1, 1, 1))
+  assert parse_explicit_signature("1,2, 3") == (1, 2, 3)
+  with pytest.raises(ValueError, match="explicit_signature='1,x'"):
+    parse_explicit_signature("1,x")
+  tasks = (("a", 10), ("b", 10))
+  per_task = dataclasses.replace(SPEC, tasks=tasks, signature="explicit",
+                                 explicit_signature=((1, 2, 3, 3, 2, 1), (3, 3, 3, 1, 1, 1)))
+  variables = init(per_task)
+  for task, signature in zip(("a", "b"), per_task.explicit_signature):
+    alone = dataclasses.replace(per_task, explicit_signature=signature)
+    np.testing.assert_array_equal(apply(per_task, variables, task=task),
+                                  apply(alone, variables, task=task))

@@ -98,10 +98,11 @@ def format_model_summary(spec, params):
   for name in sorted(params):
     lines.append(f"{name:<16} {count(params[name]):>12,}")
   lines.append(f"{'total':<16} {count(params):>12,}")
-  signature = spec.fixed_signature
+  signatures = spec.fixed_signatures
+  shown = ("" if signatures is None else
+           " per task" if len(set(signatures)) > 1 else f" {tuple(t + 1 for t in signatures[0])}")
   lines.append(f"L={spec.num_layers} K={spec.bank_size} width={spec.width} "
-               f"signature={spec.signature}"
-               + (f" {tuple(t + 1 for t in signature)}" if signature else ""))
+               f"signature={spec.signature}{shown}")
   return "\n".join(lines)
 
 

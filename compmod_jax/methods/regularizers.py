@@ -9,6 +9,8 @@ clustering: R[xi, theta] = alpha sum_k xi_k g(||theta_bar - theta_k||), theta_ba
 import jax
 import jax.numpy as jnp
 
+from compmod_jax.models import templates
+
 CLUSTERING_G = {
     "square": lambda sq_dist: sq_dist,
     # sqrt with a floor: the gradient of ||.|| at 0 (one template alone) is undefined.
@@ -54,10 +56,11 @@ def regularization_losses(params, config):
   if "mixture_logits" not in params:
     return {}
   losses = {}
+  # Over every task's xi: a layer whose xi all tasks share counts once per task.
+  logits = templates.task_mixture_logits(params)
   if weights.entropy_weight:
-    losses["entropy"] = weights.entropy_weight * jnp.sum(
-        mixture_entropy(params["mixture_logits"]))
+    losses["entropy"] = weights.entropy_weight * jnp.sum(mixture_entropy(logits))
   if weights.clustering_weight:
     losses["clustering"] = weights.clustering_weight * clustering(
-        params["mixture_logits"], params["templates"], weights.clustering_g)
+        logits, params["templates"], weights.clustering_g)
   return losses

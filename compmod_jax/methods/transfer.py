@@ -162,8 +162,9 @@ def initialise_new_task(ctx, variables, task, source_classes):
   coefficients = dict(zip(new.sources, start.coefficients.tolist()))
   logging.info("Task %s: xi_init=%s, coefficients %s.", task, xi_init,
                {name: round(c, 4) for name, c in coefficients.items()})
-  initial_xi = (templates.mixture_weights(variables["params"]["mixture_logits"])
-                [spec.task_index(task)] if "mixture_logits" in variables["params"] else None)
+  params = variables["params"]
+  initial_xi = (templates.mixture_weights(templates.task_mixture_logits(params))
+                [spec.task_index(task)] if "mixture_logits" in params else None)
   return variables, {
       "xi_init": xi_init, "coefficients": coefficients,
       "initial_xi": None if initial_xi is None else np.asarray(initial_xi).tolist(),
@@ -256,12 +257,13 @@ def _combine_xi(logit_rows, coefficients, copy_source, sources):
 
 
 def fresh_xi_logits(xi_init, spec, fresh_row, seed):
-  """The xi row of the `random` and `diagonal` strategies."""
+  """The task's own xi rows (after the shared layers) of the `random` and `diagonal`
+  strategies."""
   if xi_init == "random":
     return fresh_row
   return templates.init_mixture_logits(jax.random.key(seed), "diagonal",
                                        (1, spec.num_layers, spec.bank_size),
-                                       spec.mixture_init_scale)[0]
+                                       spec.mixture_init_scale)[0, spec.shared_mixture_layers:]
 
 
 def accuracy_coefficients(accuracies, sources):

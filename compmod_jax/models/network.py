@@ -8,7 +8,9 @@ Variables:
                              when input_adapter = "per_task"
   params/templates           every block parameter stacked on a leading K axis (with BN
                              scale/bias under "bn" when batch_norm = "mixed")
-  params/mixture_logits      [tasks, L, K]; xi = softmax over K (learned signature only)
+  params/mixture_logits      [tasks, L - n, K]; xi = softmax over K (learned signature only)
+  params/shared_mixture_logits  [n, K]: the first n layers' logits, one row all tasks share
+                             (model.shared_mixture_layers = n > 0; paper Tables 11/12)
   params/block_bn            BN scale/bias, [L, C] ("per_layer") or [tasks, L, C] ("per_task")
   params/output_adapter      1x1 conv to c1, average pool, dense to c2
   params/heads/<task>        logits layer of each task
@@ -61,6 +63,7 @@ class NetworkSpec:
   signature_seed: int = 0
   mixture_init: str = "normal"
   mixture_init_scale: float = 1.0
+  shared_mixture_layers: int = 0
   batch_norm: str = "per_layer"
   input_adapter: str = "shared"
   input_skip: bool = False
@@ -81,10 +84,7 @@ class NetworkSpec:
     unknown = sorted(set(values) - fields)
     if unknown:
       raise ValueError(f"Unknown config.model field(s) {unknown}; valid: {sorted(fields)}")
-    explicit = values.get("explicit_signature", ())
-    if isinstance(explicit, str):
-      explicit = tuple(int(t) for t in explicit.replace(" ", "").split(",") if t)
-    values["explicit_signature"] = tuple(explicit)
+    values["explicit_signature"] = parse_explicit_signature(values.get("explicit_signature", ()))
     return cls(tasks=tuple((str(n), int(c)) for n, c in tasks), input_channels=input_channels,
                **values)
 
@@ -110,11 +110,20 @@ class NetworkSpec:
     return self.num_layers if self.signature == "plain" else self.num_templates
 
   @property
-  def fixed_signature(self) -> Optional[tuple]:
+  def per_task_signatures(self):
+    """Whether explicit_signature gives each task its own (a tuple of tuples)."""
+    return bool(self.explicit_signature) and isinstance(self.explicit_signature[0], tuple)
+
+  @property
+  def fixed_signatures(self) -> Optional[tuple]:
+    """Each task's 0-based template per layer (None for a learned signature)."""
     if self.signature == templates.LEARNED:
       return None
-    return templates.build_signature(self.signature, self.num_layers, self.bank_size,
-                                     self.explicit_signature, self.signature_seed)
+    if self.per_task_signatures:
+      return tuple(tuple(t - 1 for t in row) for row in self.explicit_signature)
+    signature = templates.build_signature(self.signature, self.num_layers, self.bank_size,
+                                          self.explicit_signature, self.signature_seed)
+    return (signature,) * len(self.tasks)
 
   @property
   def uses_scan(self):
@@ -144,6 +153,25 @@ def task_owners(spec, path):
   if path.startswith("params/heads/"):
     return (path.split("/")[2],)
   return None
+
+
+def parse_explicit_signature(value):
+  """config.model.explicit_signature as a tuple of 1-based template indices, one per layer
+  ("1,2,2,3"), or a tuple of such tuples, one per task in the model's (sorted) task order
+  ("1,2,2,3;1,1,2,3"). A malformed entry is an error naming the field."""
+  if isinstance(value, str):
+    rows = [row for row in value.replace(" ", "").split(";") if row]
+    try:
+      value = [tuple(int(t) for t in row.split(",") if t) for row in rows]
+    except ValueError:
+      raise ValueError(f"config.model.explicit_signature={value!r}: give 1-based template "
+                       f"indices separated by commas, and tasks by ';' (e.g. '1,2,2,3' or "
+                       f"'1,2,2,3;1,1,2,3').") from None
+    return value[0] if len(value) == 1 else tuple(value)
+  value = tuple(value)
+  if value and isinstance(value[0], (tuple, list)):
+    return tuple(tuple(int(t) for t in row) for row in value)
+  return tuple(int(t) for t in value)
 
 
 def _choice(name, value, options):
@@ -177,17 +205,40 @@ def _validate(spec):
   _choice("layer_iteration", spec.layer_iteration, LAYER_ITERATIONS)
   _choice("conv_impl", spec.conv_impl, ops.CONV_IMPLS + ("auto",))
   if spec.signature == "explicit":
-    sig = spec.explicit_signature
+    _validate_explicit_signature(spec)
+  if spec.shared_mixture_layers:
+    _validate_shared_mixture_layers(spec)
+  if spec.signature == "progressive" and spec.num_layers < spec.num_templates:
+    raise ValueError(f"A progressive signature uses every template at least once, so "
+                     f"num_layers ({spec.num_layers}) must be >= num_templates "
+                     f"({spec.num_templates}).")
+
+
+def _validate_explicit_signature(spec):
+  rows = spec.explicit_signature if spec.per_task_signatures else (spec.explicit_signature,)
+  if spec.per_task_signatures and len(rows) != len(spec.tasks):
+    raise ValueError(f"config.model.explicit_signature gives {len(rows)} per-task signatures "
+                     f"but the model has {len(spec.tasks)} tasks "
+                     f"{[name for name, _ in spec.tasks]}; give one per task, in that order.")
+  for sig in rows:
     if len(sig) != spec.num_layers:
       raise ValueError(f"config.model.explicit_signature has {len(sig)} entries but "
                        f"num_layers is {spec.num_layers}; give one template per layer.")
     if not all(1 <= t <= spec.num_templates for t in sig):
       raise ValueError(f"config.model.explicit_signature entries are 1-based template indices "
                        f"in 1..{spec.num_templates}, got {sig}")
-  if spec.signature == "progressive" and spec.num_layers < spec.num_templates:
-    raise ValueError(f"A progressive signature uses every template at least once, so "
-                     f"num_layers ({spec.num_layers}) must be >= num_templates "
-                     f"({spec.num_templates}).")
+
+
+def _validate_shared_mixture_layers(spec):
+  shared = spec.shared_mixture_layers
+  if spec.signature != templates.LEARNED:
+    raise ValueError(f"config.model.shared_mixture_layers={shared} shares mixture weights, "
+                     f"which signature={spec.signature!r} does not have; use "
+                     f"signature='mixture' or shared_mixture_layers=0.")
+  if not 0 <= shared < spec.num_layers:
+    raise ValueError(f"config.model.shared_mixture_layers must be in 0..{spec.num_layers - 1} "
+                     f"(num_layers - 1: the last layers keep per-task mixture weights), got "
+                     f"{shared}.")
 
 
 class CompositionalIsometricNet(nn.Module):
@@ -201,9 +252,17 @@ class CompositionalIsometricNet(nn.Module):
     self.input_adapter = self.param("input_adapter", self._init_input_adapter)
     self.templates = self.param("templates", self._init_templates)
     if spec.signature == templates.LEARNED:
+      shared = spec.shared_mixture_layers
       self.mixture_logits = self.param(
-          "mixture_logits", templates.init_mixture_logits, spec.mixture_init,
-          (num_tasks, spec.num_layers, spec.bank_size), spec.mixture_init_scale)
+          "mixture_logits", _init_own_mixture_logits, spec,
+          (num_tasks, spec.num_layers, spec.bank_size))
+      if shared:
+        # The first layers' rows of the first task's initialisation, shared by every task.
+        self.shared_mixture_logits = self.param(
+            "shared_mixture_logits",
+            lambda key: templates.init_mixture_logits(
+                key, spec.mixture_init, (1, spec.num_layers, spec.bank_size),
+                spec.mixture_init_scale)[0, :shared])
     bn_prefix = {"per_layer": (spec.num_layers,), "per_task": (num_tasks, spec.num_layers)}
     if spec.batch_norm in bn_prefix:
       self.block_bn = self.param("block_bn", _init_bn_params, self._bn_channels(),
@@ -227,15 +286,17 @@ class CompositionalIsometricNet(nn.Module):
     """Output of the output adapter (what the heads read, before dropout), [N, c2]."""
     return self.embed(self.body_features(images, task, train))
 
-  def body_features(self, images, task=0, train=False):
-    """Output of the last block (the input of the output adapter), [N, H', W', C]."""
+  def body_features(self, images, task=0, train=False, update_stats=True):
+    """Output of the last block (the input of the output adapter), [N, H', W', C]; with
+    update_stats=False, also the blocks' batch statistics (see batch_statistics)."""
     act = ops.ACTIVATIONS[self.spec.activation]
     task_index = self.spec.task_index(task)
     adapter = self.input_adapter
     if self.spec.input_adapter == "per_task":
       adapter = jax.tree.map(lambda p: p[task_index], adapter)
     x = act(ops.patchify_conv(images, adapter["kernel"], adapter["bias"]))
-    return self._run_blocks(x, task_index, train)
+    features, batch_stats = self._run_blocks(x, task_index, train, update_stats)
+    return features if update_stats else (features, batch_stats)
 
   def embed(self, features):
     """Output adapter: 1x1 conv + act, global average pool, dense + act."""
@@ -247,15 +308,7 @@ class CompositionalIsometricNet(nn.Module):
   def layer_parameters(self, task_index):
     """Block parameters and BN scale/bias of every layer for one task, stacked on axis L."""
     spec = self.spec
-    signature = spec.fixed_signature
-    if signature is None:
-      xi = templates.mixture_weights(self.mixture_logits[task_index])
-      layer_params = templates.mix_templates(xi, self.templates)
-    elif signature == tuple(range(spec.bank_size)):
-      layer_params = self.templates  # plain network: the bank already is per layer
-    else:
-      layer_params = templates.select_templates(signature, self.templates)
-    layer_params = dict(layer_params)  # setup() attributes are FrozenDicts
+    layer_params = dict(self._layer_templates(task_index))  # setup() gives FrozenDicts
     if spec.batch_norm == "mixed":
       bn = layer_params.pop("bn")
     elif spec.batch_norm == "per_task":
@@ -264,7 +317,32 @@ class CompositionalIsometricNet(nn.Module):
       bn = self.block_bn
     return layer_params, bn
 
-  def _run_blocks(self, x, task_index, train):
+  def _layer_templates(self, task_index):
+    """The template bank mixed by the task's xi, or indexed by its fixed signature."""
+    spec = self.spec
+    if spec.fixed_signatures is None:
+      logits = templates.task_mixture_logits(self._mixture_params())[task_index]
+      return templates.mix_templates(templates.mixture_weights(logits), self.templates)
+    signature = spec.fixed_signatures[task_index]
+    if signature == tuple(range(spec.bank_size)):
+      return self.templates  # plain network: the bank already is per layer
+    return templates.select_templates(signature, self.templates)
+
+  def _mixture_params(self):
+    params = {"mixture_logits": self.mixture_logits}
+    if self.spec.shared_mixture_layers:
+      params["shared_mixture_logits"] = self.shared_mixture_logits
+    return params
+
+  def batch_statistics(self, images, task=0):
+    """The BN batch statistics {name: {"mean", "var"}} ([L, C] each) of every layer of `task`
+    on `images`, as a training step computes them, leaving the moving statistics alone: their
+    mean over many batches re-estimates the moving ones (precise BN; AdaBN on a new domain)."""
+    return self.body_features(images, task, train=True, update_stats=False)[1]
+
+  def _run_blocks(self, x, task_index, train, update_stats):
+    """The blocks' output and, in training, their batch statistics (folded into the moving
+    ones when `update_stats`)."""
     spec = self.spec
     layer_params, bn = self.layer_parameters(task_index)
     stats = jax.tree.map(lambda s: s[task_index], self.bn_stats.value)
@@ -286,9 +364,9 @@ class CompositionalIsometricNet(nn.Module):
         x, layer_stats = block(x, jax.tree.map(lambda a, i=layer: a[i], per_layer))
         outputs.append(layer_stats)
       batch_stats = jax.tree.map(lambda *a: jnp.stack(a), *outputs) if train else None
-    if train and not self.is_initializing():
+    if train and update_stats and not self.is_initializing():
       self._update_moving_stats(task_index, stats, batch_stats)
-    return x
+    return x, batch_stats
 
   def _update_moving_stats(self, task_index, old, batch):
     momentum = self.spec.bn_momentum
@@ -319,6 +397,12 @@ class CompositionalIsometricNet(nn.Module):
     if spec.batch_norm == "mixed":
       bank["bn"] = _init_bn_params(None, self._bn_channels(), (spec.bank_size,))
     return bank
+
+
+def _init_own_mixture_logits(key, spec, shape):
+  """Every task's logits for the layers after the shared ones (all layers when none are)."""
+  logits = templates.init_mixture_logits(key, spec.mixture_init, shape, spec.mixture_init_scale)
+  return logits[:, spec.shared_mixture_layers:]
 
 
 def _init_dense_tree(key, shapes):

@@ -15,6 +15,22 @@ SIGNATURES = (LEARNED,) + FIXED_SIGNATURES
 MIXTURE_INITS = ("normal", "uniform", "diagonal")
 
 
+# The parameters that hold mixture logits: each task's own rows [tasks, L - n, K], and the
+# first n layers' rows that all tasks share [n, K] (config.model.shared_mixture_layers = n).
+MIXTURE_PARAMS = ("mixture_logits", "shared_mixture_logits")
+
+
+def task_mixture_logits(params):
+  """Every task's mixture logits [tasks, L, K] from a model's params: the shared first layers'
+  rows (when the model shares some) followed by the task's own."""
+  own = params["mixture_logits"]
+  if "shared_mixture_logits" not in params:
+    return own
+  shared = params["shared_mixture_logits"]
+  shared = jnp.broadcast_to(shared, (own.shape[0],) + tuple(shared.shape))
+  return jnp.concatenate([shared, own], axis=1)
+
+
 def mixture_weights(mixture_logits):
   """xi = softmax(logits) over the template axis; each xi_l sums to one."""
   return jax.nn.softmax(mixture_logits, axis=-1)

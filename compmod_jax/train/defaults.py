@@ -45,7 +45,8 @@ def base_config():
       num_layers=16, num_templates=4, depth_multiplier=0.6, design="small", expansion=6,
       use_se=True, se_ratio=0.25, patch_size=2, activation="relu", dropout_rate=0.2,
       signature="mixture", explicit_signature="", signature_seed=0, mixture_init="normal",
-      mixture_init_scale=1.0, batch_norm="per_layer", input_adapter="shared", input_skip=False,
+      mixture_init_scale=1.0, shared_mixture_layers=0, batch_norm="per_layer",
+      input_adapter="shared", input_skip=False,
       layer_iteration="auto", scan_unroll=1, conv_impl="auto", bn_momentum=0.99,
       bn_eps=1e-3))
 

@@ -24,7 +24,7 @@ from compmod_jax.models import network
 PARAMETER_GROUPS = (
     ("batch_norm", r"^block_bn/|^templates/bn/"),
     ("templates", r"^templates/"),
-    ("mixture_logits", r"^mixture_logits$"),
+    ("mixture_logits", r"^(shared_)?mixture_logits$"),
     ("input_adapter", r"^input_adapter/"),
     ("output_adapter", r"^output_adapter/"),
     ("heads", r"^heads/"),

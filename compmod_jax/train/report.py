@@ -17,10 +17,9 @@ def mixture_weights_by_task(model, params):
   """{task: xi [L, K]} for a learned signature, or the one-hot fixed signature."""
   spec = model.spec
   if "mixture_logits" in params:
-    xi = np.asarray(templates.mixture_weights(params["mixture_logits"]))
+    xi = np.asarray(templates.mixture_weights(templates.task_mixture_logits(params)))
   else:
-    one_hot = np.eye(spec.bank_size)[np.asarray(spec.fixed_signature)]
-    xi = np.broadcast_to(one_hot, (len(spec.tasks),) + one_hot.shape)
+    xi = np.eye(spec.bank_size)[np.asarray(spec.fixed_signatures)]
   return {task: xi[index] for index, (task, _) in enumerate(spec.tasks)}
 
 
@@ -28,7 +27,7 @@ def mixture_scalars(model, params):
   """Per-layer entropy and max of xi for each task (learned signatures only)."""
   if "mixture_logits" not in params:
     return {}
-  entropy = np.asarray(regularizers.mixture_entropy(params["mixture_logits"]))
+  entropy = np.asarray(regularizers.mixture_entropy(templates.task_mixture_logits(params)))
   scalars = {}
   for task, xi in mixture_weights_by_task(model, params).items():
     index = model.spec.task_index(task)

@@ -1,0 +1,256 @@
+"""Surgery on a trained model's modules (paper §3: a model is a bank of templates plus a few
+numbers per task), run on a finished workdir:
+
+  python -m compmod_jax.surgery harden <workdir> --out=<dir> [--reestimate_bn]
+
+harden  Every layer of every task keeps only the template its mixture weights favour most
+        (the arg-max of xi_l): the model becomes a fixed signature per task, and the templates
+        no hardened signature uses are dropped. <dir> becomes a workdir of that compact model
+        (config.model.signature = "explicit", one signature per task; no mixing at
+        inference): its checkpoint loads with config.init_from like any run's, and its
+        results.json holds the hardened and the mixed test accuracy of each task, the
+        parameter counts and the inference step times of both models. --reestimate_bn first
+        re-estimates each task's BN moving statistics on its training images (the hardened
+        layers compute something else than the mixed ones the statistics were gathered for).
+
+The workdir is only read. <dir> must be new or empty: nothing is ever overwritten.
+"""
+import dataclasses
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+
+from compmod_jax import cli
+from compmod_jax.analysis import accounting
+from compmod_jax.methods import registry
+from compmod_jax.models import templates
+from compmod_jax.train import checkpoint, context, pretrained, start
+from compmod_jax.train import workdir as workdir_io
+
+COMMANDS = ("harden",)
+flags.DEFINE_string("out", None, "New (or empty) directory for the result.")
+flags.DEFINE_bool("reestimate_bn", False, "harden: re-estimate the BN moving statistics of each "
+                  "task on its training images before evaluating.")
+flags.DEFINE_integer("bn_batches", 50, "Training batches per task for --reestimate_bn.")
+flags.DEFINE_string("data_dir", None, "Where the datasets are, when not where the run read "
+                    "them (its config.data.data_dir).")
+flags.DEFINE_integer("timing_repeats", 20, "Forward passes timed per model (median reported).")
+FLAGS = flags.FLAGS
+
+
+class SurgeryError(ValueError):
+  """A workdir or output folder the command cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  """A finished workdir: its config (with the model's tasks), run information, evaluated
+  variables (EMA parameters, BN statistics; host arrays) and step."""
+  config: ml_collections.ConfigDict
+  source_tasks: dict   # {task: classes} of the model's tasks beyond config.tasks
+  variables: dict
+  step: int
+
+
+def load_run(workdir, data_dir=None):
+  """The newest intact checkpoint of `workdir` (read-only), with the model's own variables
+  only (a method's training-time variables, e.g. a discriminator, are left out)."""
+  if not (epath.Path(workdir) / "checkpoints").is_dir():
+    raise SurgeryError(f"{workdir} holds no checkpoints/ directory: pass the --workdir of a "
+                       f"training run.")
+  loaded = pretrained.load(workdir)
+  config = ml_collections.ConfigDict(loaded.config)
+  if data_dir:
+    config.data.data_dir = data_dir
+  variables = {"params": dict(loaded.variables["params"]),
+               "batch_stats": loaded.variables["batch_stats"]}
+  own = registry.get(config.method).own_params
+  if own:
+    variables["params"].pop(own, None)
+  source_tasks = {task: classes for task, classes in loaded.tasks.items()
+                  if task not in config.tasks}
+  return TrainedRun(config=config, source_tasks=source_tasks, variables=variables,
+                    step=loaded.step)
+
+
+def prepare_out(out):
+  """`out` as a new or empty directory; refuses one that holds anything."""
+  if not out:
+    raise SurgeryError("--out is required: a new directory for the result.")
+  path = epath.Path(out)
+  if path.exists() and any(path.iterdir()):
+    raise SurgeryError(f"--out={out} is not empty; surgery never overwrites. Pass a new "
+                       f"directory.")
+  return workdir_io.prepare(out)
+
+
+def hardened_signatures(xi):
+  """The 0-based template of each task and layer: arg-max over K of xi [tasks, L, K] (the
+  first template on a tie)."""
+  return np.argmax(np.asarray(xi), axis=-1)
+
+
+def compact_variables(variables, signatures):
+  """(variables of the fixed-signature model, its signatures) from a learned-signature model's
+  variables and hardened `signatures` [tasks, L]: the templates no signature uses are dropped
+  (the others keep their order) and the mixture logits removed."""
+  used = np.unique(signatures)
+  params = {name: value for name, value in variables["params"].items()
+            if name not in templates.MIXTURE_PARAMS}
+  params["templates"] = jax.tree.map(lambda bank: np.asarray(bank)[used], params["templates"])
+  renumbered = np.searchsorted(used, signatures)
+  return {"params": params, "batch_stats": variables["batch_stats"]}, renumbered
+
+
+def fixed_signature_config(config, signatures):
+  """`config` for the model with one fixed signature per task (0-based [tasks, L]); the
+  compact model is self-contained, so nothing is loaded or pretrained before it."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(
+      signature="explicit", num_templates=int(np.max(signatures)) + 1, shared_mixture_layers=0,
+      explicit_signature=";".join(",".join(str(t + 1) for t in row) for row in signatures))
+  config.init_from = ""
+  if "pretrain" in config:
+    del config["pretrain"]
+  return config
+
+
+def reestimate_bn(ctx, variables, num_batches):
+  """`variables` with each of ctx's tasks' BN moving statistics replaced by the mean over
+  `num_batches` training batches of the batch statistics (precise BN), the network in training
+  mode but nothing updated."""
+  model = ctx.model
+  placed = ctx.replicated(variables)
+  batch_stats = jax.device_get(variables["batch_stats"])
+  for task, stream in sorted(ctx.train_streams.items()):
+    statistics = jax.jit(lambda v, images, task=task: model.apply(
+        v, images, task=task, method=model.batch_statistics))
+    batches = iter(stream)
+    total = None
+    for _ in range(num_batches):
+      images = ctx.global_batch(next(batches))["image"]
+      stats = jax.device_get(statistics(placed, images))
+      total = stats if total is None else jax.tree.map(np.add, total, stats)
+    row = model.spec.task_index(task)
+    batch_stats["block_bn"] = jax.tree.map(
+        lambda all_tasks, summed: _set_row(all_tasks, row, summed / num_batches),
+        batch_stats["block_bn"], total)
+  return {"params": variables["params"], "batch_stats": batch_stats}
+
+
+def _set_row(array, row, value):
+  array = np.array(array)
+  array[row] = value
+  return array
+
+
+def test_accuracies(ctx, variables):
+  """{task: test accuracy} of ctx's tasks with host `variables`."""
+  return {task: ctx.accuracy(variables, stream, task)
+          for task, stream in sorted(ctx.eval_streams.items())}
+
+
+def inference_seconds(ctx, variables, repeats):
+  """Median seconds of one jitted forward pass of an eval batch of the first task."""
+  task, stream = sorted(ctx.eval_streams.items())[0]
+  images = ctx.global_batch(next(iter(stream)))["image"]
+  iter(stream)  # restart the pass
+  forward = jax.jit(lambda v, x: ctx.model.apply(v, x, task=task))
+  placed = ctx.replicated(variables)
+  forward(placed, images).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    forward(placed, images).block_until_ready()
+    times.append(time.perf_counter() - started)
+  return float(np.median(times))
+
+
+def run_context(config, workdir, source_tasks):
+  context.check_and_prepare_datasets(config)
+  return start.make_context(config, workdir, source_tasks)
+
+
+def harden(workdir, out, *, reestimate=False, bn_batches=50, data_dir=None, timing_repeats=20):
+  """Hardens the run in `workdir` into the new workdir `out` (see the module docstring) and
+  returns what it writes to out/results.json."""
+  run = load_run(workdir, data_dir)
+  if run.config.model.signature != templates.LEARNED:
+    raise SurgeryError(f"{workdir} trained a fixed signature "
+                       f"(config.model.signature={run.config.model.signature!r}); only a "
+                       f"model with mixture weights can be hardened.")
+  out = prepare_out(out)
+  mixed_ctx = run_context(run.config, out, run.source_tasks)
+  xi = templates.mixture_weights(templates.task_mixture_logits(run.variables["params"]))
+  signatures = hardened_signatures(xi)
+  variables, compact_signatures = compact_variables(run.variables, signatures)
+  config = fixed_signature_config(run.config, compact_signatures)
+  ctx = run_context(config, out, run.source_tasks)
+  if reestimate:
+    variables = reestimate_bn(ctx, variables, bn_batches)
+  mixed, hardened = (test_accuracies(mixed_ctx, run.variables), test_accuracies(ctx, variables))
+  names = [name for name, _ in ctx.model.spec.tasks]
+  results = {
+      "hardened_from": {"workdir": str(epath.Path(workdir).absolute()), "step": run.step},
+      "bn_statistics": f"re-estimated on {bn_batches} training batches" if reestimate else
+                       "as trained (mixed model)",
+      "signatures": {name: [int(t) + 1 for t in row] for name, row in zip(names, signatures)},
+      "kept_templates": [int(t) + 1 for t in np.unique(signatures)],
+      "max_xi": {name: np.asarray(xi[i]).max(-1).round(4).tolist()
+                 for i, name in enumerate(names)},
+      "tasks": {task: {"mixed_test_accuracy": mixed[task], "test_accuracy": hardened[task]}
+                for task in hardened},
+      "parameters": {"mixed": accounting.count(run.variables["params"]),
+                     "hardened": accounting.count(variables["params"])},
+      "inference_step_seconds": {
+          "mixed": inference_seconds(mixed_ctx, run.variables, timing_repeats),
+          "hardened": inference_seconds(ctx, variables, timing_repeats)},
+      "step": run.step,
+  }
+  _write_workdir(ctx, variables, run.step, results)
+  return results
+
+
+def _write_workdir(ctx, variables, step, results):
+  """ctx.workdir as a finished run of the compact model: config.json, a checkpoint at `step`
+  whose parameters and EMA are `variables` (with a fresh optimizer state), results.json."""
+  state, _ = start.create_train_state(ctx, start.example_images(ctx))
+  state = state.replace(step=ctx.replicated(np.int32(step)),
+                        params=ctx.replicated(variables["params"]),
+                        ema_params=ctx.replicated(variables["params"]),
+                        batch_stats=ctx.replicated(variables["batch_stats"]))
+  epath.Path(ctx.workdir, "config.json").write_text(
+      ctx.config.to_json_best_effort(indent=2, sort_keys=True))
+  checkpointer = checkpoint.Checkpointer(ctx.workdir, ctx.config.keep_checkpoints)
+  try:
+    checkpointer.save(step, state, {"config": ctx.config.to_dict(), "step": step,
+                                    "run_info": {"hardened_from": results["hardened_from"]},
+                                    "wall_time_s": 0.0}, ctx.train_streams)
+  finally:
+    checkpointer.close()
+  workdir_io.write_json(epath.Path(ctx.workdir, "results.json"), results)
+
+
+def main(argv):
+  if len(argv) != 3 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m compmod_jax.surgery {{{'|'.join(COMMANDS)}}} "
+                         f"<workdir> --out=<dir> [flags]")
+  cli.quiet_library_logs()
+  try:
+    results = harden(argv[2], FLAGS.out, reestimate=FLAGS.reestimate_bn,
+                     bn_batches=FLAGS.bn_batches, data_dir=FLAGS.data_dir,
+                     timing_repeats=FLAGS.timing_repeats)
+  except (SurgeryError, pretrained.PretrainedCheckpointError) as error:
+    sys.exit(f"compmod_jax.surgery: {error}")
+  for task, values in results["tasks"].items():
+    logging.info("%s: hardened %.4f, mixed %.4f test accuracy", task, values["test_accuracy"],
+                 values["mixed_test_accuracy"])
+
+
+if __name__ == "__main__":
+  app.run(main)

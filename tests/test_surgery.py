@@ -1,0 +1,109 @@
+"""Module surgery (compmod_jax/surgery.py) on the session's two-domain model: hardening keeps
+each layer's arg-max template, the compact export computes exactly what the hardened model
+computes, and the exported workdir loads like any run's."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compmod_jax import surgery
+from compmod_jax.models import templates
+from compmod_jax.train import pretrained, start
+
+
+@pytest.fixture(scope="module")
+def hardened(source_workdir, tmp_path_factory):
+  """`surgery harden` of the two-domain model, without and with re-estimated BN."""
+  out = tmp_path_factory.mktemp("hardened")
+  results = {kind: surgery.harden(str(source_workdir), str(out / kind),
+                                  reestimate=kind == "reestimated", bn_batches=3,
+                                  timing_repeats=2)
+             for kind in ("as_trained", "reestimated")}
+  return out, results
+
+
+def one_hot_logits(signatures, num_templates):
+  """Mixture logits whose softmax is exactly one-hot (exp(-inf) is 0)."""
+  return jnp.where(jax.nn.one_hot(signatures, num_templates) > 0, 0.0, -jnp.inf)
+
+
+def test_hardening_takes_each_layers_largest_mixture_weight():
+  xi = np.array([[[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]], [[0.1, 0.1, 0.8], [0.4, 0.4, 0.2]]])
+  np.testing.assert_array_equal(surgery.hardened_signatures(xi), [[1, 0], [2, 0]])
+  variables = {"params": {"mixture_logits": np.zeros((2, 2, 3)),
+                          "templates": {"kernel": np.arange(3.0)[:, None] * np.ones((3, 4))}},
+               "batch_stats": {}}
+  compact, signatures = surgery.compact_variables(variables, np.array([[2, 0], [2, 2]]))
+  assert "mixture_logits" not in compact["params"]
+  np.testing.assert_array_equal(compact["params"]["templates"]["kernel"][:, 0], [0.0, 2.0])
+  np.testing.assert_array_equal(signatures, [[1, 0], [1, 1]])  # template 3 became template 2
+
+
+def test_the_compact_model_computes_the_hardened_models_logits_exactly(source_workdir):
+  run = surgery.load_run(str(source_workdir))
+  tasks = {name: 10 for name in ("mnist", "mnist_blur")}
+  mixed_model = start.model_for(run.config, tasks)
+  xi = templates.mixture_weights(run.variables["params"]["mixture_logits"])
+  signatures = surgery.hardened_signatures(xi)
+  one_hot = dict(run.variables, params=dict(
+      run.variables["params"],
+      mixture_logits=one_hot_logits(signatures, mixed_model.spec.num_templates)))
+  compact, compact_signatures = surgery.compact_variables(run.variables, signatures)
+  compact_model = start.model_for(surgery.fixed_signature_config(run.config, compact_signatures),
+                                  tasks)
+  assert "mixture_logits" not in compact["params"]
+  images = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+  for task in tasks:
+    np.testing.assert_array_equal(
+        mixed_model.apply(one_hot, images, task=task),
+        compact_model.apply(compact, images, task=task))
+
+
+def test_batch_statistics_are_what_a_training_step_folds_into_the_moving_ones(source_workdir):
+  run = surgery.load_run(str(source_workdir))
+  model = start.model_for(run.config, {name: 10 for name in ("mnist", "mnist_blur")})
+  images = jax.random.uniform(jax.random.key(1), (16, 28, 28, 1))
+  batch = model.apply(run.variables, images, task="mnist_blur", method=model.batch_statistics)
+  _, updated = model.apply(jax.tree.map(jnp.asarray, run.variables), images,
+                           task="mnist_blur", train=True,
+                           mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+  momentum, row = model.spec.bn_momentum, model.spec.task_index("mnist_blur")
+  jax.tree.map(lambda new, old, b: np.testing.assert_allclose(
+      new[row], momentum * old[row] + (1 - momentum) * b, rtol=1e-6, atol=1e-7),
+      updated["batch_stats"]["block_bn"], run.variables["batch_stats"]["block_bn"], batch)
+
+
+def test_harden_writes_a_compact_workdir_that_loads_like_a_run(hardened, source_workdir):
+  out, results = hardened
+  for kind, result in results.items():
+    assert set(result["tasks"]) == {"mnist", "mnist_blur"}
+    for task, values in result["tasks"].items():
+      assert 0.0 <= values["test_accuracy"] <= 1.0
+    assert result["parameters"]["hardened"] < result["parameters"]["mixed"]
+    assert min(result["inference_step_seconds"].values()) > 0
+    loaded = pretrained.load(str(out / kind))
+    assert "mixture_logits" not in loaded.variables["params"]
+    assert loaded.config["model"]["signature"] == "explicit"
+    kept = len(result["kept_templates"])
+    assert loaded.config["model"]["num_templates"] == kept
+    assert loaded.variables["params"]["templates"]["expand_kernel"].shape[0] == kept
+  # The same mixed model in both; only the hardened one's statistics differ.
+  as_trained, reestimated = results["as_trained"], results["reestimated"]
+  assert {t: v["mixed_test_accuracy"] for t, v in as_trained["tasks"].items()} == {
+      t: v["mixed_test_accuracy"] for t, v in reestimated["tasks"].items()}
+  original = surgery.load_run(str(source_workdir)).variables
+  exported = pretrained.load(str(out / "as_trained")).variables
+  jax.tree.map(np.testing.assert_array_equal, exported["batch_stats"], original["batch_stats"])
+  assert not np.array_equal(
+      pretrained.load(str(out / "reestimated")).variables["batch_stats"]["block_bn"]["expand"][
+          "mean"], original["batch_stats"]["block_bn"]["expand"]["mean"])
+
+
+def test_harden_refuses_what_it_cannot_use(hardened, source_workdir, tmp_path):
+  out, _ = hardened
+  with pytest.raises(surgery.SurgeryError, match="only a model with mixture weights"):
+    surgery.harden(str(out / "as_trained"), str(tmp_path / "again"))
+  with pytest.raises(surgery.SurgeryError, match="not empty; surgery never overwrites"):
+    surgery.harden(str(source_workdir), str(out / "as_trained"))
+  with pytest.raises(surgery.SurgeryError, match="holds no checkpoints"):
+    surgery.harden(str(tmp_path), str(tmp_path / "out"))
