@@ -33,13 +33,6 @@ from compmod_jax.train import checkpoint, context, pretrained, start
 from compmod_jax.train import workdir as workdir_io
 
 COMMANDS = ("harden",)
-flags.DEFINE_string("out", None, "New (or empty) directory for the result.")
-flags.DEFINE_bool("reestimate_bn", False, "harden: re-estimate the BN moving statistics of each "
-                  "task on its training images before evaluating.")
-flags.DEFINE_integer("bn_batches", 50, "Training batches per task for --reestimate_bn.")
-flags.DEFINE_string("data_dir", None, "Where the datasets are, when not where the run read "
-                    "them (its config.data.data_dir).")
-flags.DEFINE_integer("timing_repeats", 20, "Forward passes timed per model (median reported).")
 FLAGS = flags.FLAGS
 
 
@@ -47,10 +40,15 @@ class SurgeryError(ValueError):
   """A workdir or output folder the command cannot use."""
 
 
+# What the commands over a workdir report as one line (anything else is a bug: traceback).
+USER_ERRORS = (SurgeryError, pretrained.PretrainedCheckpointError)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainedRun:
   """A finished workdir: its config (with the model's tasks), run information, evaluated
   variables (EMA parameters, BN statistics; host arrays) and step."""
+  workdir: str
   config: ml_collections.ConfigDict
   source_tasks: dict   # {task: classes} of the model's tasks beyond config.tasks
   variables: dict
@@ -74,8 +72,8 @@ def load_run(workdir, data_dir=None):
     variables["params"].pop(own, None)
   source_tasks = {task: classes for task, classes in loaded.tasks.items()
                   if task not in config.tasks}
-  return TrainedRun(config=config, source_tasks=source_tasks, variables=variables,
-                    step=loaded.step)
+  return TrainedRun(workdir=str(workdir), config=config, source_tasks=source_tasks,
+                    variables=variables, step=loaded.step)
 
 
 def prepare_out(out):
@@ -171,6 +169,38 @@ def inference_seconds(ctx, variables, repeats):
   return float(np.median(times))
 
 
+class SignatureEvaluator:
+  """Test accuracy of a run's task with its mixture logits [L, K] replaced, everything else as
+  trained (analysis/perturb.py). Layers shared among tasks become each task's own here, so one
+  task's perturbation leaves the others alone."""
+
+  def __init__(self, run, max_examples=0):
+    if run.config.model.signature != templates.LEARNED:
+      raise SurgeryError(f"{run.workdir} trained a fixed signature "
+                         f"(config.model.signature={run.config.model.signature!r}): it has no "
+                         f"mixture weights to perturb.")
+    config = ml_collections.ConfigDict(run.config.to_dict())
+    config.model.shared_mixture_layers = 0
+    self.ctx = run_context(config, run.workdir, run.source_tasks)
+    params = {name: value for name, value in run.variables["params"].items()
+              if name != "shared_mixture_logits"}
+    params["mixture_logits"] = np.asarray(
+        templates.task_mixture_logits(run.variables["params"]))
+    self.variables = {"params": params, "batch_stats": run.variables["batch_stats"]}
+    self.max_batches = (-(-max_examples // config.eval_batch_size) if max_examples else None)
+
+  def mixture_logits(self, task):
+    """The task's trained mixture logits [L, K] (numpy)."""
+    return self.variables["params"]["mixture_logits"][self.ctx.model.spec.task_index(task)]
+
+  def __call__(self, task, logits):
+    all_logits = self.variables["params"]["mixture_logits"].copy()
+    all_logits[self.ctx.model.spec.task_index(task)] = logits
+    variables = dict(self.variables, params=dict(self.variables["params"],
+                                                 mixture_logits=all_logits))
+    return self.ctx.accuracy(variables, self.ctx.eval_streams[task], task, self.max_batches)
+
+
 def run_context(config, workdir, source_tasks):
   context.check_and_prepare_datasets(config)
   return start.make_context(config, workdir, source_tasks)
@@ -236,6 +266,17 @@ def _write_workdir(ctx, variables, step, results):
   workdir_io.write_json(epath.Path(ctx.workdir, "results.json"), results)
 
 
+def define_flags():
+  """The command's flags (defined only when it runs: importing the module defines none)."""
+  flags.DEFINE_string("out", None, "New (or empty) directory for the result.")
+  flags.DEFINE_bool("reestimate_bn", False, "harden: re-estimate the BN moving statistics of each "
+                    "task on its training images before evaluating.")
+  flags.DEFINE_integer("bn_batches", 50, "Training batches per task for --reestimate_bn.")
+  flags.DEFINE_string("data_dir", None, "Where the datasets are, when not where the run read "
+                      "them (its config.data.data_dir).")
+  flags.DEFINE_integer("timing_repeats", 20, "Forward passes timed per model (median reported).")
+
+
 def main(argv):
   if len(argv) != 3 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m compmod_jax.surgery {{{'|'.join(COMMANDS)}}} "
@@ -245,7 +286,7 @@ def main(argv):
     results = harden(argv[2], FLAGS.out, reestimate=FLAGS.reestimate_bn,
                      bn_batches=FLAGS.bn_batches, data_dir=FLAGS.data_dir,
                      timing_repeats=FLAGS.timing_repeats)
-  except (SurgeryError, pretrained.PretrainedCheckpointError) as error:
+  except USER_ERRORS as error:
     sys.exit(f"compmod_jax.surgery: {error}")
   for task, values in results["tasks"].items():
     logging.info("%s: hardened %.4f, mixed %.4f test accuracy", task, values["test_accuracy"],
@@ -253,4 +294,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

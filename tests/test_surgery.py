@@ -1,12 +1,16 @@
 """Module surgery (compmod_jax/surgery.py) on the session's two-domain model: hardening keeps
 each layer's arg-max template, the compact export computes exactly what the hardened model
 computes, and the exported workdir loads like any run's."""
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from compmod_jax import surgery
+from compmod_jax.analysis import perturb
 from compmod_jax.models import templates
 from compmod_jax.train import pretrained, start
 
@@ -107,3 +111,43 @@ def test_harden_refuses_what_it_cannot_use(hardened, source_workdir, tmp_path):
     surgery.harden(str(source_workdir), str(out / "as_trained"))
   with pytest.raises(surgery.SurgeryError, match="holds no checkpoints"):
     surgery.harden(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_signature_perturbations_move_whole_rows_of_mixture_logits():
+  logits = np.arange(12.0, dtype=np.float32).reshape(3, 4)
+  table = perturb.perturbations(logits, permutations=2, seed=0)
+  assert len(table) == 1 + 2 + 3 * 2 + 2 + 1
+  np.testing.assert_array_equal(table["swap 1,2"], logits[[1, 0, 2]])
+  np.testing.assert_array_equal(table["3<-1"], logits[[0, 1, 0]])
+  assert sorted(map(tuple, table["permutation 2"])) == sorted(map(tuple, logits))
+  xi = jax.nn.softmax(table["hardened"], axis=-1)
+  np.testing.assert_array_equal(xi, np.eye(4)[[3, 3, 3]])
+  same_first_two = logits[[0, 0, 2]]
+  np.testing.assert_array_equal(perturb.perturbations(same_first_two, 0, 0)["swap 1,2"],
+                                same_first_two)
+
+
+def test_the_perturbation_command_writes_its_table_and_its_rows_match_the_runs(
+    hardened, source_workdir, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(source_workdir, workdir)
+  table = perturb.perturb_workdir(str(workdir), permutations=2)
+  results = json.loads((workdir / "results.json").read_text())
+  _, hardened_results = hardened
+  for task in ("mnist", "mnist_blur"):
+    # The model as trained is the run's own evaluation; the hardened row is the exported
+    # compact model's (exactly the same logits).
+    assert table[task]["trained"] == results["tasks"][task]["test_accuracy"]
+    assert table[task]["hardened"] == hardened_results["as_trained"]["tasks"][task][
+        "test_accuracy"]
+  assert json.loads((workdir / "perturbation.json").read_text()) == table
+  rows = (workdir / "perturbation.md").read_text().splitlines()
+  assert rows[0] == "| perturbation | mnist | mnist_blur |" and len(rows) == 2 + 12
+  assert (workdir / "perturbation.png").stat().st_size > 1000
+  # A layer pair with the same xi swapped is the trained model.
+  evaluate = surgery.SignatureEvaluator(surgery.load_run(str(workdir)))
+  logits = evaluate.mixture_logits("mnist").copy()
+  logits[1] = logits[0]
+  assert evaluate("mnist", logits) == evaluate("mnist", logits[[1, 0, 2]])
+  with pytest.raises(surgery.SurgeryError, match="no mixture weights to perturb"):
+    perturb.perturb_workdir(str(hardened[0] / "as_trained"))

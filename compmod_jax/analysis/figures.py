@@ -1,4 +1,5 @@
-"""Pictures of what the mixture weights learned: one layers x templates heatmap per task."""
+"""Pictures of what the mixture weights learned: one layers x templates heatmap per task, task
+similarity per layer, and the accuracy change under signature perturbations."""
 import io
 
 import matplotlib
@@ -51,6 +52,47 @@ def task_similarity_grid(tasks, similarity, step):
   fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="mixture similarity")
   fig.suptitle(f"task similarity of mixture weights per layer, step {step}", fontsize=10)
   return _to_rgb(fig)
+
+
+def perturbation_figure(table, num_layers, path):
+  """Per task (one row of panels): the accuracy change from the trained model when two
+  adjacent layers swap their mixture weights, with the random orders' and the hardened
+  model's changes as lines; and a layers x layers map of the change when layer l takes layer
+  m's weights. `table`: {task: {perturbation: accuracy}} (analysis/perturb.py). Writes a PNG."""
+  tasks = sorted(table)
+  fig, axes = plt.subplots(len(tasks), 2, figsize=(9.5, 0.6 + 3.2 * len(tasks)),
+                           squeeze=False, constrained_layout=True)
+  for (swaps, replaced), task in zip(axes, tasks):
+    row = table[task]
+    change = lambda name, row=row: 100 * (row[name] - row["trained"])
+    pairs = range(1, num_layers)
+    swaps.bar(list(pairs), [change(f"swap {l},{l + 1}") for l in pairs], color="tab:blue")
+    permuted = [change(name) for name in row if name.startswith("permutation")]
+    if permuted:
+      swaps.axhline(np.mean(permuted), color="tab:red", linestyle="--",
+                    label=f"random order (mean of {len(permuted)})")
+    swaps.axhline(change("hardened"), color="tab:green", linestyle=":", label="hardened")
+    swaps.axhline(0.0, color="black", linewidth=0.5)
+    swaps.set_xticks(list(pairs), [f"{l},{l + 1}" for l in pairs], fontsize=7)
+    swaps.set_xlabel("layers whose mixture weights swap")
+    swaps.set_ylabel("accuracy change (points)")
+    swaps.set_title(f"{task}: trained {100 * row['trained']:.2f}%", fontsize=9)
+    swaps.legend(fontsize=7)
+    grid = np.zeros((num_layers, num_layers))
+    for layer in range(num_layers):
+      for other in range(num_layers):
+        if other != layer:
+          grid[layer, other] = change(f"{layer + 1}<-{other + 1}")
+    bound = max(np.abs(grid).max(), 1e-9)
+    image = replaced.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, interpolation="nearest")
+    replaced.set_xticks(range(num_layers), [str(l + 1) for l in range(num_layers)], fontsize=7)
+    replaced.set_yticks(range(num_layers), [str(l + 1) for l in range(num_layers)], fontsize=7)
+    replaced.set_xlabel("layer m whose weights are copied")
+    replaced.set_ylabel("layer l")
+    replaced.set_title("layer l takes layer m's mixture weights", fontsize=9)
+    fig.colorbar(image, ax=replaced, shrink=0.8, label="accuracy change (points)")
+  fig.savefig(str(path), dpi=100)
+  plt.close(fig)
 
 
 def _to_rgb(fig):
