@@ -2,6 +2,7 @@
 numbers per task), run on a finished workdir:
 
   python -m compmod_jax.surgery harden <workdir> --out=<dir> [--reestimate_bn]
+  python -m compmod_jax.surgery prune <workdir> --keep=<K> --out=<dir> [--reestimate_bn]
 
 harden  Every layer of every task keeps only the template its mixture weights favour most
         (the arg-max of xi_l): the model becomes a fixed signature per task, and the templates
@@ -12,6 +13,12 @@ harden  Every layer of every task keeps only the template its mixture weights fa
         parameter counts and the inference step times of both models. --reestimate_bn first
         re-estimates each task's BN moving statistics on its training images (the hardened
         layers compute something else than the mixed ones the statistics were gathered for).
+prune   Keeps the K most used templates (usage: a template's mixture weight summed over every
+        layer and task) and drops the others with their columns of the mixture logits, so
+        every xi is renormalised over the kept templates (softmax over the remaining columns
+        is exactly xi_k / sum of the kept xi). <dir> becomes a workdir of the smaller model
+        (config.model.num_templates = K), with the test accuracy of each task before and after
+        in results.json; --reestimate_bn as for harden.
 
 The workdir is only read. <dir> must be new or empty: nothing is ever overwritten.
 """
@@ -32,7 +39,7 @@ from compmod_jax.models import templates
 from compmod_jax.train import checkpoint, context, pretrained, start
 from compmod_jax.train import workdir as workdir_io
 
-COMMANDS = ("harden",)
+COMMANDS = ("harden", "prune")
 FLAGS = flags.FLAGS
 
 
@@ -105,17 +112,42 @@ def compact_variables(variables, signatures):
   return {"params": params, "batch_stats": variables["batch_stats"]}, renumbered
 
 
-def fixed_signature_config(config, signatures):
-  """`config` for the model with one fixed signature per task (0-based [tasks, L]); the
-  compact model is self-contained, so nothing is loaded or pretrained before it."""
+def standalone_config(config, **model_fields):
+  """A copy of `config` with `model_fields` changed, for a model whose checkpoint holds every
+  variable: nothing is loaded or pretrained before it."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model.update(
-      signature="explicit", num_templates=int(np.max(signatures)) + 1, shared_mixture_layers=0,
-      explicit_signature=";".join(",".join(str(t + 1) for t in row) for row in signatures))
+  config.model.update(model_fields)
   config.init_from = ""
   if "pretrain" in config:
     del config["pretrain"]
   return config
+
+
+def fixed_signature_config(config, signatures):
+  """`config` for the model with one fixed signature per task (0-based [tasks, L])."""
+  return standalone_config(
+      config, signature="explicit", num_templates=int(np.max(signatures)) + 1,
+      shared_mixture_layers=0,
+      explicit_signature=";".join(",".join(str(t + 1) for t in row) for row in signatures))
+
+
+def template_usage(xi):
+  """Each template's mixture weight summed over tasks and layers, [K] (xi: [tasks, L, K])."""
+  return np.asarray(xi).sum(axis=(0, 1))
+
+
+def pruned_variables(variables, keep):
+  """(variables without the templates outside the `keep` most used ones, the kept 0-based
+  templates in their order, every template's usage). The mixture logits lose the dropped
+  templates' columns, which renormalises each xi over the kept templates."""
+  params = dict(variables["params"])
+  usage = template_usage(templates.mixture_weights(templates.task_mixture_logits(params)))
+  kept = np.sort(np.argsort(-usage, kind="stable")[:keep])
+  params["templates"] = jax.tree.map(lambda bank: np.asarray(bank)[kept], params["templates"])
+  for name in templates.MIXTURE_PARAMS:
+    if name in params:
+      params[name] = np.asarray(params[name])[..., kept]
+  return {"params": params, "batch_stats": variables["batch_stats"]}, kept, usage
 
 
 def reestimate_bn(ctx, variables, num_batches):
@@ -206,14 +238,20 @@ def run_context(config, workdir, source_tasks):
   return start.make_context(config, workdir, source_tasks)
 
 
-def harden(workdir, out, *, reestimate=False, bn_batches=50, data_dir=None, timing_repeats=20):
-  """Hardens the run in `workdir` into the new workdir `out` (see the module docstring) and
-  returns what it writes to out/results.json."""
+def load_learned_run(workdir, data_dir, operation):
+  """load_run for an operation on mixture weights; refuses a fixed-signature run."""
   run = load_run(workdir, data_dir)
   if run.config.model.signature != templates.LEARNED:
     raise SurgeryError(f"{workdir} trained a fixed signature "
                        f"(config.model.signature={run.config.model.signature!r}); only a "
-                       f"model with mixture weights can be hardened.")
+                       f"model with mixture weights can be {operation}.")
+  return run
+
+
+def harden(workdir, out, *, reestimate=False, bn_batches=50, data_dir=None, timing_repeats=20):
+  """Hardens the run in `workdir` into the new workdir `out` (see the module docstring) and
+  returns what it writes to out/results.json."""
+  run = load_learned_run(workdir, data_dir, "hardened")
   out = prepare_out(out)
   mixed_ctx = run_context(run.config, out, run.source_tasks)
   xi = templates.mixture_weights(templates.task_mixture_logits(run.variables["params"]))
@@ -226,7 +264,8 @@ def harden(workdir, out, *, reestimate=False, bn_batches=50, data_dir=None, timi
   mixed, hardened = (test_accuracies(mixed_ctx, run.variables), test_accuracies(ctx, variables))
   names = [name for name, _ in ctx.model.spec.tasks]
   results = {
-      "hardened_from": {"workdir": str(epath.Path(workdir).absolute()), "step": run.step},
+      "surgery": {"operation": "harden", "workdir": str(epath.Path(workdir).absolute()),
+                  "step": run.step},
       "bn_statistics": f"re-estimated on {bn_batches} training batches" if reestimate else
                        "as trained (mixed model)",
       "signatures": {name: [int(t) + 1 for t in row] for name, row in zip(names, signatures)},
@@ -246,6 +285,38 @@ def harden(workdir, out, *, reestimate=False, bn_batches=50, data_dir=None, timi
   return results
 
 
+def prune(workdir, out, *, keep, reestimate=False, bn_batches=50, data_dir=None):
+  """Prunes the run in `workdir` to its `keep` most used templates into the new workdir `out`
+  (see the module docstring) and returns what it writes to out/results.json."""
+  run = load_learned_run(workdir, data_dir, "pruned")
+  num_templates = run.config.model.num_templates
+  if not 1 <= keep < num_templates:
+    raise SurgeryError(f"--keep={keep}: the model has {num_templates} templates; keep between "
+                       f"1 and {num_templates - 1}.")
+  out = prepare_out(out)
+  full_ctx = run_context(run.config, out, run.source_tasks)
+  variables, kept, usage = pruned_variables(run.variables, keep)
+  ctx = run_context(standalone_config(run.config, num_templates=keep), out, run.source_tasks)
+  if reestimate:
+    variables = reestimate_bn(ctx, variables, bn_batches)
+  before, after = test_accuracies(full_ctx, run.variables), test_accuracies(ctx, variables)
+  results = {
+      "surgery": {"operation": "prune", "workdir": str(epath.Path(workdir).absolute()),
+                  "step": run.step},
+      "bn_statistics": f"re-estimated on {bn_batches} training batches" if reestimate else
+                       "as trained",
+      "template_usage": usage.round(4).tolist(),
+      "kept_templates": [int(t) + 1 for t in kept],
+      "tasks": {task: {"unpruned_test_accuracy": before[task], "test_accuracy": after[task]}
+                for task in after},
+      "parameters": {"unpruned": accounting.count(run.variables["params"]),
+                     "pruned": accounting.count(variables["params"])},
+      "step": run.step,
+  }
+  _write_workdir(ctx, variables, run.step, results)
+  return results
+
+
 def _write_workdir(ctx, variables, step, results):
   """ctx.workdir as a finished run of the compact model: config.json, a checkpoint at `step`
   whose parameters and EMA are `variables` (with a fresh optimizer state), results.json."""
@@ -259,7 +330,7 @@ def _write_workdir(ctx, variables, step, results):
   checkpointer = checkpoint.Checkpointer(ctx.workdir, ctx.config.keep_checkpoints)
   try:
     checkpointer.save(step, state, {"config": ctx.config.to_dict(), "step": step,
-                                    "run_info": {"hardened_from": results["hardened_from"]},
+                                    "run_info": {"surgery": results["surgery"]},
                                     "wall_time_s": 0.0}, ctx.train_streams)
   finally:
     checkpointer.close()
@@ -269,8 +340,9 @@ def _write_workdir(ctx, variables, step, results):
 def define_flags():
   """The command's flags (defined only when it runs: importing the module defines none)."""
   flags.DEFINE_string("out", None, "New (or empty) directory for the result.")
-  flags.DEFINE_bool("reestimate_bn", False, "harden: re-estimate the BN moving statistics of each "
-                    "task on its training images before evaluating.")
+  flags.DEFINE_bool("reestimate_bn", False, "Re-estimate the BN moving statistics of each task "
+                    "on its training images before evaluating.")
+  flags.DEFINE_integer("keep", None, "prune: the number of templates to keep.")
   flags.DEFINE_integer("bn_batches", 50, "Training batches per task for --reestimate_bn.")
   flags.DEFINE_string("data_dir", None, "Where the datasets are, when not where the run read "
                       "them (its config.data.data_dir).")
@@ -282,15 +354,21 @@ def main(argv):
     raise app.UsageError(f"usage: python -m compmod_jax.surgery {{{'|'.join(COMMANDS)}}} "
                          f"<workdir> --out=<dir> [flags]")
   cli.quiet_library_logs()
+  common = dict(reestimate=FLAGS.reestimate_bn, bn_batches=FLAGS.bn_batches,
+                data_dir=FLAGS.data_dir)
   try:
-    results = harden(argv[2], FLAGS.out, reestimate=FLAGS.reestimate_bn,
-                     bn_batches=FLAGS.bn_batches, data_dir=FLAGS.data_dir,
-                     timing_repeats=FLAGS.timing_repeats)
+    if argv[1] == "harden":
+      results = harden(argv[2], FLAGS.out, timing_repeats=FLAGS.timing_repeats, **common)
+    else:
+      if FLAGS.keep is None:
+        raise SurgeryError("prune needs --keep=<number of templates to keep>.")
+      results = prune(argv[2], FLAGS.out, keep=FLAGS.keep, **common)
   except USER_ERRORS as error:
-    sys.exit(f"compmod_jax.surgery: {error}")
+    sys.exit(f"compmod_jax.surgery {argv[1]}: {error}")
   for task, values in results["tasks"].items():
-    logging.info("%s: hardened %.4f, mixed %.4f test accuracy", task, values["test_accuracy"],
-                 values["mixed_test_accuracy"])
+    before = values.get("mixed_test_accuracy", values.get("unpruned_test_accuracy"))
+    logging.info("%s: test accuracy %.4f after %s, %.4f before", task, values["test_accuracy"],
+                 argv[1], before)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,38 @@ def test_the_perturbation_command_writes_its_table_and_its_rows_match_the_runs(
   assert evaluate("mnist", logits) == evaluate("mnist", logits[[1, 0, 2]])
   with pytest.raises(surgery.SurgeryError, match="no mixture weights to perturb"):
     perturb.perturb_workdir(str(hardened[0] / "as_trained"))
+
+
+def test_pruning_keeps_the_most_used_templates_and_renormalises_xi():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 4)).astype(np.float32)
+  shared = rng.normal(size=(1, 4)).astype(np.float32)
+  params = {"mixture_logits": logits, "shared_mixture_logits": shared,
+            "templates": {"kernel": np.arange(4.0)[:, None] * np.ones((4, 3))}}
+  xi = np.asarray(templates.mixture_weights(templates.task_mixture_logits(params)))
+  pruned, kept, usage = surgery.pruned_variables({"params": params, "batch_stats": {}}, keep=2)
+  np.testing.assert_allclose(usage, xi.sum(axis=(0, 1)), rtol=1e-6)
+  assert list(kept) == sorted(np.argsort(-usage)[:2])
+  np.testing.assert_array_equal(pruned["params"]["templates"]["kernel"][:, 0], kept)
+  new_xi = np.asarray(templates.mixture_weights(templates.task_mixture_logits(pruned["params"])))
+  np.testing.assert_allclose(new_xi.sum(-1), 1.0, rtol=1e-6)
+  renormalised = xi[..., kept] / xi[..., kept].sum(-1, keepdims=True)
+  np.testing.assert_allclose(new_xi, renormalised, rtol=1e-5)
+
+
+def test_prune_writes_a_smaller_model_that_loads_like_a_run(source_workdir, tmp_path):
+  results = surgery.prune(str(source_workdir), str(tmp_path / "pruned"), keep=1)
+  loaded = pretrained.load(str(tmp_path / "pruned"))
+  assert loaded.config["model"]["num_templates"] == 1
+  kept = results["kept_templates"]
+  assert len(kept) == 1 and loaded.variables["params"]["mixture_logits"].shape[-1] == 1
+  original = surgery.load_run(str(source_workdir)).variables["params"]["templates"]
+  jax.tree.map(lambda pruned, full: np.testing.assert_array_equal(pruned, full[kept[0] - 1:
+                                                                              kept[0]]),
+               loaded.variables["params"]["templates"], original)
+  assert results["parameters"]["pruned"] < results["parameters"]["unpruned"]
+  run_results = json.loads((source_workdir / "results.json").read_text())
+  for task, values in results["tasks"].items():
+    assert values["unpruned_test_accuracy"] == run_results["tasks"][task]["test_accuracy"]
+  with pytest.raises(surgery.SurgeryError, match="keep between 1 and 1"):
+    surgery.prune(str(source_workdir), str(tmp_path / "again"), keep=2)
