@@ -3,6 +3,7 @@ numbers per task), run on a finished workdir:
 
   python -m compmod_jax.surgery harden <workdir> --out=<dir> [--reestimate_bn]
   python -m compmod_jax.surgery prune <workdir> --keep=<K> --out=<dir> [--reestimate_bn]
+      [--refit_steps=<n>]
 
 harden  Every layer of every task keeps only the template its mixture weights favour most
         (the arg-max of xi_l): the model becomes a fixed signature per task, and the templates
@@ -18,7 +19,10 @@ prune   Keeps the K most used templates (usage: a template's mixture weight summ
         every xi is renormalised over the kept templates (softmax over the remaining columns
         is exactly xi_k / sum of the kept xi). <dir> becomes a workdir of the smaller model
         (config.model.num_templates = K), with the test accuracy of each task before and after
-        in results.json; --reestimate_bn as for harden.
+        in results.json; --reestimate_bn as for harden. --refit_steps=n then trains the pruned
+        model's mixture weights and BN (config.trainable="xi_bn"; templates, adapters and
+        heads frozen) for n steps of the run's own recipe into <dir>/refit, a normal run that
+        starts from <dir> (config.init_from), and adds its accuracies to results.json.
 
 The workdir is only read. <dir> must be new or empty: nothing is ever overwritten.
 """
@@ -36,7 +40,7 @@ from compmod_jax import cli
 from compmod_jax.analysis import accounting
 from compmod_jax.methods import registry
 from compmod_jax.models import templates
-from compmod_jax.train import checkpoint, context, pretrained, start
+from compmod_jax.train import checkpoint, context, loop, pretrained, start
 from compmod_jax.train import workdir as workdir_io
 
 COMMANDS = ("harden", "prune")
@@ -285,7 +289,8 @@ def harden(workdir, out, *, reestimate=False, bn_batches=50, data_dir=None, timi
   return results
 
 
-def prune(workdir, out, *, keep, reestimate=False, bn_batches=50, data_dir=None):
+def prune(workdir, out, *, keep, reestimate=False, bn_batches=50, data_dir=None,
+          refit_steps=0):
   """Prunes the run in `workdir` to its `keep` most used templates into the new workdir `out`
   (see the module docstring) and returns what it writes to out/results.json."""
   run = load_learned_run(workdir, data_dir, "pruned")
@@ -293,6 +298,11 @@ def prune(workdir, out, *, keep, reestimate=False, bn_batches=50, data_dir=None)
   if not 1 <= keep < num_templates:
     raise SurgeryError(f"--keep={keep}: the model has {num_templates} templates; keep between "
                        f"1 and {num_templates - 1}.")
+  if refit_steps and (run.config.method != "supervised" or run.source_tasks):
+    raise SurgeryError(f"--refit_steps re-fits with each task's labels, so it takes a "
+                       f"supervised run that trained all the model's tasks; {workdir} ran "
+                       f"method {run.config.method!r} on {sorted(run.config.tasks)}, and the "
+                       f"model also holds {sorted(run.source_tasks)}.")
   out = prepare_out(out)
   full_ctx = run_context(run.config, out, run.source_tasks)
   variables, kept, usage = pruned_variables(run.variables, keep)
@@ -314,7 +324,27 @@ def prune(workdir, out, *, keep, reestimate=False, bn_batches=50, data_dir=None)
       "step": run.step,
   }
   _write_workdir(ctx, variables, run.step, results)
+  if refit_steps:
+    refit = loop.train_and_evaluate(refit_config(ctx.config, out, refit_steps),
+                                    str(epath.Path(out) / "refit"))
+    results["refit"] = {"steps": refit_steps, "trainable": "xi_bn",
+                        "workdir": str(epath.Path(out) / "refit"),
+                        "tasks": {task: {"test_accuracy": values["test_accuracy"]}
+                                  for task, values in refit["tasks"].items()}}
+    workdir_io.write_json(epath.Path(out, "results.json"), results)
   return results
+
+
+def refit_config(config, pruned_dir, steps):
+  """The run that re-fits a pruned model's mixture weights and BN: the pruned run's own recipe
+  for `steps` steps (a tenth of them warm-up), starting from `pruned_dir`."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.init_from = str(pruned_dir)
+  config.trainable = "xi_bn"
+  config.total_steps = config.eval_every = config.checkpoint_every = steps
+  config.log_every = min(config.log_every, steps)
+  config.optimizer.warmup_steps = steps // 10
+  return config
 
 
 def _write_workdir(ctx, variables, step, results):
@@ -343,6 +373,8 @@ def define_flags():
   flags.DEFINE_bool("reestimate_bn", False, "Re-estimate the BN moving statistics of each task "
                     "on its training images before evaluating.")
   flags.DEFINE_integer("keep", None, "prune: the number of templates to keep.")
+  flags.DEFINE_integer("refit_steps", 0, "prune: then train the mixture weights and BN of the "
+                       "pruned model for this many steps (0: no re-fit).")
   flags.DEFINE_integer("bn_batches", 50, "Training batches per task for --reestimate_bn.")
   flags.DEFINE_string("data_dir", None, "Where the datasets are, when not where the run read "
                       "them (its config.data.data_dir).")
@@ -362,13 +394,15 @@ def main(argv):
     else:
       if FLAGS.keep is None:
         raise SurgeryError("prune needs --keep=<number of templates to keep>.")
-      results = prune(argv[2], FLAGS.out, keep=FLAGS.keep, **common)
+      results = prune(argv[2], FLAGS.out, keep=FLAGS.keep, refit_steps=FLAGS.refit_steps,
+                      **common)
   except USER_ERRORS as error:
     sys.exit(f"compmod_jax.surgery {argv[1]}: {error}")
   for task, values in results["tasks"].items():
     before = values.get("mixed_test_accuracy", values.get("unpruned_test_accuracy"))
-    logging.info("%s: test accuracy %.4f after %s, %.4f before", task, values["test_accuracy"],
-                 argv[1], before)
+    refit = results.get("refit", {}).get("tasks", {}).get(task)
+    logging.info("%s: test accuracy %.4f after %s%s, %.4f before", task, values["test_accuracy"],
+                 argv[1], f" ({refit['test_accuracy']:.4f} re-fitted)" if refit else "", before)
 
 
 if __name__ == "__main__":

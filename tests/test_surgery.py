@@ -13,6 +13,7 @@ from compmod_jax import surgery
 from compmod_jax.analysis import perturb
 from compmod_jax.models import templates
 from compmod_jax.train import pretrained, start
+from helpers import read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +171,10 @@ def test_pruning_keeps_the_most_used_templates_and_renormalises_xi():
   np.testing.assert_allclose(new_xi, renormalised, rtol=1e-5)
 
 
-def test_prune_writes_a_smaller_model_that_loads_like_a_run(source_workdir, tmp_path):
-  results = surgery.prune(str(source_workdir), str(tmp_path / "pruned"), keep=1)
+def test_prune_writes_a_smaller_model_that_loads_like_a_run_and_refits_it(source_workdir,
+                                                                          tmp_path):
+  results = surgery.prune(str(source_workdir), str(tmp_path / "pruned"), keep=1,
+                          refit_steps=2)
   loaded = pretrained.load(str(tmp_path / "pruned"))
   assert loaded.config["model"]["num_templates"] == 1
   kept = results["kept_templates"]
@@ -184,5 +187,10 @@ def test_prune_writes_a_smaller_model_that_loads_like_a_run(source_workdir, tmp_
   run_results = json.loads((source_workdir / "results.json").read_text())
   for task, values in results["tasks"].items():
     assert values["unpruned_test_accuracy"] == run_results["tasks"][task]["test_accuracy"]
+  # The re-fit trains xi and BN from the pruned checkpoint; the templates stay as pruned.
+  refit = read_checkpoint(tmp_path / "pruned" / "refit")
+  assert refit[0] == 2 and set(results["refit"]["tasks"]) == set(results["tasks"])
+  jax.tree.map(np.testing.assert_array_equal, refit[1]["state"]["params"]["templates"],
+               loaded.variables["params"]["templates"])
   with pytest.raises(surgery.SurgeryError, match="keep between 1 and 1"):
     surgery.prune(str(source_workdir), str(tmp_path / "again"), keep=2)
