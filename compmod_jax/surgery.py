@@ -348,8 +348,12 @@ def refit_config(config, pruned_dir, steps):
 
 
 def _write_workdir(ctx, variables, step, results):
-  """ctx.workdir as a finished run of the compact model: config.json, a checkpoint at `step`
-  whose parameters and EMA are `variables` (with a fresh optimizer state), results.json."""
+  """ctx.workdir as a finished run of ctx's model: config.json, a checkpoint at `step` whose
+  parameters and EMA are `variables` (with a fresh optimizer state), results.json. The run
+  information names the model's tasks beyond config.tasks, as a transfer run's does, so that
+  the trainer rebuilds the same model from this workdir."""
+  source_tasks = {task: classes for task, classes in ctx.model.spec.tasks
+                  if task not in ctx.config.tasks}
   state, _ = start.create_train_state(ctx, start.example_images(ctx))
   state = state.replace(step=ctx.replicated(np.int32(step)),
                         params=ctx.replicated(variables["params"]),
@@ -360,7 +364,8 @@ def _write_workdir(ctx, variables, step, results):
   checkpointer = checkpoint.Checkpointer(ctx.workdir, ctx.config.keep_checkpoints)
   try:
     checkpointer.save(step, state, {"config": ctx.config.to_dict(), "step": step,
-                                    "run_info": {"surgery": results["surgery"]},
+                                    "run_info": {"surgery": results["surgery"],
+                                                 "source_tasks": source_tasks},
                                     "wall_time_s": 0.0}, ctx.train_streams)
   finally:
     checkpointer.close()

@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from compmod_jax import cli
 from compmod_jax.analysis import figures
 
 FLAGS = flags.FLAGS
@@ -102,7 +103,7 @@ def define_flags():
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m compmod_jax.analysis.perturb <workdir> [flags]")
-  from compmod_jax import cli, surgery
+  from compmod_jax import surgery  # the tool layer (see the module docstring)
   cli.quiet_library_logs()
   try:
     table = perturb_workdir(argv[1], permutations=FLAGS.permutations, seed=FLAGS.seed,

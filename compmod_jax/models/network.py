@@ -257,7 +257,7 @@ class CompositionalIsometricNet(nn.Module):
           "mixture_logits", _init_own_mixture_logits, spec,
           (num_tasks, spec.num_layers, spec.bank_size))
       if shared:
-        # The first layers' rows of the first task's initialisation, shared by every task.
+        # Drawn as one task's logits are (config.model.mixture_init), first n layers kept.
         self.shared_mixture_logits = self.param(
             "shared_mixture_logits",
             lambda key: templates.init_mixture_logits(
