@@ -1,6 +1,8 @@
-"""Module surgery (compmod_jax/surgery.py) on the session's two-domain model: hardening keeps
-each layer's arg-max template, the compact export computes exactly what the hardened model
-computes, and the exported workdir loads like any run's."""
+"""Module surgery on the session's two-domain model (compmod_jax/surgery.py and
+analysis/perturb.py): hardening keeps each layer's arg-max template and the compact export
+computes exactly what the hardened model computes; pruning keeps the most used templates with
+xi renormalised; the perturbation table's rows agree with the run's own evaluation; every
+result is a workdir that loads like a run's."""
 import json
 import shutil
 
@@ -13,18 +15,22 @@ from compmod_jax import surgery
 from compmod_jax.analysis import perturb
 from compmod_jax.models import templates
 from compmod_jax.train import pretrained, start
-from helpers import read_checkpoint
+from helpers import built_once_per_run, read_checkpoint
+
+HARDENINGS = ("as_trained", "reestimated")
 
 
 @pytest.fixture(scope="module")
 def hardened(source_workdir, tmp_path_factory):
-  """`surgery harden` of the two-domain model, without and with re-estimated BN."""
-  out = tmp_path_factory.mktemp("hardened")
-  results = {kind: surgery.harden(str(source_workdir), str(out / kind),
-                                  reestimate=kind == "reestimated", bn_batches=3,
-                                  timing_repeats=2)
-             for kind in ("as_trained", "reestimated")}
-  return out, results
+  """`surgery harden` of the two-domain model, without and with re-estimated BN, once per
+  test run: (folder of the two exports, {kind: its results.json})."""
+  def build(folder):
+    for kind in HARDENINGS:
+      surgery.harden(str(source_workdir), str(folder / kind), reestimate=kind == "reestimated",
+                     bn_batches=3, timing_repeats=2)
+  out = built_once_per_run(tmp_path_factory, "hardened", build)
+  return out, {kind: json.loads((out / kind / "results.json").read_text())
+               for kind in HARDENINGS}
 
 
 def one_hot_logits(signatures, num_templates):
