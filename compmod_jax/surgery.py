@@ -40,7 +40,7 @@ from compmod_jax import cli
 from compmod_jax.analysis import accounting
 from compmod_jax.methods import registry
 from compmod_jax.models import templates
-from compmod_jax.train import checkpoint, context, loop, pretrained, start
+from compmod_jax.train import checkpoint, context, loop, pretrained, start, steps
 from compmod_jax.train import workdir as workdir_io
 
 COMMANDS = ("harden", "prune")
@@ -211,10 +211,7 @@ class SignatureEvaluator:
   task's perturbation leaves the others alone."""
 
   def __init__(self, run, max_examples=0):
-    if run.config.model.signature != templates.LEARNED:
-      raise SurgeryError(f"{run.workdir} trained a fixed signature "
-                         f"(config.model.signature={run.config.model.signature!r}): it has no "
-                         f"mixture weights to perturb.")
+    """`run`: a learned-signature run (load_learned_run)."""
     config = ml_collections.ConfigDict(run.config.to_dict())
     config.model.shared_mixture_layers = 0
     self.ctx = run_context(config, run.workdir, run.source_tasks)
@@ -242,6 +239,14 @@ def run_context(config, workdir, source_tasks):
   return start.make_context(config, workdir, source_tasks)
 
 
+def model_context(ctx, config):
+  """ctx for the model of `config` (another signature or bank of the same tasks), sharing
+  ctx's data streams and mesh: the data are the same, only the model and its steps change."""
+  model = start.model_for(config, dict(ctx.model.spec.tasks))
+  return dataclasses.replace(ctx, config=config, model=model, eval_steps={
+      task: steps.jit_eval_step(model, task) for task in ctx.eval_streams})
+
+
 def load_learned_run(workdir, data_dir, operation):
   """load_run for an operation on mixture weights; refuses a fixed-signature run."""
   run = load_run(workdir, data_dir)
@@ -262,7 +267,7 @@ def harden(workdir, out, *, reestimate=False, bn_batches=50, data_dir=None, timi
   signatures = hardened_signatures(xi)
   variables, compact_signatures = compact_variables(run.variables, signatures)
   config = fixed_signature_config(run.config, compact_signatures)
-  ctx = run_context(config, out, run.source_tasks)
+  ctx = model_context(mixed_ctx, config)
   if reestimate:
     variables = reestimate_bn(ctx, variables, bn_batches)
   mixed, hardened = (test_accuracies(mixed_ctx, run.variables), test_accuracies(ctx, variables))
@@ -306,7 +311,7 @@ def prune(workdir, out, *, keep, reestimate=False, bn_batches=50, data_dir=None,
   out = prepare_out(out)
   full_ctx = run_context(run.config, out, run.source_tasks)
   variables, kept, usage = pruned_variables(run.variables, keep)
-  ctx = run_context(standalone_config(run.config, num_templates=keep), out, run.source_tasks)
+  ctx = model_context(full_ctx, standalone_config(run.config, num_templates=keep))
   if reestimate:
     variables = reestimate_bn(ctx, variables, bn_batches)
   before, after = test_accuracies(full_ctx, run.variables), test_accuracies(ctx, variables)

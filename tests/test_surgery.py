@@ -156,7 +156,7 @@ def test_the_perturbation_command_writes_its_table_and_its_rows_match_the_runs(
   logits = evaluate.mixture_logits("mnist").copy()
   logits[1] = logits[0]
   assert evaluate("mnist", logits) == evaluate("mnist", logits[[1, 0, 2]])
-  with pytest.raises(surgery.SurgeryError, match="no mixture weights to perturb"):
+  with pytest.raises(surgery.SurgeryError, match="only a model with mixture weights can be perturbed"):
     perturb.perturb_workdir(str(hardened[0] / "as_trained"))
 
 

@@ -76,7 +76,7 @@ def perturb_workdir(workdir, *, permutations=5, seed=0, max_examples=0, data_dir
   """Evaluates every perturbation of every task of the run in `workdir`; writes and returns
   the table {task: {perturbation: test accuracy}}."""
   from compmod_jax import surgery  # the tool layer: loading, data and evaluation
-  run = surgery.load_run(workdir, data_dir)
+  run = surgery.load_learned_run(workdir, data_dir, "perturbed")
   evaluate = surgery.SignatureEvaluator(run, max_examples)
   table = {}
   for task in sorted(run.config.tasks):
