@@ -135,17 +135,13 @@ def fixed_signature_config(config, signatures):
       explicit_signature=";".join(",".join(str(t + 1) for t in row) for row in signatures))
 
 
-def template_usage(xi):
-  """Each template's mixture weight summed over tasks and layers, [K] (xi: [tasks, L, K])."""
-  return np.asarray(xi).sum(axis=(0, 1))
-
-
 def pruned_variables(variables, keep):
   """(variables without the templates outside the `keep` most used ones, the kept 0-based
   templates in their order, every template's usage). The mixture logits lose the dropped
   templates' columns, which renormalises each xi over the kept templates."""
   params = dict(variables["params"])
-  usage = template_usage(templates.mixture_weights(templates.task_mixture_logits(params)))
+  usage = templates.template_usage(templates.mixture_weights(
+      templates.task_mixture_logits(params)))
   kept = np.sort(np.argsort(-usage, kind="stable")[:keep])
   params["templates"] = jax.tree.map(lambda bank: np.asarray(bank)[kept], params["templates"])
   for name in templates.MIXTURE_PARAMS:

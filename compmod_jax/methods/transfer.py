@@ -41,6 +41,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 
+from compmod_jax.methods import growth
 from compmod_jax.models import network, templates
 
 SOURCE_PREFIX = "source:"
@@ -159,6 +160,9 @@ def initialise_new_task(ctx, variables, task, source_classes):
       variables, spec, task, list(new.sources),
       coefficients=jnp.asarray(start.coefficients, jnp.float32),
       copy_source=start.copy_source, xi_logits=start.xi_logits))
+  if ctx.config.transfer.add_templates and "mixture_logits" in variables["params"]:
+    variables = growth.with_new_template_share(variables, spec, task,
+                                               ctx.config.transfer.add_templates)
   coefficients = dict(zip(new.sources, start.coefficients.tolist()))
   logging.info("Task %s: xi_init=%s, coefficients %s.", task, xi_init,
                {name: round(c, 4) for name, c in coefficients.items()})

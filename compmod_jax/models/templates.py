@@ -36,6 +36,12 @@ def mixture_weights(mixture_logits):
   return jax.nn.softmax(mixture_logits, axis=-1)
 
 
+def template_usage(xi):
+  """Each template's mixture weight summed over tasks and layers, [K] (xi: [tasks, L, K]):
+  which templates surgery prunes and growth copies."""
+  return np.asarray(xi).sum(axis=(0, 1))
+
+
 def mix_templates(xi, templates):
   """Parameters of all L layers at once: out[l] = sum_k xi[l, k] * templates[k].
 

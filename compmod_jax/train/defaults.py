@@ -74,7 +74,14 @@ def base_config():
   config.transfer = ml_collections.ConfigDict(dict(
       dont_load=(),               # regexes over variable paths to keep freshly initialised
       selection_examples=2048,    # training examples that measure each source on a new task
-      learned_steps=200, learned_learning_rate=0.05))  # xi_init=learned: Adam on the c logits
+      learned_steps=200, learned_learning_rate=0.05,  # xi_init=learned: Adam on the c logits
+      # Growth (methods/growth.py): templates appended to the checkpoint's, started "fresh" or
+      # as noisy "copies" of the most used ones; config.model.num_templates counts them.
+      add_templates=0, new_templates="fresh", new_templates_noise=0.01))
+  # Deltas (train/deltas.py): a run from config.init_from also writes <workdir>/delta/, what
+  # it added or trained; config.deltas applies such directories, in order, to init_from.
+  config.save_delta = False
+  config.deltas = ()
   return config
 
 

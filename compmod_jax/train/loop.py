@@ -18,7 +18,8 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
 from compmod_jax.analysis import accounting
-from compmod_jax.train import checkpoint, context, nonfinite, preemption, report, start, steps
+from compmod_jax.train import checkpoint, context, deltas, nonfinite, preemption, report, start
+from compmod_jax.train import steps
 from compmod_jax.train import validation
 from compmod_jax.train import workdir as workdir_io
 
@@ -64,11 +65,15 @@ def train_and_evaluate(config, workdir):
       if int(state.step) >= config.total_steps:
         logging.info("Run in %s is at step %d of config.total_steps=%d: evaluating only.",
                      workdir, int(state.step), config.total_steps)
-        return report.read_results(workdir) or report.write_results(
+        results = report.read_results(workdir) or report.write_results(
             ctx, start_results or ctx.evaluate(state), int(state.step),
             meta.get("wall_time_s", 0.0))
-      return _train(ctx, state, optimization, checkpointer, watcher,
-                    meta.get("wall_time_s", 0.0))
+      else:
+        state, results = _train(ctx, state, optimization, checkpointer, watcher,
+                                meta.get("wall_time_s", 0.0))
+      if config.save_delta and int(state.step) >= config.total_steps:
+        deltas.save(ctx, state, source or start.pretrained_source(config))
+      return results
   finally:
     checkpointer.close()
 
@@ -87,7 +92,7 @@ def _after_pretraining(config, workdir):
 
 def _train(ctx, state, optimization, checkpointer, watcher, wall_time_before):
   """The step loop from state.step to config.total_steps: log, evaluate, checkpoint, and stop
-  at a step boundary when asked to. Returns the last results.json payload."""
+  at a step boundary when asked to. Returns the last state and results.json payload."""
   config = ctx.config
   writer = metric_writers.create_default_writer(ctx.workdir,
                                                 just_logging=jax.process_index() > 0)
@@ -130,4 +135,4 @@ def _train(ctx, state, optimization, checkpointer, watcher, wall_time_before):
                       step)
       break
   writer.flush()
-  return results
+  return state, results

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from compmod_jax.methods import growth
 from compmod_jax.models import network
 
 # (group, regex over "/"-joined parameter paths) of the model's parameters. Order matters: the
@@ -34,7 +35,9 @@ MODEL_GROUPS = tuple(name for name, _ in PARAMETER_GROUPS)
 # leaves it to config.optimizer.lr_multipliers alone. The presets of transfer learning (paper
 # §4.3): head only, head + BN, the paper's method (mixture weights + head + BN), and full
 # fine-tuning; and of domain adaptation (§4.4): the mixture weights alone, or with BN or the
-# input adapter, and the plain network's baseline, its input adapter alone. A method's own
+# input adapter, and the plain network's baseline, its input adapter alone; and of growth
+# (methods/growth.py): a new task's private variables with the templates (only the added ones
+# when config.transfer.add_templates > 0). A method's own
 # variables are not the model's: presets leave their group alone.
 TRAINABLE_PRESETS = {
     "xi": ("mixture_logits",),
@@ -44,6 +47,7 @@ TRAINABLE_PRESETS = {
     "head": ("heads",),
     "head_bn": ("heads", "batch_norm"),
     "xi_head_bn": ("heads", "batch_norm", "mixture_logits"),
+    "xi_head_bn_templates": ("heads", "batch_norm", "mixture_logits", "templates"),
     "all": MODEL_GROUPS,
 }
 OPTIMIZERS = ("rmsprop", "sgd", "adam")
@@ -202,7 +206,8 @@ def trainable_mask(params, config, spec, method):
   A leaf is a numpy bool: a scalar when the whole array trains or not (its group's multiplier
   is > 0 or not), or a [tasks, 1, ...] mask over the rows of an array with one row per task.
   Rows and heads of tasks the model holds but `method` does not train (its trained_tasks) are
-  always frozen: a model restored with more tasks keeps their predictions bit-identical.
+  always frozen: a model restored with more tasks keeps their predictions bit-identical. So are
+  the checkpoint's templates when the run adds some (methods/growth.py): [K, 1, ...] masks.
   """
   groups = parameter_groups(method)
   multipliers = group_multipliers(config, groups)
@@ -215,7 +220,7 @@ def trainable_mask(params, config, spec, method):
       return np.bool_(False)
     owners = network.task_owners(spec, "params/" + path)
     if owners is None:
-      return np.bool_(True)
+      return growth.trainable_shared_entries(config, path, leaf.shape)
     rows = np.array([task in trained_tasks for task in owners])
     if len(owners) == 1:
       return rows[0]

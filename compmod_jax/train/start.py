@@ -1,6 +1,7 @@
 """How a run starts: its context (model, method, data), a fresh train state, then either its
-own newest good checkpoint (resume) or another run's checkpoint (config.init_from: loaded
-strictly by train/pretrained.py, new tasks built by methods/transfer.py)."""
+own newest good checkpoint (resume) or another run's checkpoint (config.init_from, plus the
+config.deltas of train/deltas.py: grown by methods/growth.py, loaded strictly by
+train/pretrained.py, new tasks built by methods/transfer.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +11,10 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.data import pipeline
-from compmod_jax.methods import registry, transfer
+from compmod_jax.methods import growth, registry, transfer
 from compmod_jax.models import network
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
-from compmod_jax.train import checkpoint, context, optim, pretrained, steps
+from compmod_jax.train import checkpoint, context, deltas, optim, pretrained, steps
 
 
 def model_for(config, num_classes):
@@ -108,8 +109,12 @@ def resume(ctx, checkpointer, state):
 
 
 def pretrained_source(config):
-  """The checkpoint config.init_from names, read and checked against config.xi_init."""
+  """The checkpoint config.init_from names with config.deltas applied (train/deltas.py), read
+  and checked against config.xi_init and config.model.num_templates."""
   source = pretrained.load(config.init_from)
+  if config.deltas:
+    source = deltas.with_deltas(source, config.deltas)
+  growth.check_source(config, source.variables)
   if set(config.tasks) - set(source.tasks):  # xi_init applies to new tasks only
     transfer.check_xi_init(config.xi_init, source.tasks)
   return source
@@ -124,7 +129,11 @@ def from_pretrained(ctx, state, source, trainable):
   sources = sorted(source.tasks)
   fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   method_params = fresh["params"].pop(own) if own else None  # the pretraining had no such
-  variables, report = pretrained.merge(fresh, source.variables, spec, sources,
+  source_variables, added_templates = source.variables, None
+  if config.transfer.add_templates:
+    source_variables, added_templates = growth.grown(config, source.variables,
+                                                     fresh["params"]["templates"])
+  variables, report = pretrained.merge(fresh, source_variables, spec, sources,
                                        tuple(config.transfer.dont_load))
   logging.info("From %s: loaded %d variables; new-task rows or heads in %d; kept fresh by "
                "config.transfer.dont_load: %s", source.step_dir, len(report.loaded),
@@ -133,7 +142,7 @@ def from_pretrained(ctx, state, source, trainable):
                   "source_tasks": source.tasks, "xi_init": config.xi_init,
                   "trainable": config.trainable or "lr_multipliers",
                   "trainable_parameters": optim.count_trainable(trainable, state.params),
-                  "new_tasks": {}}
+                  "new_tasks": {}, "added_templates": added_templates}
   for task in sorted(set(config.tasks) - set(sources)):
     variables, ctx.run_info["new_tasks"][task] = transfer.initialise_new_task(
         ctx, variables, task, source.tasks)
@@ -154,9 +163,11 @@ def from_pretrained(ctx, state, source, trainable):
 
 def _warn_if_shared_parameters_train(ctx, trainable, sources):
   flat = traverse_util.flatten_dict(trainable, sep="/")
+  # Whole arrays only: a partly trainable shared array is a bank grown by templates its old
+  # tasks weigh by exactly 0 (methods/growth.py).
   shared = sorted(path for path, mask in flat.items()
                   if network.task_owners(ctx.model.spec, "params/" + path) is None
-                  and np.any(mask) and not path.startswith(f"{ctx.method.own_params}/"))
+                  and np.all(mask) and not path.startswith(f"{ctx.method.own_params}/"))
   kept = sorted(set(sources) - set(ctx.config.tasks))
   if shared and kept:
     logging.warning("config.trainable=%r trains parameters all tasks share (%s, ...): the "

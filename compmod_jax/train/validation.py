@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from etils import epath
 
 from compmod_jax.data import catalog, image_folder, pipeline
-from compmod_jax.methods import multitask, registry, transfer
-from compmod_jax.train import context, optim, start
+from compmod_jax.methods import growth, multitask, registry, transfer
+from compmod_jax.train import context, deltas, optim, start
 
 ON_CORRUPT_CHECKPOINT = ("fall_back", "refuse")
 POSITIVE_INTEGERS = ("batch_size", "eval_batch_size", "log_every", "eval_every",
@@ -44,6 +44,7 @@ NUMBER_RANGES = {
     "regularizers.entropy_weight": (0, INF, True, False),
     "regularizers.clustering_weight": (0, INF, True, False),
     "transfer.learned_learning_rate": (0, INF, False, False),
+    "transfer.new_templates_noise": (0, INF, True, False),
 }
 TASK_NUMBER_RANGES = {"weight": (0, INF, False, False), "sampling_weight": (0, INF, False, False)}
 
@@ -60,6 +61,8 @@ def validate(config):
   method.check_config(config)
   optim.check_config(config, optim.parameter_groups(method))
   transfer.check_config(config)
+  growth.check_config(config)
+  deltas.check_config(config)
   if config.trainable not in ("", "all") and not _starts_trained(config):
     raise ValueError(f"config.trainable={config.trainable!r} freezes the rest of a freshly "
                      f"initialised model; set config.init_from=<pretrained workdir> (or "
