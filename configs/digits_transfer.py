@@ -13,6 +13,12 @@ templates and adapters pretrained on the multi-domain digits, the UCI handwritte
    trainable: head | head_bn | xi_head_bn (default, the paper's method) | all)
   # 3. the table of the README:
   python -m compmod_jax.analysis.tables transfer workdirs/transfer_*
+  # 4. growth: the new task brings one template of its own (methods/growth.py), and the run
+  #    also saves what it added as a delta (train/deltas.py):
+  python -m compmod_jax.main --config=configs/digits_transfer.py \
+      --config.init_from=workdirs/multidomain_patches --config.transfer.add_templates=1 \
+      --config.model.num_templates=5 --config.trainable=xi_head_bn_templates \
+      --config.save_delta=True --workdir=workdirs/transfer_grown
 
 The new task trains for 600 steps of 32 examples on its 1,438 training digits and is tested on
 its 359 held-out ones; the pretrained tasks stay in the model with bit-identical predictions.
