@@ -29,6 +29,23 @@ from compmod_jax.data.pipeline import get_builder  # noqa: E402
 from helpers import built_once_per_run  # noqa: E402
 
 
+def pytest_addoption(parser):
+  parser.addoption("--run-slow", action="store_true",
+                   help="also run the tests marked slow (the pod configs' end-to-end runs "
+                        "under mock data, the runs of several processes)")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The README's test command leaves the slow tests out, so that it stays under 10 minutes
+  on 2 cores; .ci/run runs them next (pytest -m slow --run-slow)."""
+  if config.getoption("--run-slow"):
+    return
+  skip = pytest.mark.skip(reason="slow end-to-end run: pass --run-slow (CI does)")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def embedded_dir(tmp_path_factory):
   """Every embedded_digits config prepared once for the whole run."""

@@ -240,6 +240,7 @@ def test_bad_adaptation_configs_fail_with_clear_errors(embedded_dir, source_work
     digits_da.get_config("model=isometric")
 
 
+@pytest.mark.slow
 def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tmp_path):
   config = domainnet_da.get_config("method=moment_matching,tiny=1")
   config.data.data_dir = config.pretrain.data.data_dir = str(tmp_path / "tfds")
@@ -266,6 +267,7 @@ def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tm
   assert 0.0 <= results["target_test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_digits_svhn_config_mixes_embedded_digits_and_svhn_under_mock_data(svhn_digits_run):
   workdir, config = svhn_digits_run
   kept = tuple(config.pretrain.tasks)

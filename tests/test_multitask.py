@@ -143,6 +143,7 @@ def test_tiny_multidomain_run_learns_every_task(source_workdir):
   assert "| mnist_blur |" in table and "| mean |" in table
 
 
+@pytest.mark.slow
 def test_natural5_then_its_table2_transfer_run_under_mock_data(tmp_path):
   """natural5.py (tiny, mixture_patches) on its five datasets, then transfer_table2.py moving it
   to stanford_dogs from imagenet2012's xi: every split as the real datasets name them."""

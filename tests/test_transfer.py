@@ -393,6 +393,7 @@ def test_random_and_diagonal_start_a_fresh_xi_with_the_sources_mean_head_and_bn(
       spec.task_index(NEW)], old_bn.mean(0), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_table9_config_interpolates_the_svhn_digits_sources_under_mock_data(svhn_digits_run,
                                                                             tmp_path):
   """transfer_table9.py:data=digits (tiny), xi_init=learned, from the pretraining that
