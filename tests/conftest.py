@@ -59,14 +59,15 @@ def embedded_dir(tmp_path_factory):
 def source_workdir(embedded_dir, tmp_path_factory):
   """configs/digits_multidomain.py:setup=mixture_patches (per-task xi and BN) on two embedded
   domains, mnist and mnist_blur, tiny, trained on 8 devices for 60 steps (checkpoints at 30 and
-  60): the multi-domain test inspects what it learned, and transfer and adaptation start from
-  it. Tests only read it (they copy it before damaging it)."""
+  60) and tested on the first 400 test digits of each (surgery evaluates it dozens of times):
+  the multi-domain test inspects what it learned, and transfer, adaptation and surgery start
+  from it. Tests only read it (they copy it before damaging it)."""
   def pretrain(workdir):
     from compmod_jax.train import loop
     from configs import digits_multidomain
     config = digits_multidomain.get_config("setup=mixture_patches,tiny=1")
     config.tasks = {task: config.tasks[task] for task in ("mnist", "mnist_blur")}
-    config.data.data_dir = str(embedded_dir)
+    config.data.update(data_dir=str(embedded_dir), eval_split="test[:400]")
     config.update(batch_size=64, eval_batch_size=200, total_steps=60, eval_every=60,
                   checkpoint_every=30)
     config.optimizer.warmup_steps = 5

@@ -49,7 +49,8 @@ registry.register(registry.Method(
 
 
 def test_a_method_defined_in_a_test_file_trains_through_the_trainer(embedded_dir, tmp_path):
-  config = tiny_digits(embedded_dir, total_steps=8, method="temperature_scaled")
+  config = tiny_digits(embedded_dir, total_steps=8, method="temperature_scaled",
+                       **{"data.eval_split": "test[:200]"})
   config.optimizer.lr_multipliers[OWN] = 10.0
   results = loop.train_and_evaluate(config, str(tmp_path))
   assert results["mean_test_accuracy"] == results["tasks"]["mnist"]["test_accuracy"]

@@ -65,11 +65,16 @@ def fingerprint(checksums):
   return hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
 
 
+def written(workdir):
+  """Whether the run in `workdir` has written its delta."""
+  return (epath.Path(workdir) / DELTA_DIR / "delta.json").exists()
+
+
 def save(ctx, state, base):
   """Writes ctx.workdir/delta for the finished run's `state` against `base` (the
-  pretrained.Pretrained it started from), unless it is there already (process 0 only)."""
+  pretrained.Pretrained it started from); process 0 writes, the others return."""
   out = epath.Path(ctx.workdir) / DELTA_DIR
-  if jax.process_index() != 0 or (out / "delta.json").exists():
+  if jax.process_index() != 0:
     return
   own = ctx.method.own_params
   params = {k: v for k, v in jax.device_get(state.ema_params).items() if k != own}

@@ -71,7 +71,8 @@ def train_and_evaluate(config, workdir):
       else:
         state, results = _train(ctx, state, optimization, checkpointer, watcher,
                                 meta.get("wall_time_s", 0.0))
-      if config.save_delta and int(state.step) >= config.total_steps:
+      if (config.save_delta and int(state.step) >= config.total_steps
+          and not deltas.written(workdir)):
         deltas.save(ctx, state, source or start.pretrained_source(config))
       return results
   finally:
