@@ -31,8 +31,8 @@ from helpers import built_once_per_run  # noqa: E402
 
 def pytest_addoption(parser):
   parser.addoption("--run-slow", action="store_true",
-                   help="also run the tests marked slow (the pod configs' end-to-end runs "
-                        "under mock data, the runs of several processes)")
+                   help="also run the tests marked slow (those that start other processes, "
+                        "the pod configs' end-to-end runs under mock data)")
 
 
 def pytest_collection_modifyitems(config, items):

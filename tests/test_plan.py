@@ -65,6 +65,7 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused():
     plan.lower(config)
 
 
+@pytest.mark.slow
 def test_the_command_prints_one_json_object(tmp_path):
   result = run_main("--config=configs/digits.py:tiny", "--num_devices=2", module="plan")
   assert result.returncode == 0, result.stderr[-3000:]

@@ -158,6 +158,7 @@ def logs(caplog):
       r.getMessage() for r in caplog.records if containing in r.getMessage())
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_exits_0_and_resume_loses_nothing(
     embedded_dir, reference, tmp_path, start_run):
   workdir = tmp_path / "work"
@@ -177,6 +178,7 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resume_loses_nothing(
   assert_same_state(saved_state(workdir), reference[1])
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(
     embedded_dir, reference, tmp_path, start_run, logs):
   workdir = tmp_path / "work"

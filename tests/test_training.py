@@ -211,6 +211,7 @@ def test_missing_dataset_fails_before_heavy_work_naming_it(tmp_path, no_heavy_wo
     loop.train_and_evaluate(config, str(tmp_path / "work"))
 
 
+@pytest.mark.slow
 def test_config_typo_is_an_error_naming_the_key(tmp_path):
   result = run_main("--config=configs/digits.py:tiny", f"--workdir={tmp_path}",
                     "--config.model.num_layerz=3")

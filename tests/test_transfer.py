@@ -308,6 +308,7 @@ def test_accuracy_init_interpolates_by_the_logged_accuracies_and_resumes_its_own
                              np.tensordot(coefficients, source_xi, 1), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_eight_devices_restores_on_one(embedded_dir, source_workdir,
                                                          tmp_path):
   env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
