@@ -118,6 +118,9 @@ def test_the_new_task_starts_with_a_uniform_share_of_the_added_template(grown_wo
   _, checkpoint = read_checkpoint(str(grown_workdir))
   run_info = checkpoint["meta"]["run_info"]
   assert run_info["added_templates"]["added"] == 1
+  bank = pretrained.load(str(grown_workdir)).variables["params"]["templates"]
+  assert run_info["added_templates"]["parameters"] == sum(
+      rows[0].size for rows in jax.tree.leaves(bank))
   initial_xi = np.array(run_info["new_tasks"][NEW]["initial_xi"])
   np.testing.assert_allclose(initial_xi[:, BASE_TEMPLATES], 1 / 3, rtol=1e-5)
   np.testing.assert_allclose(initial_xi.sum(-1), 1.0, rtol=1e-5)

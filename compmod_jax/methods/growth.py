@@ -93,6 +93,7 @@ def grown(config, variables, fresh_templates):
       pad = np.full(logits.shape[:-1] + (added,), NEW_TEMPLATE_LOGIT, logits.dtype)
       params[name] = np.concatenate([logits, pad], axis=-1)
   info = {"added": added, "init": config.transfer.new_templates,
+          "parameters": int(sum(np.asarray(rows).size for rows in jax.tree.leaves(new_rows))),
           "copied_from": [int(t) + 1 for t in copied],
           "usage_before": np.asarray(usage).round(4).tolist()}
   return {"params": params, "batch_stats": variables["batch_stats"]}, info
