@@ -170,20 +170,27 @@ def test_a_delta_against_another_base_or_damaged_is_refused(grown_workdir, sourc
     start.pretrained_source(config)
 
 
-@pytest.mark.parametrize("overrides, message, reads_checkpoint", [
-    ({"model.num_templates": 2}, "model needs config.model.num_templates=3", True),
-    ({"init_from": ""}, "add_templates=1 grows a trained model", False),
-    ({"transfer.new_templates": "clones"}, "new_templates must be one of", False),
-    ({"model.signature": "sequential"}, "add_templates needs mixture weights", False),
+@pytest.mark.parametrize("overrides, message", [
+    ({"init_from": ""}, "add_templates=1 grows a trained model"),
+    ({"transfer.new_templates": "clones"}, "new_templates must be one of"),
+    ({"model.signature": "sequential"}, "add_templates needs mixture weights"),
     ({"transfer.add_templates": 0, "init_from": "", "trainable": ""},
-     "save_delta=True writes what a run changed", False),
-    ({"transfer.add_templates": 0, "deltas": ("nowhere/delta",)}, "holds no delta.json", True),
+     "save_delta=True writes what a run changed"),
 ])
-def test_growth_and_delta_mistakes_fail_before_any_work(overrides, message, reads_checkpoint,
-                                                        embedded_dir, tmp_path, request,
-                                                        no_heavy_work):
-  # Only the checks against the checkpoint wait for the shared model; the others fail first.
-  base = request.getfixturevalue("source_workdir") if reads_checkpoint else tmp_path / "none"
-  config = grown_config(embedded_dir, base, **overrides)
+def test_growth_and_delta_config_mistakes_fail_before_any_work(overrides, message, embedded_dir,
+                                                               tmp_path, no_heavy_work):
+  config = grown_config(embedded_dir, tmp_path / "unread", **overrides)
+  with pytest.raises(ValueError, match=message):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.num_templates": 2}, "model needs config.model.num_templates=3"),
+    ({"transfer.add_templates": 0, "deltas": ("nowhere/delta",)}, "holds no delta.json"),
+])
+def test_a_model_or_delta_that_does_not_fit_the_checkpoint_fails_before_any_work(
+    overrides, message, embedded_dir, source_workdir, tmp_path, no_heavy_work):
+  # source_workdir is session-scoped, so it is built before no_heavy_work applies.
+  config = grown_config(embedded_dir, source_workdir, **overrides)
   with pytest.raises(ValueError, match=message):
     loop.train_and_evaluate(config, str(tmp_path / "run"))

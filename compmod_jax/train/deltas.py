@@ -40,8 +40,6 @@ MIXTURE_PATHS = tuple(f"params/{name}" for name in templates.MIXTURE_PARAMS)
 
 def check_config(config):
   """Errors for config.save_delta and config.deltas, raised before any heavy work."""
-  if not isinstance(config.save_delta, bool):
-    raise ValueError(f"config.save_delta must be True or False, got {config.save_delta!r}")
   if config.save_delta and not (config.init_from or config.get("pretrain")):
     raise ValueError("config.save_delta=True writes what a run changed in the model it started "
                      "from: set config.init_from=<that model's workdir>.")
@@ -56,9 +54,12 @@ def check_config(config):
 def shared_checksums(variables, spec):
   """{path: sha256} of every variable all of `spec`'s tasks share."""
   flat = traverse_util.flatten_dict(variables, sep="/")
-  shared = {path: value for path, value in flat.items()
-            if network.task_owners(spec, path) is None}
-  return {path: checkpoint.array_checksums(value)[""] for path, value in sorted(shared.items())}
+  return {path: _checksum(value) for path, value in sorted(flat.items())
+          if network.task_owners(spec, path) is None}
+
+
+def _checksum(array):
+  return checkpoint.array_checksums(np.asarray(array))[""]  # one array: its tree path is ""
 
 
 def fingerprint(checksums):
@@ -173,8 +174,7 @@ def with_deltas(source, directories):
 def _check_fingerprint(delta, variables, base_dir):
   flat = traverse_util.flatten_dict(variables, sep="/")
   paths = delta.info["fingerprint_paths"]
-  checksums = {path: checkpoint.array_checksums(np.asarray(flat[path]))[""]
-               for path in paths if path in flat}
+  checksums = {path: _checksum(flat[path]) for path in paths if path in flat}
   if len(checksums) != len(paths) or fingerprint(checksums) != delta.info["fingerprint"]:
     raise pretrained.PretrainedCheckpointError(
         f"config.deltas: {delta.directory} was trained against another model than "
