@@ -34,7 +34,7 @@ def check_config(config):
   if growth.new_templates not in NEW_TEMPLATE_INITS:
     raise ValueError(f"config.transfer.new_templates must be one of {NEW_TEMPLATE_INITS}, got "
                      f"{growth.new_templates!r}")
-  if not isinstance(growth.add_templates, int) or growth.add_templates < 0:
+  if growth.add_templates < 0:
     raise ValueError(f"config.transfer.add_templates must be an integer >= 0, got "
                      f"{growth.add_templates!r}")
   if not growth.add_templates:

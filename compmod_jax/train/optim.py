@@ -37,8 +37,8 @@ MODEL_GROUPS = tuple(name for name, _ in PARAMETER_GROUPS)
 # fine-tuning; and of domain adaptation (§4.4): the mixture weights alone, or with BN or the
 # input adapter, and the plain network's baseline, its input adapter alone; and of growth
 # (methods/growth.py): a new task's private variables with the templates (only the added ones
-# when config.transfer.add_templates > 0). A method's own
-# variables are not the model's: presets leave their group alone.
+# when config.transfer.add_templates > 0). A method's own variables are not the model's:
+# presets leave their group alone.
 TRAINABLE_PRESETS = {
     "xi": ("mixture_logits",),
     "xi_bn": ("mixture_logits", "batch_norm"),
