@@ -4,6 +4,7 @@ templates), adds a third for the UCI digits and writes its delta: the checkpoint
 compute exactly what they computed, only the added template trains, and the base plus the
 delta is that run's model bit for bit."""
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 from compmod_jax.methods import growth
-from compmod_jax.models import templates
+from compmod_jax.models import network, templates
 from compmod_jax.train import deltas, loop, pretrained, start
 from configs import digits_transfer
 from helpers import built_once_per_run, read_checkpoint, with_fields
@@ -194,3 +195,35 @@ def test_a_model_or_delta_that_does_not_fit_the_checkpoint_fails_before_any_work
   config = grown_config(embedded_dir, source_workdir, **overrides)
   with pytest.raises(ValueError, match=message):
     loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_deltas_of_two_new_tasks_made_against_one_base_apply_together(source_workdir,
+                                                                       embedded_dir, tmp_path):
+  base = pretrained.load(str(source_workdir))
+  config = with_fields(grown_config(embedded_dir, source_workdir),
+                       **{"model.num_templates": BASE_TEMPLATES})
+  finals = {}
+  for seed, task in enumerate(("a_task", "b_task")):
+    tasks = {**base.tasks, task: 10}
+    model = start.model_for(config, tasks)
+    fresh = jax.device_get(model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1))))
+    final, _ = pretrained.merge(fresh, base.variables, model.spec, sorted(base.tasks))
+    finals[task] = (model.spec, final)  # the new task's fresh rows stand for trained ones
+    run = types.SimpleNamespace(
+        workdir=str(tmp_path / task), model=model, config=types.SimpleNamespace(tasks={task: 0}),
+        method=types.SimpleNamespace(own_params=""))
+    deltas.save(run, types.SimpleNamespace(ema_params=final["params"],
+                                           batch_stats=final["batch_stats"]), base)
+  both = deltas.with_deltas(base, [str(tmp_path / task / "delta") for task in finals])
+  assert both.tasks == {**base.tasks, "a_task": 10, "b_task": 10}
+  names = sorted(both.tasks)
+  combined = flat(both.variables)
+  for task, (spec, final) in finals.items():
+    for path, value in flat(final).items():
+      owners = network.task_owners(spec, path)
+      if owners is None or len(owners) == 1:
+        np.testing.assert_array_equal(combined[path], value, err_msg=path)  # shared, heads
+      else:
+        for row, owner in enumerate(owners):  # every task's row where the model puts it
+          np.testing.assert_array_equal(combined[path][names.index(owner)], value[row],
+                                        err_msg=f"{path} {owner}")
