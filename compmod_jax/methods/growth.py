@@ -30,17 +30,17 @@ NEW_TEMPLATE_INITS = ("fresh", "copies")
 
 def check_config(config):
   """Errors for config.transfer.add_templates and its fields, raised before any heavy work."""
-  growth = config.transfer
-  if growth.new_templates not in NEW_TEMPLATE_INITS:
+  transfer = config.transfer
+  if transfer.new_templates not in NEW_TEMPLATE_INITS:
     raise ValueError(f"config.transfer.new_templates must be one of {NEW_TEMPLATE_INITS}, got "
-                     f"{growth.new_templates!r}")
-  if growth.add_templates < 0:
+                     f"{transfer.new_templates!r}")
+  if transfer.add_templates < 0:
     raise ValueError(f"config.transfer.add_templates must be an integer >= 0, got "
-                     f"{growth.add_templates!r}")
-  if not growth.add_templates:
+                     f"{transfer.add_templates!r}")
+  if not transfer.add_templates:
     return
   if not (config.init_from or config.get("pretrain")):
-    raise ValueError(f"config.transfer.add_templates={growth.add_templates} grows a trained "
+    raise ValueError(f"config.transfer.add_templates={transfer.add_templates} grows a trained "
                      f"model: set config.init_from=<its workdir>.")
   if config.model.signature != templates.LEARNED:
     raise ValueError(f"config.transfer.add_templates needs mixture weights to reach the new "
@@ -61,7 +61,7 @@ def check_source(config, variables):
   have, added = bank_size(variables), config.transfer.add_templates
   if config.model.num_templates != have + added:
     raise ValueError(
-        f"The checkpoint config.init_from names has {have} templates and "
+        f"The checkpoint config.init_from names (with config.deltas) has {have} templates and "
         f"config.transfer.add_templates={added}, so the model needs "
         f"config.model.num_templates={have + added}, not {config.model.num_templates}.")
 
