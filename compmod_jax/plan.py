@@ -40,7 +40,7 @@ from ml_collections import config_flags
 from compmod_jax import cli
 from compmod_jax.data import pipeline
 from compmod_jax.methods import multitask, registry
-from compmod_jax.train import context, optim, pretrained, start, steps, validation
+from compmod_jax.train import context, optim, start, steps, validation
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -70,7 +70,7 @@ def source_tasks(config):
   tasks' part of the model only."""
   if not config.init_from or not epath.Path(config.init_from).exists():
     return {}
-  return pretrained.load(config.init_from).tasks
+  return start.pretrained_source(config).tasks  # with config.deltas, as the trainer reads it
 
 
 def image_shape(config):

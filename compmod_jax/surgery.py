@@ -140,8 +140,7 @@ def pruned_variables(variables, keep):
   templates in their order, every template's usage). The mixture logits lose the dropped
   templates' columns, which renormalises each xi over the kept templates."""
   params = dict(variables["params"])
-  usage = templates.template_usage(templates.mixture_weights(
-      templates.task_mixture_logits(params)))
+  usage = templates.template_usage(params)
   kept = np.sort(np.argsort(-usage, kind="stable")[:keep])
   params["templates"] = jax.tree.map(lambda bank: np.asarray(bank)[kept], params["templates"])
   for name in templates.MIXTURE_PARAMS:

@@ -66,7 +66,7 @@ def test_grown_bank_gives_the_new_templates_exactly_zero_weight_in_the_old_tasks
   assert xi.shape == (2, 3, 6)
   np.testing.assert_array_equal(xi[..., 4:], 0.0)
   np.testing.assert_allclose(xi[..., :4], templates.mixture_weights(logits), rtol=1e-6)
-  usage = templates.template_usage(templates.mixture_weights(logits))
+  usage = templates.template_usage({"mixture_logits": logits})
   most_used = np.argsort(-usage, kind="stable")[:2]
   assert info["copied_from"] == [int(t) + 1 for t in most_used]
   kernels = grown["params"]["templates"]["kernel"]

@@ -74,8 +74,7 @@ def grown(config, variables, fresh_templates):
   params = dict(variables["params"])
   bank = params["templates"]
   old = bank_size(variables)
-  usage = templates.template_usage(templates.mixture_weights(
-      templates.task_mixture_logits(params)))
+  usage = templates.template_usage(params)
   if config.transfer.new_templates == "fresh":
     copied = []
     new_rows = jax.tree.map(lambda fresh: np.asarray(fresh)[old:old + added], fresh_templates)
@@ -89,14 +88,19 @@ def grown(config, variables, fresh_templates):
       lambda rows, new: np.concatenate([rows, new.astype(rows.dtype)]), bank, new_rows)
   for name in templates.MIXTURE_PARAMS:
     if name in params:
-      logits = np.asarray(params[name])
-      pad = np.full(logits.shape[:-1] + (added,), NEW_TEMPLATE_LOGIT, logits.dtype)
-      params[name] = np.concatenate([logits, pad], axis=-1)
+      params[name] = padded_logits(params[name], added)
   info = {"added": added, "init": config.transfer.new_templates,
           "parameters": int(sum(np.asarray(rows).size for rows in jax.tree.leaves(new_rows))),
           "copied_from": [int(t) + 1 for t in copied],
           "usage_before": np.asarray(usage).round(4).tolist()}
   return {"params": params, "batch_stats": variables["batch_stats"]}, info
+
+
+def padded_logits(logits, added):
+  """Mixture logits [..., K] with `added` columns of NEW_TEMPLATE_LOGIT appended."""
+  logits = np.asarray(logits)
+  pad = np.full(logits.shape[:-1] + (added,), NEW_TEMPLATE_LOGIT, logits.dtype)
+  return np.concatenate([logits, pad], axis=-1)
 
 
 def _perturbed(rows, scale, noise):

@@ -36,10 +36,10 @@ def mixture_weights(mixture_logits):
   return jax.nn.softmax(mixture_logits, axis=-1)
 
 
-def template_usage(xi):
-  """Each template's mixture weight summed over tasks and layers, [K] (xi: [tasks, L, K]):
+def template_usage(params):
+  """Each template's mixture weight summed over tasks and layers, [K], of a model's params:
   which templates surgery prunes and growth copies."""
-  return np.asarray(xi).sum(axis=(0, 1))
+  return np.asarray(mixture_weights(task_mixture_logits(params))).sum(axis=(0, 1))
 
 
 def mix_templates(xi, templates):

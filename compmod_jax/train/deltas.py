@@ -86,13 +86,14 @@ def save(ctx, state, base):
   payload = buffer.getvalue()
   base_checksums = shared_checksums(base.variables, ctx.model.spec)
   model_bytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(final))
+  base_templates = growth.bank_size(base.variables)
   info = {
       "base": {"checkpoint": str(base.step_dir), "step": base.step,
-               "num_templates": growth.bank_size(base.variables)},
+               "num_templates": base_templates},
       "fingerprint": fingerprint(base_checksums), "fingerprint_paths": sorted(base_checksums),
       "tasks": {task: classes for task, classes in ctx.model.spec.tasks
                 if task in ctx.config.tasks},
-      "added_templates": growth.bank_size(final) - growth.bank_size(base.variables),
+      "added_templates": growth.bank_size(final) - base_templates,
       "arrays": index, "npz_sha256": hashlib.sha256(payload).hexdigest(),
       "bytes": len(payload), "model_bytes": int(model_bytes)}
   temporary = epath.Path(str(out) + ".tmp")
@@ -202,10 +203,7 @@ def _apply(delta, variables, tasks):
       flat[path] = value
   added = delta.info["added_templates"]
   for path, new_rows in rows.items():
-    old = flat[path]
-    if added and path in MIXTURE_PATHS:
-      pad = np.full(old.shape[:-1] + (added,), growth.NEW_TEMPLATE_LOGIT, old.dtype)
-      old = np.concatenate([old, pad], axis=-1)
+    old = growth.padded_logits(flat[path], added) if path in MIXTURE_PATHS else flat[path]
     flat[path] = np.stack([new_rows[task] if task in new_rows else old[names.index(task)]
                            for task in merged])
   return traverse_util.unflatten_dict(flat, sep="/")
