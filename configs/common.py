@@ -36,10 +36,10 @@ def digits_multitask(tasks, tiny):
   return config
 
 
-def digits_multidomain(setup, tiny):
-  """Every MNIST domain a task with its own xi (configs/digits_multidomain.py), with the model
-  fields of one of the App. C set-ups."""
-  tasks = {domain: defaults.task(f"embedded_digits/{domain}") for domain in MNIST_DOMAINS}
+def digits_multidomain(setup, tiny, domains=MNIST_DOMAINS):
+  """Every MNIST domain of `domains` a task with its own xi (configs/digits_multidomain.py),
+  with the model fields of one of the App. C set-ups."""
+  tasks = {domain: defaults.task(f"embedded_digits/{domain}") for domain in domains}
   config = digits_multitask(tasks, tiny)
   multitask.apply_setup(config.model, setup)
   return config

@@ -218,8 +218,8 @@ def test_table3_gives_mean_and_std_over_seeds_of_one_starting_point(tmp_path):
   assert (adversarial["mean"], adversarial["std"]) == pytest.approx((0.85, 0.05))
   assert markdown.splitlines()[4:] == ["| source_only | 70.00 |",
                                        "| adversarial | 85.00 ± 5.00 (3) |"]
-  with pytest.raises(ValueError, match=r"Two runs for method 'adversarial', model "
-                                       r"'compositional' with seed 1"):
+  with pytest.raises(ValueError, match=r"Two runs for 'adversarial', 'compositional' with "
+                                       r"seed 1 \(.*again is the second\)"):
     tables.da_table(runs + [write_da_run(tmp_path / "again", "adversarial", 1, 0.5)])
   with pytest.raises(ValueError, match=r"different target variables \(config.xi_init: "
                                        r"\{'source:mnist': .*'best_source': "):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from compmod_jax import surgery
-from compmod_jax.analysis import perturb
+from compmod_jax.analysis import perturb, tables
 from compmod_jax.models import templates
 from compmod_jax.train import pretrained, start
 from helpers import built_once_per_run, read_checkpoint
@@ -108,6 +108,21 @@ def test_harden_writes_a_compact_workdir_that_loads_like_a_run(hardened, source_
   assert not np.array_equal(
       pretrained.load(str(out / "reestimated")).variables["batch_stats"]["block_bn"]["expand"][
           "mean"], original["batch_stats"]["block_bn"]["expand"]["mean"])
+
+
+def test_the_signature_study_reads_each_tasks_arg_max_and_largest_xi_from_a_hardening(
+    hardened, source_workdir):
+  out, _ = hardened
+  xi = np.asarray(templates.mixture_weights(templates.task_mixture_logits(
+      surgery.load_run(str(source_workdir)).variables["params"])))
+  rows = {(row["bn_statistics"], row["task"]): row for row in tables.signature_rows(
+      [out / kind for kind in HARDENINGS])}
+  assert len(rows) == 4
+  for (_, task), row in rows.items():
+    index = ["mnist", "mnist_blur"].index(task)  # the model's tasks, sorted
+    assert row["signature"] == (np.argmax(xi[index], -1) + 1).tolist()
+    assert row["mean_max_xi"] == pytest.approx(xi[index].max(-1).mean(), abs=1e-4)
+    assert row["regularizers"] == "none" and row["seed"] == 0
 
 
 def test_harden_refuses_what_it_cannot_use(hardened, source_workdir, tmp_path):

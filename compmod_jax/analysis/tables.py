@@ -2,6 +2,8 @@ r"""Tables over finished runs, from their results.json files.
 
   python -m compmod_jax.analysis.tables transfer workdirs/transfer_* [--task=uci_digits]
   python -m compmod_jax.analysis.tables da workdirs/da_mnist/* --out=workdirs/table3_mnist
+  python -m compmod_jax.analysis.tables domains workdirs/table12/* --out=workdirs/table12
+  python -m compmod_jax.analysis.tables signatures workdirs/signatures/*.hard --out=...
 
 `transfer`: one row per run started from a pretrained checkpoint: xi initialisation, trainable
 set, the new task's test accuracy before and after fine-tuning, the parameters it added to the
@@ -11,6 +13,16 @@ model and the parameters the run trained.
 built like it by configs/common.py) that start from the same target variables; runs of one cell
 with different seeds give their mean and standard deviation. With --out also written as
 table3.md and table3.json in that directory.
+`domains`: the paper's Table 12 layout, each task's test accuracy (rows) per model (columns:
+isometric, compositional half-shared, compositional, ... named from each run's config.model)
+from multi-task runs, plus rows for runs started from one of them (config.init_from) that
+evaluate a new task, e.g. source-only (0 steps) on a domain none of them trained on; mean and
+standard deviation over seeds (the pretraining run's). --out: domains.md and domains.json.
+`signatures`: the single-task signature study, from the output folders of
+`python -m compmod_jax.surgery harden`: per run its regularisers, seed, mixed and hardened test
+accuracy, mean largest mixture weight per layer, hardened signature, and whether that is
+contiguous and progressive (analysis/signatures.py); then per regulariser setting the mean and
+standard deviation over seeds. --out: signatures.md and signatures.json.
 """
 import json
 import sys
@@ -19,10 +31,13 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
+from compmod_jax.analysis import signatures
 from compmod_jax.methods import adaptation as adaptation_methods
 
 flags.DEFINE_string("task", None, "The new task to tabulate (default: each run's only one).")
-flags.DEFINE_string("out", None, "da: directory to write table3.md and table3.json into.")
+flags.DEFINE_string("out", None, "da, domains, signatures: directory to write the table into "
+                    "(Markdown and JSON).")
+MODES = ("transfer", "da", "domains", "signatures")
 FLAGS = flags.FLAGS
 
 
@@ -30,6 +45,13 @@ def read_results(workdir):
   path = epath.Path(workdir) / "results.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: has the run in {workdir} evaluated yet?")
+  return json.loads(path.read_text())
+
+
+def read_config(workdir):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: {workdir} is not a run's workdir.")
   return json.loads(path.read_text())
 
 
@@ -72,8 +94,7 @@ def da_results(workdirs):
   starting points."""
   table, starts = {}, {}
   for workdir in workdirs:
-    results = read_results(workdir)
-    config = json.loads((epath.Path(workdir) / "config.json").read_text())
+    results, config = read_results(workdir), read_config(workdir)
     adaptation = config.get("adaptation") or {}
     if not adaptation.get("method_name") or adaptation["target"] not in results["tasks"]:
       raise ValueError(f"{workdir} is not a domain-adaptation run (its config.json has no "
@@ -82,11 +103,8 @@ def da_results(workdirs):
     method, model = adaptation["method_name"], adaptation["model_name"]
     if config["trainable"] != adaptation_methods.TABLE3_MODELS[model][1]:  # what else trained
       method += f" ({config['trainable']})"
-    seeds = table.setdefault(method, {}).setdefault(model, {})
-    if config["seed"] in seeds:
-      raise ValueError(f"Two runs for method {method!r}, model {model!r} with seed "
-                       f"{config['seed']}; pass one workdir per seed.")
-    seeds[config["seed"]] = results["tasks"][adaptation["target"]]["test_accuracy"]
+    _add_seed(table, method, model, config["seed"],
+              results["tasks"][adaptation["target"]]["test_accuracy"], workdir)
   if len(starts) > 1:
     raise ValueError(f"The runs start from different target variables (config.xi_init: "
                      f"{starts}); make one table per starting point.")
@@ -106,6 +124,23 @@ def _cell(summary):
   return f"{100 * summary['mean']:.2f} ± {100 * summary['std']:.2f} ({len(summary['by_seed'])})"
 
 
+def _add_seed(cells, row, column, seed, accuracy, workdir):
+  seeds = cells.setdefault(row, {}).setdefault(column, {})
+  if seed in seeds:
+    raise ValueError(f"Two runs for {row!r}, {column!r} with seed {seed} ({workdir} is the "
+                     f"second); pass one workdir per seed.")
+  seeds[seed] = accuracy
+
+
+def _write(out, name, markdown, table):
+  if out:
+    out = epath.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown)
+    (out / f"{name}.json").write_text(json.dumps(table, indent=2, sort_keys=True))
+  return markdown
+
+
 def da_table(workdirs, out=None):
   xi_init, runs = da_results(workdirs)
   table = {method: {model: _summary(by_seed) for model, by_seed in row.items()}
@@ -120,23 +155,151 @@ def da_table(workdirs, out=None):
   for method in methods:
     cells = [_cell(table[method][m]) if m in table[method] else "" for m in models]
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  markdown = "\n".join(lines) + "\n"
-  if out:
-    out = epath.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table3.md").write_text(markdown)
-    (out / "table3.json").write_text(json.dumps(
-        {"xi_init": xi_init, "target_test_accuracy": table}, indent=2, sort_keys=True))
-  return markdown
+  return _write(out, "table3", "\n".join(lines) + "\n",
+                {"xi_init": xi_init, "target_test_accuracy": table})
+
+
+def model_name(model):
+  """A column name for a run's config.model, in Table 12's words."""
+  if model["signature"] == "plain":
+    name = "isometric"
+  elif model["signature"] == "mixture":
+    shared = model.get("shared_mixture_layers", 0)
+    name = ("compositional half-shared" if shared and 2 * shared == model["num_layers"] else
+            f"compositional, first {shared} layers' xi shared" if shared else "compositional")
+  else:
+    name = f"signature {model['signature']}"
+  return name + (" + per-task BN" if model["batch_norm"] == "per_task" else "")
+
+
+def domains_results(workdirs):
+  """({row: {model: {seed: test accuracy}}}, {row: {model: {seed: source}}}) of multi-task runs
+  (a row per task) and of runs started from one of them (a row per new task and way it was
+  started; the model and seed are the pretraining run's). The second dict says which source a
+  best_source start copied."""
+  cells, picked = {}, {}
+  for workdir in workdirs:
+    results, config = read_results(workdir), read_config(workdir)
+    start = results.get("init_from")
+    if not start:
+      column, seed = model_name(config["model"]), config["seed"]
+      for task, values in results["tasks"].items():
+        _add_seed(cells, task, column, seed, values["test_accuracy"], workdir)
+      continue
+    pretraining = read_config(epath.Path(start["checkpoint"]).parent.parent)
+    column, seed = model_name(pretraining["model"]), pretraining["seed"]
+    how = ("source-only" if results["step"] == 0 else
+           f"{results['step']} steps of {start['trainable']}")
+    for task, info in start["new_tasks"].items():
+      row = f"{task} {how}, xi from {info['xi_init']}"
+      _add_seed(cells, row, column, seed, results["tasks"][task]["test_accuracy"], workdir)
+      chosen = [source for source, weight in info["coefficients"].items() if weight == 1.0]
+      if info["xi_init"] == "best_source" and chosen:
+        picked.setdefault(row, {}).setdefault(column, {})[seed] = chosen[0]
+  return cells, picked
+
+
+_MODEL_ORDER = ("isometric", "compositional half-shared", "compositional")
+
+
+def domains_table(workdirs, out=None):
+  cells, picked = domains_results(workdirs)
+  table = {row: {model: _summary(by_seed) for model, by_seed in by_model.items()}
+           for row, by_model in cells.items()}
+  models = sorted({model for row in table.values() for model in row},
+                  key=lambda m: (_MODEL_ORDER.index(m) if m in _MODEL_ORDER else
+                                 len(_MODEL_ORDER), m))
+  rows = sorted(table, key=lambda row: (" " in row, row))  # the trained tasks first
+  lines = ["Test accuracy (%) per task and model; a cell of several runs: mean ± standard "
+           "deviation (runs) over the pretraining's seeds.", "",
+           "| task | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+  for row in rows:
+    lines.append(f"| {row} | " + " | ".join(_cell(table[row][m]) if m in table[row] else ""
+                                            for m in models) + " |")
+  for row, by_model in sorted(picked.items()):
+    choices = "; ".join(f"{model}: " + ", ".join(f"seed {seed} {source}" for seed, source in
+                                                 sorted(by_seed.items()))
+                        for model, by_seed in by_model.items())
+    lines += ["", f"{row}: the source each run copied (chosen by target labels): {choices}."]
+  return _write(out, "domains", "\n".join(lines) + "\n",
+                {"test_accuracy": table, "best_source_picked": picked})
+
+
+def regularizer_name(config):
+  weights = config.get("regularizers") or {}
+  parts = []
+  if weights.get("entropy_weight"):
+    parts.append(f"entropy {weights['entropy_weight']:g}")
+  if weights.get("clustering_weight"):
+    parts.append(f"clustering {weights['clustering_weight']:g} "
+                 f"(g={weights.get('clustering_g', 'square')})")
+  return " + ".join(parts) or "none"
+
+
+def signature_rows(hardened_dirs):
+  """One row per hardened run and task: a dict of what the study table shows."""
+  rows = []
+  for directory in hardened_dirs:
+    results, config = read_results(directory), read_config(directory)
+    if results.get("surgery", {}).get("operation") != "harden":
+      raise ValueError(f"{directory} is not the output of `python -m compmod_jax.surgery "
+                       f"harden` (its results.json has no surgery.operation 'harden').")
+    for task, signature in results["signatures"].items():
+      max_xi = results["max_xi"][task]
+      rows.append({
+          "regularizers": regularizer_name(config), "bn_statistics": results["bn_statistics"],
+          "seed": config["seed"], "task": task, "workdir": results["surgery"]["workdir"],
+          "mixed_test_accuracy": results["tasks"][task]["mixed_test_accuracy"],
+          "hardened_test_accuracy": results["tasks"][task]["test_accuracy"],
+          "max_xi": max_xi, "mean_max_xi": float(np.mean(max_xi)), "signature": signature,
+          "contiguous": signatures.is_contiguous(signature),
+          "progressive": signatures.is_progressive(signature)})
+  return sorted(rows, key=lambda r: (r["regularizers"], r["bn_statistics"], r["task"], r["seed"]))
+
+
+def signatures_table(hardened_dirs, out=None):
+  rows = signature_rows(hardened_dirs)
+  lines = ["| regularizers | BN statistics | task | seed | test accuracy, mixed | hardened | "
+           "mean largest xi | largest xi per layer | signature | contiguous | progressive |",
+           "|---|---|---|---:|---:|---:|---:|---|---|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r['regularizers']} | {r['bn_statistics']} | {r['task']} | {r['seed']} | "
+        f"{100 * r['mixed_test_accuracy']:.2f} | {100 * r['hardened_test_accuracy']:.2f} | "
+        f"{r['mean_max_xi']:.2f} | {' '.join(f'{x:.2f}' for x in r['max_xi'])} | "
+        f"{','.join(map(str, r['signature']))} | {'yes' if r['contiguous'] else 'no'} | "
+        f"{'yes' if r['progressive'] else 'no'} |")
+  groups = {}
+  for r in rows:
+    groups.setdefault((r["regularizers"], r["bn_statistics"], r["task"]), []).append(r)
+  summary = {}
+  lines += ["", "| regularizers | BN statistics | task | runs | test accuracy, mixed | hardened "
+            "| mean largest xi | contiguous | progressive |", "|---|---|---|---:|---:|---:|---:|"
+            "---:|---:|"]
+  for (regularizers, bn, task), group in sorted(groups.items()):
+    stats = {key: _summary({r["seed"]: r[key] for r in group}) for key in
+             ("mixed_test_accuracy", "hardened_test_accuracy", "mean_max_xi")}
+    counts = {key: sum(r[key] for r in group) for key in ("contiguous", "progressive")}
+    summary.setdefault(regularizers, {}).setdefault(bn, {})[task] = {**stats, **counts,
+                                                                      "runs": len(group)}
+    mean_xi = stats["mean_max_xi"]
+    lines.append(
+        f"| {regularizers} | {bn} | {task} | {len(group)} | "
+        f"{_cell(stats['mixed_test_accuracy'])} | {_cell(stats['hardened_test_accuracy'])} | "
+        f"{mean_xi['mean']:.2f} ± {mean_xi['std']:.2f} | {counts['contiguous']} of "
+        f"{len(group)} | {counts['progressive']} of {len(group)} |")
+  return _write(out, "signatures", "\n".join(lines) + "\n", {"runs": rows, "summary": summary})
 
 
 def main(argv):
-  if len(argv) < 3 or argv[1] not in ("transfer", "da"):
-    raise app.UsageError("usage: python -m compmod_jax.analysis.tables {transfer,da} WORKDIR...")
+  if len(argv) < 3 or argv[1] not in MODES:
+    raise app.UsageError(f"usage: python -m compmod_jax.analysis.tables {{{','.join(MODES)}}} "
+                         f"WORKDIR...")
   if argv[1] == "transfer":
     sys.stdout.write(transfer_table(argv[2:], FLAGS.task))
   else:
-    sys.stdout.write(da_table(argv[2:], FLAGS.out))
+    table = {"da": da_table, "domains": domains_table, "signatures": signatures_table}[argv[1]]
+    sys.stdout.write(table(argv[2:], FLAGS.out))
 
 
 if __name__ == "__main__":

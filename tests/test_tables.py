@@ -1,0 +1,122 @@
+"""The tables over finished runs that the README's module studies quote
+(compmod_jax/analysis/tables.py): Table 12's layout (`domains`) and the single-task signature
+study (`signatures`), with the signature shapes of analysis/signatures.py."""
+import json
+
+import pytest
+
+from compmod_jax.analysis import signatures, tables
+from configs import digits_multidomain
+
+
+@pytest.mark.parametrize("signature, runs, contiguous, progressive", [
+    ((1, 2, 2, 3, 3, 3, 3, 4), [(1, 1), (2, 2), (3, 4), (4, 1)], True, False),
+    ((1, 2, 2, 3, 3, 3, 4, 4, 4, 4), [(1, 1), (2, 2), (3, 3), (4, 4)], True, True),
+    ((1, 1, 2), [(1, 2), (2, 1)], True, False),
+    ((1, 4, 1, 2, 4, 3, 3, 2), [(1, 1), (4, 1), (1, 1), (2, 1), (4, 1), (3, 2), (2, 1)],
+     False, False),
+    ((3, 3, 3), [(3, 3)], True, True),
+])
+def test_signature_runs_and_shapes(signature, runs, contiguous, progressive):
+  """The paper's regularised example (1,2,2,3,3,3,3,4 begins like its 12-layer one) is
+  contiguous; progressive also needs run lengths that never shrink."""
+  assert signatures.runs(signature) == runs
+  assert signatures.is_contiguous(signature) is contiguous
+  assert signatures.is_progressive(signature) is progressive
+
+
+def write_run(workdir, config, results):
+  workdir.mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps(config))
+  (workdir / "results.json").write_text(json.dumps(results))
+  return workdir
+
+
+def multidomain_run(tmp_path, argument, seed, accuracies):
+  """A finished digits_multidomain run of the config built with `argument`."""
+  config = digits_multidomain.get_config(argument).to_dict()
+  config["seed"] = seed
+  return write_run(tmp_path / f"{argument}_{seed}", config, {
+      "step": 2000, "tasks": {t: {"test_accuracy": a} for t, a in accuracies.items()}})
+
+
+def source_only_run(tmp_path, pretraining, xi_init, accuracy, picked):
+  (pretraining / "checkpoints" / "2000").mkdir(parents=True)
+  coefficients = {domain: float(domain == picked) for domain in ("mnist", "mnist_shear")}
+  return write_run(tmp_path / f"uci_{xi_init}_{pretraining.name}", {"seed": 7}, {
+      "step": 0, "tasks": {"uci_digits": {"test_accuracy": accuracy}},
+      "init_from": {"checkpoint": str(pretraining / "checkpoints" / "2000"),
+                    "trainable": "xi_head_bn", "new_tasks": {"uci_digits": {
+                        "xi_init": xi_init, "coefficients": coefficients}}}})
+
+
+def test_model_columns_are_named_from_each_runs_model_config():
+  names = {argument: tables.model_name(digits_multidomain.get_config(argument).model)
+           for argument in ("setup=simple_baseline", "shared_mixture_layers=4",
+                            "shared_mixture_layers=2", "setup=mixture_patches", "")}
+  assert names == {"setup=simple_baseline": "isometric",
+                   "shared_mixture_layers=4": "compositional half-shared",
+                   "shared_mixture_layers=2": "compositional, first 2 layers' xi shared",
+                   "setup=mixture_patches": "compositional + per-task BN",
+                   "": "compositional"}
+
+
+def test_table12_gives_each_domain_and_the_source_only_target_per_model(tmp_path):
+  domains = "domains=table12"
+  runs = [multidomain_run(tmp_path, f"{domains},setup=simple_baseline", seed,
+                          {"mnist": 0.98 + seed / 100, "mnist_shear": 0.9})
+          for seed in (0, 1)]
+  runs.append(multidomain_run(tmp_path, f"{domains},shared_mixture_layers=4", 0,
+                              {"mnist": 0.97, "mnist_shear": 0.95}))
+  runs += [source_only_run(tmp_path, runs[0], "source:mnist", 0.7, "mnist"),
+           source_only_run(tmp_path, runs[1], "best_source", 0.8, "mnist_shear")]
+  markdown = tables.domains_table(runs, out=tmp_path / "table12")
+  table = json.loads((tmp_path / "table12" / "domains.json").read_text())
+  mnist = table["test_accuracy"]["mnist"]["isometric"]
+  assert mnist["by_seed"] == {"0": 0.98, "1": 0.99}
+  assert (mnist["mean"], mnist["std"]) == pytest.approx((0.985, 0.00707107))
+  # The source-only rows take the model and seed of the run they started from.
+  assert table["test_accuracy"]["uci_digits source-only, xi from best_source"] == {
+      "isometric": {"mean": 0.8, "std": 0.0, "by_seed": {"1": 0.8}}}
+  assert table["best_source_picked"] == {
+      "uci_digits source-only, xi from best_source": {"isometric": {"1": "mnist_shear"}}}
+  assert markdown.splitlines()[2:8] == [
+      "| task | isometric | compositional half-shared |", "|---|---:|---:|",
+      "| mnist | 98.50 ± 0.71 (2) | 97.00 |", "| mnist_shear | 90.00 ± 0.00 (2) | 95.00 |",
+      "| uci_digits source-only, xi from best_source | 80.00 |  |",
+      "| uci_digits source-only, xi from source:mnist | 70.00 |  |"]
+  with pytest.raises(ValueError, match=r"Two runs for 'mnist', 'isometric' with seed 1"):
+    tables.domains_table(runs + [multidomain_run(tmp_path / "again", f"{domains},setup="
+                                                 f"simple_baseline", 1, {"mnist": 0.5})])
+
+
+def hardened_dir(tmp_path, name, seed, regularizers, signature, max_xi, mixed, hardened):
+  """The files `surgery harden` writes that the study reads."""
+  return write_run(tmp_path / name, {"seed": seed, "regularizers": regularizers}, {
+      "surgery": {"operation": "harden", "workdir": f"/runs/{name}", "step": 1000},
+      "bn_statistics": "as trained (mixed model)", "signatures": {"mnist": signature},
+      "max_xi": {"mnist": max_xi}, "tasks": {"mnist": {
+          "mixed_test_accuracy": mixed, "test_accuracy": hardened}}})
+
+
+def test_signature_study_summarises_each_regulariser_over_seeds(tmp_path):
+  none = {"entropy_weight": 0.0, "clustering_weight": 0.0}
+  clustering = {"entropy_weight": 0.0, "clustering_weight": 1e-5, "clustering_g": "square"}
+  dirs = [hardened_dir(tmp_path, "none0", 0, none, [1, 4, 1, 2], [0.5, 0.9, 0.6, 0.8], 0.98,
+                       0.10),
+          hardened_dir(tmp_path, "none1", 1, none, [1, 1, 1, 2], [0.7, 0.9, 0.6, 0.8], 0.96,
+                       0.20),
+          hardened_dir(tmp_path, "clus0", 0, clustering, [1, 2, 2, 2], [1.0] * 4, 0.97, 0.97)]
+  markdown = tables.signatures_table(dirs, out=tmp_path / "study")
+  study = json.loads((tmp_path / "study" / "signatures.json").read_text())
+  summary = study["summary"]["none"]["as trained (mixed model)"]["mnist"]
+  assert summary["runs"] == 2 and summary["contiguous"] == 1 and summary["progressive"] == 0
+  assert summary["mean_max_xi"]["mean"] == pytest.approx((0.7 + 0.75) / 2)
+  assert summary["hardened_test_accuracy"]["by_seed"] == {"0": 0.10, "1": 0.20}
+  clustered = study["summary"]["clustering 1e-05 (g=square)"]["as trained (mixed model)"]
+  assert clustered["mnist"]["progressive"] == 1
+  assert ("| clustering 1e-05 (g=square) | as trained (mixed model) | mnist | 0 | 97.00 | 97.00 "
+          "| 1.00 | 1.00 1.00 1.00 1.00 | 1,2,2,2 | yes | yes |") in markdown
+  with pytest.raises(ValueError, match=r"is not the output of `python -m compmod_jax.surgery "
+                                       r"harden`"):
+    tables.signatures_table([write_run(tmp_path / "plain", {"seed": 0}, {"tasks": {}})])
