@@ -1,9 +1,37 @@
 """What the command-line entry points (main, plan, surgery) share."""
+import difflib
 import logging as python_logging
 import os
 import sys
 
-from absl import logging
+import ml_collections
+from absl import app, flags, logging
+
+from compmod_jax.train import checkpoint, nonfinite
+
+
+# What a run can fail with because of what the user gave it (a config, a workdir, a dataset, a
+# checkpoint) or what happened to it (NaNs, corruption): reported as one line, the message
+# that says what to change, unless --traceback asks where it was raised. Anything else is a
+# bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+               nonfinite.NonFiniteError, checkpoint.CorruptCheckpointError)
+
+flags.DEFINE_bool("traceback", False, "On an error, also show where it was raised.")
+
+
+def report_user_errors(command, run):
+  """Calls run(); a USER_ERRORS exception ends the process with one line naming `command` and
+  the message (exit code 1), and Ctrl-C during training with exit code 130."""
+  try:
+    return run()
+  except KeyboardInterrupt:
+    sys.exit(130)
+  except USER_ERRORS as error:
+    if flags.FLAGS.traceback:
+      raise
+    logging.flush()
+    sys.exit(f"{command}: {type(error).__name__}: {error}")
 
 
 def make_config_folder_importable(argv):
@@ -32,3 +60,37 @@ class _QuietLibraries(python_logging.Filter):
 def quiet_library_logs():
   """Keeps a command's log readable: see _QuietLibraries."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def parse_flags(argv):
+  """absl's flag parsing (app.run's flags_parser), except that a config override naming no
+  field of the config (`--config.optimizer.lr=0.1`) is one line naming the field and the
+  fields that are there, instead of a traceback from inside ml_collections."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    sys.exit(f"FATAL Flags parsing error: {unknown_override(argv) or error}")
+
+
+def unknown_override(argv):
+  """What is wrong with the first `--config.<path>=` argument whose path the loaded config
+  lacks, or None."""
+  config_file = next((arg.partition("=")[2] for arg in argv if arg.startswith("--config=")),
+                     None)
+  if not config_file:
+    return None
+  config = flags.FLAGS["config"].parser.parse(config_file)  # the file's config, unchanged
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].partition("=")[0]
+    node, walked = config, "config"
+    for part in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        fields = sorted(node) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(part, fields, n=1)
+        return (f"--config.{path}: {walked} has no field {part!r}"
+                + (f"; did you mean {walked}.{close[0]}?" if close else
+                   f"; its fields are {fields}."))
+      node, walked = node[part], f"{walked}.{part}"
+  return None

@@ -47,7 +47,8 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  results = cli.report_user_errors(
+      "compmod_jax.main", lambda: loop.train_and_evaluate(FLAGS.config, FLAGS.workdir))
   if results:
     for task, values in sorted(results["tasks"].items()):
       logging.info("final %s test accuracy: %.4f", task, values["test_accuracy"])
@@ -56,7 +57,7 @@ def main(argv):
 def run():
   """Console-script entry point (`compmod`)."""
   cli.make_config_folder_importable(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def lower(config):
   """(the train step lowered for the config's real shapes on this process's devices, the
   abstract train state). Validates the config first; reads no data."""
   try:
-    validation.validate(config)
+    validation.validate(config, check_memory=False)  # XLA's estimate below is the check
   except ValueError as error:
     raise PlanError(f"{error}") from error
   model = start.model_for(config, {**source_tasks(config), **task_classes(config)})
@@ -178,7 +178,7 @@ def main(argv):
 
 def run():
   cli.make_config_folder_importable(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ splits; the tests refuse a config that reads one a dataset lacks).
 from compmod_jax.methods import multitask
 from compmod_jax.train import defaults
 
-DATASETS = ("imagenet2012", "cifar100", "places365_small", "sun397", "food101")
+DATASETS = ("imagenet2012", "cifar100", "places365_small", "sun397/tfds", "food101")
+TASKS = {dataset.split("/")[0]: dataset for dataset in DATASETS}  # sun397's task: "sun397"
 ARGUMENTS = {"setup": "mixture", "K": 32, "diag": 0, "tiny": 0}
 
 
 def get_config(arg=None):
   args = defaults.parse_argument(arg, ARGUMENTS)
   config = defaults.base_config()
-  config.tasks = {name: defaults.task(name) for name in DATASETS}
+  config.tasks = {task: defaults.task(dataset) for task, dataset in TASKS.items()}
   config.data.eval_split = "validation"
   config.tasks.cifar100.eval_split = "test"  # it has no validation split
   config.data.image_size = 224

@@ -155,11 +155,11 @@ def test_natural5_then_its_table2_transfer_run_under_mock_data(tmp_path):
   with mock_datasets(natural5.DATASETS + ("stanford_dogs",), data_dir, 16):
     pretrained = loop.train_and_evaluate(pretrain, config.init_from)
     results = loop.train_and_evaluate(config, str(tmp_path / "dogs"))
-  assert set(pretrained["tasks"]) == set(natural5.DATASETS)
+  assert set(pretrained["tasks"]) == set(natural5.TASKS)
   assert all(r["test_examples"] == 16 for r in pretrained["tasks"].values())
   dogs = results["tasks"]["stanford_dogs"]
   assert dogs["test_examples"] == 16 and "accuracy_before_finetune" in dogs
   assert results["init_from"]["new_tasks"]["stanford_dogs"]["coefficients"] == {
-      task: float(task == "imagenet2012") for task in natural5.DATASETS}
+      task: float(task == "imagenet2012") for task in natural5.TASKS}
   assert natural5.get_config("diag=1").model.mixture_init == "diagonal"
   assert natural5.get_config("K=16").model.num_templates == 16

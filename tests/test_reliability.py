@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorstore as ts
 
 from compmod_jax.data import pipeline
-from compmod_jax.train import checkpoint, loop, nonfinite, steps
+from compmod_jax.train import checkpoint, loop, nonfinite, pretrained, steps
 from helpers import REPO, built_once_per_run, free_port, read_checkpoint, subprocess_env
 from helpers import tiny_digits
 
@@ -176,6 +176,39 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resume_loses_nothing(
   results = loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
   assert results["step"] == TOTAL_STEPS
   assert_same_state(saved_state(workdir), reference[1])
+
+
+STOP_AT_ONCE = {
+    "sigint_in_start_up": ("stuck_startup", "STUCK", (signal.SIGINT,), 128 + signal.SIGINT,
+                           "SIGINT before the first training step: stopping now."),
+    "second_sigterm_in_start_up": (
+        "stuck_startup", "STUCK", (signal.SIGTERM, signal.SIGTERM), 128 + signal.SIGTERM,
+        "Second SIGTERM: stopping now without saving"),
+    "sigint_in_training": ("announce", "STEP 3", (signal.SIGINT,), 128 + signal.SIGINT,
+                           "SIGINT: stopping now; rerun the same command to resume"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(STOP_AT_ONCE))
+def test_ctrl_c_or_a_second_sigterm_stops_the_run_within_seconds_leaving_nothing_half_written(
+    tmp_path, start_run, case):
+  """Even blocked in native code, where Python runs no signal handler (stuck_startup: libc's
+  sleep). The first SIGTERM there only asks for a save after the first step."""
+  hook, ready, signals, exit_code, message = STOP_AT_ONCE[case]
+  workdir = tmp_path / "work"
+  run = start_run(workdir, hook)
+  run.wait_for(ready)
+  for signum in signals:
+    run.send(signum)
+    time.sleep(0.5)
+  assert run.finish(timeout=10) == exit_code, run.output()[-3000:]
+  assert message in run.output()
+  if hook == "stuck_startup":  # the log ends on why the run stopped
+    assert message in run.output().rstrip().splitlines()[-1]
+  assert not half_written(workdir)
+  json.loads((workdir / "config.json").read_text())  # complete
+  assert set(committed_steps(workdir)) <= {2}  # nothing but what was saved before the signal
 
 
 @pytest.mark.slow
@@ -503,6 +536,148 @@ BAD_CONFIGS = {
     "unknown_corrupt_policy": ({"on_corrupt_checkpoint": "ignore"}, ValueError,
                                r"config\.on_corrupt_checkpoint must be one of \('fall_back', "
                                r"'refuse'\)"),
+    # Names and choices.
+    "dataset_without_its_config": (
+        {"tasks.mnist.dataset": "embedded_digits"}, ValueError,
+        r"Dataset 'embedded_digits' has 7 configs; name one, as 'embedded_digits/<config>' with "
+        r"<config> one of \['mnist', "),
+    "empty_dataset_name": ({"tasks.mnist.dataset": ""}, ValueError,
+                           r"config\.tasks\.mnist\.dataset must name a TFDS dataset"),
+    "no_tasks": ({"tasks": {}}, ValueError, r"config\.tasks is empty"),
+    "unknown_method": ({"method": "mmd"}, ValueError,
+                       r"config\.method must be one of \('adversarial', 'moment_matching', "
+                       r"'supervised'\), got 'mmd'"),
+    "unknown_trainable_preset": ({"trainable": "everything"}, ValueError,
+                                 r"config\.trainable must be one of \('xi', .* got 'everything'"),
+    "trainable_subset_of_a_fresh_model": ({"trainable": "xi"}, ValueError,
+                                          r"config\.trainable='xi' freezes the rest of a "
+                                          r"freshly initialised model; set config\.init_from"),
+    "unknown_design": ({"model.design": "huge"}, ValueError,
+                       r"config\.model\.design must be one of \('small', 'large'\), got 'huge'"),
+    "unknown_activation": ({"model.activation": "tanh"}, ValueError,
+                           r"config\.model\.activation must be one of \('relu'"),
+    "unknown_batch_norm": ({"model.batch_norm": "group"}, ValueError,
+                           r"config\.model\.batch_norm must be one of \('per_layer'"),
+    "unknown_input_adapter": ({"model.input_adapter": "none"}, ValueError,
+                              r"config\.model\.input_adapter must be one of \('shared'"),
+    "unknown_layer_iteration": ({"model.layer_iteration": "unroll"}, ValueError,
+                                r"config\.model\.layer_iteration must be one of \('auto'"),
+    "unknown_conv_impl": ({"model.conv_impl": "cudnn"}, ValueError,
+                          r"config\.model\.conv_impl must be one of \('shifted'"),
+    "unknown_mixture_init": ({"model.mixture_init": "ones"}, ValueError,
+                             r"config\.model\.mixture_init must be one of \('normal'"),
+    "unknown_schedule": ({"optimizer.schedule": "step"}, ValueError,
+                         r"config\.optimizer\.schedule must be one of \('constant'"),
+    "unknown_clustering_g": ({"regularizers.clustering_g": "cube"}, ValueError,
+                             r"config\.regularizers\.clustering_g must be one of \("),
+    "unknown_augmentation": ({"data.augment": "rotate"}, ValueError,
+                             r"config\.data\.augment='rotate'; use one of \('none'"),
+    "unknown_normalization": ({"data.normalization": "zscore"}, ValueError,
+                              r"config\.data\.normalization='zscore'; use one of"),
+    "two_channels": ({"data.channels": 2}, ValueError, r"config\.data\.channels=2; use one of"),
+    "task_name_with_slash": ({"tasks": {"a/b": {"dataset": "embedded_digits/mnist"}}},
+                             ValueError, r"Task name 'a/b' may not contain '/'"),
+    # Splits.
+    "split_the_dataset_lacks": ({"data.train_split": "validation"}, ValueError,
+                                r"Task 'mnist' reads train_split='validation' .* has no split "
+                                r"'validation'; its splits are \['test', 'train'\]"),
+    "split_that_does_not_parse": ({"data.eval_split": "test[:abc]"}, ValueError,
+                                  r"config\.data\.eval_split='test\[:abc\]' is not a TFDS "
+                                  r"split"),
+    # Sizes and counts.
+    "batch_size_zero": ({"batch_size": 0}, ValueError,
+                        r"config\.batch_size must be a positive integer, got 0"),
+    "eval_batch_size_negative": ({"eval_batch_size": -8}, ValueError,
+                                 r"config\.eval_batch_size must be a positive integer"),
+    "log_every_zero": ({"log_every": 0}, ValueError, r"config\.log_every must be a positive"),
+    "eval_every_zero": ({"eval_every": 0}, ValueError, r"config\.eval_every must be a positive"),
+    "checkpoint_every_zero": ({"checkpoint_every": 0}, ValueError,
+                              r"config\.checkpoint_every must be a positive"),
+    "keep_no_checkpoint": ({"keep_checkpoints": 0}, ValueError,
+                           r"config\.keep_checkpoints must be a positive"),
+    "negative_total_steps": ({"total_steps": -1}, ValueError,
+                             r"config\.total_steps must be a positive integer"),
+    "zero_steps_of_a_fresh_model": ({"total_steps": 0}, ValueError,
+                                    r"0 only evaluates a model started from config\.init_from"),
+    "zero_layers": ({"model.num_layers": 0}, ValueError,
+                    r"config\.model\.num_layers must be a positive integer, got 0"),
+    "zero_expansion": ({"model.expansion": 0}, ValueError,
+                       r"config\.model\.expansion must be a positive integer, got 0"),
+    "zero_patch_size": ({"model.patch_size": 0}, ValueError,
+                        r"config\.model\.patch_size must be a positive integer, got 0"),
+    "zero_scan_unroll": ({"model.scan_unroll": 0}, ValueError,
+                         r"config\.model\.scan_unroll must be a positive integer, got 0"),
+    "explicit_template_beyond_K": (
+        {"model.signature": "explicit", "model.explicit_signature": "1,2,5,1"}, ValueError,
+        r"explicit_signature entries are 1-based template indices in 1\.\.2, got \(1, 2, 5, 1\)"),
+    "every_layers_xi_shared": ({"model.shared_mixture_layers": 4}, ValueError,
+                               r"config\.model\.shared_mixture_layers must be in 0\.\.3"),
+    "zero_shuffle_buffer": ({"data.shuffle_buffer": 0}, ValueError,
+                            r"config\.data\.shuffle_buffer must be a positive integer"),
+    "negative_image_size": ({"data.image_size": -28}, ValueError,
+                            r"config\.data\.image_size must be a positive integer"),
+    "one_class_subset": ({"data.most_frequent_classes": 1}, ValueError,
+                         r"config\.data\.most_frequent_classes=1; use 0 to keep all classes"),
+    "mesh_of_another_device_count": ({"mesh_shape": (3,)}, ValueError,
+                                     r"config\.mesh_shape=\(3,\) must be \(-1,\) or \(8,\)"),
+    # Memory that cannot fit: refused from the shapes instead of compiling for minutes.
+    "depth_multiplier_1000": ({"model.depth_multiplier": 1000.0}, ValueError,
+                              r"One training step needs at least [\d,.]+ GiB per device "
+                              r"\(estimated from the shapes"),
+    "expansion_100000": ({"model.expansion": 100_000}, ValueError,
+                         r"One training step needs at least [\d,.]+ GiB per device"),
+    "a_million_layers": ({"model.num_layers": 1_000_000, "batch_size": 256}, ValueError,
+                         r"through 1000000 layers .* Lower config\.batch_size, "
+                         r"config\.model\.num_layers"),
+    # Numbers outside their interval (validation.NUMBER_RANGES).
+    "ema_decay_of_one": ({"ema_decay": 1.0}, ValueError,
+                         r"config\.ema_decay must be in \[0, 1\), got 1\.0"),
+    "ema_decay_nan": ({"ema_decay": float("nan")}, ValueError,
+                      r"config\.ema_decay must be a finite number in \[0, 1\), got nan"),
+    "infinite_learning_rate": ({"optimizer.learning_rate": float("inf")}, ValueError,
+                               r"learning_rate must be a finite number in \(0, infinity\), "
+                               r"got inf"),
+    "negative_warmup": ({"optimizer.warmup_steps": -1}, ValueError,
+                        r"config\.optimizer\.warmup_steps must be in \[0, infinity\)"),
+    "zero_decay_rate": ({"optimizer.decay_rate": 0.0}, ValueError,
+                        r"config\.optimizer\.decay_rate must be in \(0, 1\]"),
+    "momentum_of_one": ({"optimizer.momentum": 1.0}, ValueError,
+                        r"config\.optimizer\.momentum must be in \[0, 1\)"),
+    "negative_rmsprop_decay": ({"optimizer.rmsprop_decay": -0.1}, ValueError,
+                               r"config\.optimizer\.rmsprop_decay must be in \[0, 1\)"),
+    "zero_eps": ({"optimizer.eps": 0.0}, ValueError,
+                 r"config\.optimizer\.eps must be in \(0, infinity\)"),
+    "adam_b2_of_one": ({"optimizer.adam_b2": 1.0}, ValueError,
+                       r"config\.optimizer\.adam_b2 must be in \[0, 1\)"),
+    "negative_weight_decay": ({"optimizer.weight_decay": -1e-5}, ValueError,
+                              r"config\.optimizer\.weight_decay must be in \[0, infinity\)"),
+    "negative_grad_clip": ({"optimizer.grad_clip_norm": -1.0}, ValueError,
+                           r"config\.optimizer\.grad_clip_norm must be in \[0, infinity\)"),
+    "zero_se_ratio": ({"model.se_ratio": 0.0}, ValueError,
+                      r"config\.model\.se_ratio must be in \(0, 1\]"),
+    "negative_mixture_init_scale": ({"model.mixture_init_scale": -1.0}, ValueError,
+                                    r"config\.model\.mixture_init_scale must be in \[0, "),
+    "bn_momentum_of_one": ({"model.bn_momentum": 1.0}, ValueError,
+                           r"config\.model\.bn_momentum must be in \[0, 1\)"),
+    "negative_dropout": ({"model.dropout_rate": -0.1}, ValueError,
+                         r"config\.model\.dropout_rate must be in \[0, 1\)"),
+    "negative_entropy_weight": ({"regularizers.entropy_weight": -1.0}, ValueError,
+                                r"config\.regularizers\.entropy_weight must be in \[0, "),
+    "clustering_weight_nan": ({"regularizers.clustering_weight": float("nan")}, ValueError,
+                              r"clustering_weight must be a finite number in \[0, infinity\)"),
+    "zero_sampling_weight": ({"tasks.mnist.sampling_weight": 0.0}, ValueError,
+                             r"config\.tasks\.mnist\.sampling_weight must be in \(0, "),
+    # Start-up paths that need a trained model.
+    "init_from_nothing": ({"init_from": "/nonexistent/run"}, pretrained.PretrainedCheckpointError,
+                          r"config\.init_from='/nonexistent/run' is neither a workdir"),
+    "growth_without_init_from": ({"transfer.add_templates": 1}, ValueError,
+                                 r"config\.transfer\.add_templates=1 grows a trained model: set "
+                                 r"config\.init_from"),
+    "deltas_without_init_from": ({"deltas": ("/a/delta",)}, ValueError,
+                                 r"config\.deltas apply to a base checkpoint: set "
+                                 r"config\.init_from"),
+    "save_delta_without_init_from": ({"save_delta": True}, ValueError,
+                                     r"config\.save_delta=True writes what a run changed"),
 }
 
 

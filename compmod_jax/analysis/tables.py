@@ -42,17 +42,22 @@ FLAGS = flags.FLAGS
 
 
 def read_results(workdir):
-  path = epath.Path(workdir) / "results.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: has the run in {workdir} evaluated yet?")
-  return json.loads(path.read_text())
+  return _read_json(epath.Path(workdir) / "results.json",
+                    f"has the run in {workdir} evaluated yet?")
 
 
 def read_config(workdir):
-  path = epath.Path(workdir) / "config.json"
+  return _read_json(epath.Path(workdir) / "config.json", f"{workdir} is not a run's workdir.")
+
+
+def _read_json(path, missing_hint):
   if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: {workdir} is not a run's workdir.")
-  return json.loads(path.read_text())
+    raise FileNotFoundError(f"{path} does not exist: {missing_hint}")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not complete JSON ({error}); is its run still writing it? "
+                     f"Leave that workdir out or wait for the run.") from None
 
 
 def transfer_rows(workdirs, task=None):
@@ -296,10 +301,12 @@ def main(argv):
     raise app.UsageError(f"usage: python -m compmod_jax.analysis.tables {{{','.join(MODES)}}} "
                          f"WORKDIR...")
   if argv[1] == "transfer":
-    sys.stdout.write(transfer_table(argv[2:], FLAGS.task))
+    make = lambda: transfer_table(argv[2:], FLAGS.task)
   else:
     table = {"da": da_table, "domains": domains_table, "signatures": signatures_table}[argv[1]]
-    sys.stdout.write(table(argv[2:], FLAGS.out))
+    make = lambda: table(argv[2:], FLAGS.out)
+  from compmod_jax import cli  # the tool layer, as in analysis/perturb.py
+  sys.stdout.write(cli.report_user_errors(f"compmod_jax.analysis.tables {argv[1]}", make))
 
 
 if __name__ == "__main__":

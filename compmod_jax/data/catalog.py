@@ -34,8 +34,8 @@ CATALOG = {
     "places365_small": DatasetFacts(
         {"train": 1_803_460, "validation": 36_500, "test": 328_500}, 365, (256, 256, 3),
         unlabelled_splits=("test",)),
-    "sun397": DatasetFacts({"train": 76_128, "validation": 10_875, "test": 21_750}, 397,
-                           (None, None, 3)),  # the default config, "sun397/tfds"
+    "sun397/tfds": DatasetFacts({"train": 76_128, "validation": 10_875, "test": 21_750}, 397,
+                                (None, None, 3)),
     "food101": DatasetFacts({"train": 75_750, "validation": 25_250}, 101, (None, None, 3)),
     # Transfer targets (Tables 2, 10).
     "stanford_dogs": DatasetFacts({"train": 12_000, "test": 8_580}, 120, (None, None, 3)),
@@ -72,12 +72,9 @@ CATALOG["embedded_digits/uci_digits"] = DatasetFacts({"train": 1_438, "test": 35
 
 
 def facts(name) -> Optional[DatasetFacts]:
-  """The recorded facts of TFDS dataset `name` (with or without its default config, e.g.
-  'sun397' or 'sun397/tfds'), or None for a dataset not in the catalog."""
-  if name in CATALOG:
-    return CATALOG[name]
-  base, _, config = name.partition("/")
-  return CATALOG.get(base) if config == "tfds" and base == "sun397" else None
+  """The recorded facts of TFDS dataset `name` ('cifar100', 'sun397/tfds'), or None for a
+  dataset not in the catalog."""
+  return CATALOG.get(name)
 
 
 def split_problem(name, split):

@@ -139,12 +139,18 @@ def dataset_builder(name, data_dir=None):
   if image_folder.is_folder_name(name):
     return image_folder.ImageFolderDataset(name[len(image_folder.PREFIX):], data_dir=data_dir)
   try:
-    return tfds.builder(name, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
     raise DatasetNotFoundError(
         f"'{name}' is not a TFDS dataset. Use a TFDS name such as 'cifar100' or "
         f"'mnist_corrupted/shear', or 'embedded_digits/<config>' with a config in "
         f"{[config.name for config in embedded_digits.EmbeddedDigits.BUILDER_CONFIGS]}.") from error
+  configs = [config.name for config in type(builder).BUILDER_CONFIGS or ()]
+  if len(configs) > 1 and "/" not in name.partition(":")[0]:
+    # TFDS would silently read its first config: another dataset than the user may think.
+    raise ValueError(f"Dataset '{name}' has {len(configs)} configs; name one, as "
+                     f"'{builder.name}/<config>' with <config> one of {configs}.")
+  return builder
 
 
 def _not_prepared_message(builder, name, data_dir):
@@ -279,12 +285,30 @@ def check_data_config(data_config):
     _check_choice(field, data_config[field], allowed)
   _check_choice("label_map", data_config.get("label_map", "identity"), tuple(LABEL_MAPS))
   _check_class_subset_fields(data_config)
+  for field in ("train_split", "eval_split"):
+    try:
+      tfds.core.ReadInstruction.from_spec(data_config[field])
+    except (ValueError, AssertionError) as error:
+      raise ValueError(f"config.data.{field}={data_config[field]!r} is not a TFDS split: "
+                       f"{str(error).splitlines()[0]} (e.g. 'train', 'train[:90%]', "
+                       f"'train[:1000]+validation').") from None
+  if not _is_int(data_config.shuffle_buffer) or data_config.shuffle_buffer < 1:
+    raise ValueError(f"config.data.shuffle_buffer must be a positive integer (1 = no "
+                     f"shuffling), got {data_config.shuffle_buffer!r}")
+  if data_config.image_size is not None and (not _is_int(data_config.image_size)
+                                             or data_config.image_size < 0):
+    raise ValueError(f"config.data.image_size must be a positive integer (or None or 0 to keep "
+                     f"the dataset's own size), got {data_config.image_size!r}")
+
+
+def _is_int(value):
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_class_subset_fields(data_config):
   """The class subset's errors that need no data and no dataset metadata."""
   k = data_config.most_frequent_classes
-  if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k == 1:
+  if not _is_int(k) or k < 0 or k == 1:
     raise ValueError(f"config.data.most_frequent_classes={k!r}; use 0 to keep all classes or "
                      f"an int k >= 2 to keep the k most frequent (one class is no task).")
   datasets = data_config.class_frequency_datasets

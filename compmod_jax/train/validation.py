@@ -3,13 +3,14 @@ is compiled. It checks the training fields itself and calls each part's own chec
 method's (registry.Method.check_config), the optimizer's, transfer's, the multi-task batch
 shares, each task's data config and the model spec, then that something trains."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 from etils import epath
 
 from compmod_jax.data import catalog, image_folder, pipeline
-from compmod_jax.methods import growth, multitask, registry, transfer
+from compmod_jax.methods import growth, multitask, registry, regularizers, transfer
 from compmod_jax.train import context, deltas, optim, start
 
 ON_CORRUPT_CHECKPOINT = ("fall_back", "refuse")
@@ -49,10 +50,12 @@ NUMBER_RANGES = {
 TASK_NUMBER_RANGES = {"weight": (0, INF, False, False), "sampling_weight": (0, INF, False, False)}
 
 
-def validate(config):
-  """Raises a ValueError naming the first bad field (a pretraining config first)."""
+def validate(config, check_memory=True):
+  """Raises a ValueError naming the first bad field (a pretraining config first).
+  check_memory=False skips the check against this machine's memory (`plan` sizes a step for
+  other devices)."""
   if config.get("pretrain"):
-    validate(config.pretrain)
+    validate(config.pretrain, check_memory)
   device_count = jax.device_count()
   _check_numbers(config)
   _check_training(config, device_count)
@@ -85,6 +88,53 @@ def validate(config):
   images = jnp.zeros((1, side, side, config.data.channels), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   optim.check_trainable(params, config, model.spec, method)
+  if check_memory:
+    _check_memory(config, model.spec, params, device_count)
+
+
+def memory_lower_bound(config, spec, params, device_count):
+  """(bytes per device, {part: bytes}): what one training step holds at the least, from the
+  shapes alone. The parameters three times at least (values, gradients, one optimizer moment)
+  plus the EMA copy; the activations a step keeps for its backward pass: per example and layer
+  at least the block's input and its expanded and depthwise outputs (side x side x (width +
+  2 expanded) floats). XLA's real figure (`python -m compmod_jax.plan`) is higher, often
+  several times: this only catches runs that cannot possibly fit."""
+  parameter_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+  copies = 3 + (config.ema_decay > 0)
+  side = -(-(config.data.image_size or 4 * spec.patch_size) // spec.patch_size)
+  per_example = side * side * (spec.width + 2 * spec.expanded) * spec.num_layers * 4
+  examples = max(1, config.batch_size // device_count)
+  parts = {"parameters": copies * parameter_bytes, "activations": examples * per_example}
+  return sum(parts.values()), parts
+
+
+def device_memory_bytes():
+  """(bytes, what they are) one device can use: an accelerator's own limit, or on CPU the
+  host's RAM shared by the local (possibly simulated) devices."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return stats["bytes_limit"], f"{jax.local_devices()[0].device_kind} memory"
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return ram // jax.local_device_count(), (f"this host's RAM shared by "
+                                           f"{jax.local_device_count()} CPU device(s)")
+
+
+def _check_memory(config, spec, params, device_count):
+  """Refuses a model or batch that cannot fit in memory, instead of compiling for minutes and
+  dying of an allocation error (or swapping) later."""
+  needed, parts = memory_lower_bound(config, spec, params, device_count)
+  available, where = device_memory_bytes()
+  if needed > available:
+    gib = {name: value / 2**30 for name, value in parts.items()}
+    raise ValueError(
+        f"One training step needs at least {needed / 2**30:,.1f} GiB per device (estimated "
+        f"from the shapes: parameters with their gradients, EMA and optimizer state "
+        f"{gib['parameters']:,.1f} GiB, activations {gib['activations']:,.1f} GiB for "
+        f"{max(1, config.batch_size // device_count)} examples per device through "
+        f"{spec.num_layers} layers of {spec.expanded} expanded channels), more than the "
+        f"{available / 2**30:,.1f} GiB of {where}. Lower config.batch_size, "
+        f"config.model.num_layers, depth_multiplier or expansion (`python -m compmod_jax.plan` "
+        f"gives XLA's own estimate).")
 
 
 def _check_batch_fits(task, data_config, batch_size):
@@ -160,6 +210,14 @@ def _check_training(config, device_count):
   if config.max_nonfinite_skips < 0:
     raise ValueError(f"config.max_nonfinite_skips must be >= 0 (0 stops at the first NaN/Inf), "
                      f"got {config.max_nonfinite_skips}")
+  mesh_shape = tuple(config.mesh_shape)
+  if len(mesh_shape) != 1 or mesh_shape[0] not in (-1, device_count):
+    raise ValueError(f"config.mesh_shape={mesh_shape} must be (-1,) or ({device_count},): one "
+                     f"data-parallel axis over all {device_count} devices.")
+  if config.regularizers.clustering_g not in regularizers.CLUSTERING_G:
+    raise ValueError(f"config.regularizers.clustering_g must be one of "
+                     f"{tuple(regularizers.CLUSTERING_G)}, got "
+                     f"{config.regularizers.clustering_g!r}")
   if config.on_corrupt_checkpoint not in ON_CORRUPT_CHECKPOINT:
     raise ValueError(f"config.on_corrupt_checkpoint must be one of {ON_CORRUPT_CHECKPOINT}, got "
                      f"{config.on_corrupt_checkpoint!r}")
