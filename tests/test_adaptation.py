@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from compmod_jax.analysis import tables
 from compmod_jax.methods import adaptation, registry
-from compmod_jax.train import context, defaults, loop, report, start, steps
+from compmod_jax.train import context, defaults, loop, report, start, steps, validation
 from configs import digits_da, domainnet_da
 from mock_tfds import labelled_mock_dataset, write_mock_metadata
 
@@ -238,6 +238,11 @@ def test_bad_adaptation_configs_fail_with_clear_errors(embedded_dir, source_work
   with pytest.raises(ValueError, match=r"Config argument model='isometric' must be one of "
                                        r"\('compositional', 'plain'\)\.$"):
     digits_da.get_config("model=isometric")
+  config = tiny_da(embedded_dir, source_workdir, "adversarial")
+  config.adaptation.discriminator_channels = 0
+  with pytest.raises(ValueError, match=r"config\.adaptation\.discriminator_channels must be a "
+                                       r"positive integer, got 0"):
+    validation.validate(config)
 
 
 @pytest.mark.slow

@@ -363,6 +363,45 @@ def test_corrupt_checkpoint_with_refuse_policy_stops_and_changes_nothing(
   assert not (workdir / "corrupt_checkpoints").exists()
 
 
+# name -> (command-line flags after the config's, the last line the user sees)
+CLI_MISTAKES = {
+    "override_of_a_missing_field": (
+        ("--config.optimizer.lr=0.1",),
+        r"^FATAL Flags parsing error: --config\.optimizer\.lr: config\.optimizer has no field "
+        r"'lr'; its fields are \["),
+    "processes_without_a_coordinator": (
+        ("--num_processes=2",), r"--num_processes and --process_id need --coordinator_address"),
+    "empty_workdir": (("--workdir=",), r"^compmod_jax\.main: ValueError: --workdir is empty"),
+    "model_that_cannot_fit": (("--config.model.depth_multiplier=1000",),
+                              r"^compmod_jax\.main: ValueError: One training step needs at least "
+                              r"[\d,.]+ GiB per device"),
+    "damaged_checkpoint_refused": (
+        ("--config.on_corrupt_checkpoint=refuse",),
+        r"^config\.on_corrupt_checkpoint='refuse', so nothing was changed\. Set it to "
+        r"'fall_back'"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CLI_MISTAKES))
+def test_the_command_line_ends_on_one_line_saying_what_to_change(embedded_dir, reference,
+                                                                 tmp_path, case):
+  """No traceback (--traceback asks for it) and no background-thread noise after it."""
+  flags, last_line = CLI_MISTAKES[case]
+  workdir = copy_of(reference[0], tmp_path)
+  truncate(largest_array_file(workdir / "checkpoints" / "8"))
+  started = time.time()
+  result = subprocess.run(
+      [sys.executable, "-m", "compmod_jax.main", "--config=configs/digits.py:tiny",
+       f"--workdir={workdir}", f"--config.data.data_dir={embedded_dir}",
+       *(f"--config.{key}={value}" for key, value in FAULT_RUN.items()), *flags],
+      cwd=REPO, env=driver_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert time.time() - started < 60
+  assert re.search(last_line, result.stderr.rstrip().splitlines()[-1]), result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+
+
 def test_when_every_checkpoint_is_corrupt_the_run_stops_and_moves_nothing(
     embedded_dir, reference, tmp_path):
   workdir = copy_of(reference[0], tmp_path)

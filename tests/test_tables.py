@@ -120,3 +120,11 @@ def test_signature_study_summarises_each_regulariser_over_seeds(tmp_path):
   with pytest.raises(ValueError, match=r"is not the output of `python -m compmod_jax.surgery "
                                        r"harden`"):
     tables.signatures_table([write_run(tmp_path / "plain", {"seed": 0}, {"tasks": {}})])
+
+
+def test_a_half_written_results_file_is_one_line_naming_it(tmp_path):
+  run = write_run(tmp_path / "running", {"seed": 0}, {})
+  (run / "results.json").write_text('{"tasks": {"mnist": ')
+  with pytest.raises(ValueError, match=r"running/results\.json is not complete JSON \(.*\); is "
+                                       r"its run still writing it\?"):
+    tables.domains_table([run])

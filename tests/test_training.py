@@ -1,5 +1,6 @@
 """The training loop, optimizer groups, regularisers and checkpoints (issue: training)."""
 import functools
+import importlib
 import json
 import os
 
@@ -209,6 +210,20 @@ def test_missing_dataset_fails_before_heavy_work_naming_it(tmp_path, no_heavy_wo
   config.tasks.mnist.dataset = "cifar100"
   with pytest.raises(pipeline.DatasetNotFoundError, match=r"cifar100.*empty"):
     loop.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def test_an_override_of_a_field_the_config_lacks_names_it_and_what_is_there():
+  from compmod_jax import cli
+  importlib.import_module("compmod_jax.main")  # defines --config
+  config_file = "--config=configs/digits.py:tiny"
+  assert cli.unknown_override(["main", config_file, "--config.optimizer.lr=0.1"]) == (
+      "--config.optimizer.lr: config.optimizer has no field 'lr'; its fields are ['adam_b1', "
+      "'adam_b2', 'decay_rate', 'decay_steps', 'eps', 'final_lr_fraction', 'grad_clip_norm', "
+      "'learning_rate', 'lr_multipliers', 'momentum', 'name', 'nesterov', 'rmsprop_decay', "
+      "'schedule', 'warmup_steps', 'weight_decay'].")
+  assert cli.unknown_override(["main", config_file, "--config.modl.num_layers=3"]) == (
+      "--config.modl.num_layers: config has no field 'modl'; did you mean config.model?")
+  assert cli.unknown_override(["main", config_file, "--config.model.num_layers=3"]) is None
 
 
 @pytest.mark.slow
