@@ -18,7 +18,7 @@ from compmod_jax.analysis import tables
 from compmod_jax.methods import multitask, registry, transfer
 from compmod_jax.models import network, templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
-from compmod_jax.train import defaults, loop, optim, pretrained
+from compmod_jax.train import context, defaults, loop, optim, pretrained
 from configs import digits_transfer, transfer_table9
 from helpers import REPO, mock_datasets, subprocess_env
 
@@ -222,6 +222,73 @@ def test_trainable_presets_train_their_groups_and_only_the_new_tasks_rows(preset
   added = transfer.added_parameters(spec, params, NEW)
   assert added == {"mixture_logits": 3 * 2, "heads": 256 * 10 + 10,
                    "block_bn": 3 * sum(2 * c for c in (48, 48, 8))}
+
+
+def kept_tasks_change(mask, params, spec, kept):
+  """Whether `mask` lets any entry train that a task in `kept` reads: a shared array, or the
+  task's own row or head."""
+  for path, leaf_mask in flat(mask).items():
+    trains = np.broadcast_to(leaf_mask, flat(params)[path].shape)
+    owners = network.task_owners(spec, "params/" + path)
+    if owners is None and trains.any():
+      return True
+    if owners is not None and any(trains[i].any() if len(owners) > 1 else trains.any()
+                                  for i, owner in enumerate(owners) if owner in kept):
+      return True
+  return False
+
+
+SETUP_PRESETS_KEEPING_SOURCES = {  # with the shared input adapter of digits_transfer.py
+    "mixture_patches": {"xi", "xi_bn", "head", "head_bn", "xi_head_bn"},
+    "baseline_patches": {"xi", "xi_bn", "head", "head_bn", "xi_head_bn"},
+    "mixture": {"xi", "head"},   # BN scale and bias are mixed from the shared templates
+    "simple_baseline": {"xi", "head"},  # BN scale and bias shared by all tasks
+}
+
+
+@pytest.mark.parametrize("setup", sorted(multitask.SETUPS))
+def test_every_preset_keeps_the_checkpoints_other_tasks_or_is_refused(setup):
+  """A preset either leaves every entry a kept task reads frozen (the step then keeps their
+  predictions bit-identical: test_training's frozen-rows test), or kept_tasks_problem refuses
+  it, naming the presets that would keep them."""
+  spec = tiny_spec(SOURCES + (NEW,), **multitask.SETUPS[setup])
+  params = host_variables(spec)["params"]
+  config = digits_transfer.get_config(f"setup={setup},tiny=1")
+  method = registry.get("supervised")
+  for preset in optim.TRAINABLE_PRESETS:
+    config.trainable = preset
+    mask = optim.trainable_mask(params, config, spec, method)
+    problem = optim.kept_tasks_problem(params, config, spec, method, SOURCES)
+    changes = kept_tasks_change(mask, params, spec, SOURCES)
+    assert (problem is not None) == changes, (setup, preset, problem)
+    assert (not changes) == (preset in SETUP_PRESETS_KEEPING_SOURCES[setup]), (setup, preset)
+    if problem:  # the safe presets that train something (a plain network has no xi)
+      safe = [name for name in optim.TRAINABLE_PRESETS
+              if name in SETUP_PRESETS_KEEPING_SOURCES[setup]
+              and not (name == "xi" and spec.signature == "plain")]
+      assert problem.endswith(f"the predictions of the checkpoint's tasks {sorted(SOURCES)} "
+                              f"would change. Presets that keep them: {safe}."), problem
+  assert optim.kept_tasks_problem(params, config, spec, method, ()) is None  # nothing kept
+
+
+def test_a_preset_that_would_change_the_checkpoints_tasks_is_refused_before_evaluating(
+    embedded_dir, source_workdir, tmp_path, monkeypatch):
+  """The session's model has per-task BN but one input adapter all tasks share."""
+  def evaluate(*args):
+    raise AssertionError("evaluated before refusing")
+  monkeypatch.setattr(context.RunContext, "evaluate", evaluate)
+  config = tiny_transfer(embedded_dir, source_workdir, xi_init="source:mnist",
+                         trainable="xi_input_adapter")
+  with pytest.raises(ValueError, match=r"config\.trainable='xi_input_adapter' trains "
+                                       r"input_adapter/.*which every task of this model shares "
+                                       r"\(config\.model\.batch_norm='per_task', "
+                                       r"input_adapter='shared'\): the predictions of the "
+                                       r"checkpoint's tasks \['mnist', 'mnist_blur'\] would "
+                                       r"change\. Presets that keep them: \['xi', 'xi_bn', "
+                                       r"'head', 'head_bn', 'xi_head_bn'\]"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "run" / "checkpoints")
 
 
 # --- end to end on the embedded digits --------------------------------------------------------

@@ -229,6 +229,40 @@ def trainable_mask(params, config, spec, method):
   return traverse_util.unflatten_dict({p: mask(p, leaf) for p, leaf in flat.items()}, sep="/")
 
 
+def shared_arrays_trained(mask, spec, own_params=None):
+  """Paths of the whole arrays every task shares that `mask` lets train (a method's own
+  variables aside). A partly trainable shared array is a bank grown by templates the old
+  tasks weigh by exactly 0 (methods/growth.py): it changes no old task."""
+  return sorted(path for path, leaf_mask in traverse_util.flatten_dict(mask, sep="/").items()
+                if network.task_owners(spec, "params/" + path) is None and np.all(leaf_mask)
+                and not path.startswith(f"{own_params}/"))
+
+
+def kept_tasks_problem(params, config, spec, method, kept):
+  """Why config.trainable would change the predictions of `kept` (the checkpoint's tasks the
+  run does not train), naming the presets that would not; None when it keeps them. Whether a
+  parameter is shared depends on the set-up: with model.batch_norm 'mixed' the BN scale and
+  bias are mixed from the templates and 'per_layer' shares them, so a preset with
+  'batch_norm' keeps the other tasks only with 'per_task' BN."""
+  shared = shared_arrays_trained(trainable_mask(params, config, spec, method), spec,
+                                 method.own_params)
+  if not (kept and shared):
+    return None
+  safe = []
+  for preset in TRAINABLE_PRESETS:
+    candidate = config.copy_and_resolve_references()
+    candidate.trainable = preset
+    mask = trainable_mask(params, candidate, spec, method)
+    if count_trainable(mask, params) and not shared_arrays_trained(mask, spec,
+                                                                   method.own_params):
+      safe.append(preset)
+  return (f"config.trainable={config.trainable or 'lr_multipliers'!r} trains "
+          f"{', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}, which every task of "
+          f"this model shares (config.model.batch_norm={spec.batch_norm!r}, "
+          f"input_adapter={spec.input_adapter!r}): the predictions of the checkpoint's tasks "
+          f"{sorted(kept)} would change. Presets that keep them: {safe}.")
+
+
 def count_trainable(mask, params):
   """Number of parameter entries the mask lets train."""
   return int(sum(np.broadcast_to(m, p.shape).sum()

@@ -4,15 +4,12 @@ config.deltas of train/deltas.py: grown by methods/growth.py, loaded strictly by
 train/pretrained.py, new tasks built by methods/transfer.py)."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from etils import epath
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.data import pipeline
 from compmod_jax.methods import growth, registry, transfer
-from compmod_jax.models import network
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
 from compmod_jax.train import checkpoint, context, deltas, optim, pretrained, steps
 
@@ -127,6 +124,7 @@ def from_pretrained(ctx, state, source, trainable):
   returns the state and that evaluation."""
   config, spec, own = ctx.config, ctx.model.spec, ctx.method.own_params
   sources = sorted(source.tasks)
+  _check_kept_tasks(ctx, state.params, sorted(set(sources) - set(config.tasks)))
   fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   method_params = fresh["params"].pop(own) if own else None  # the pretraining had no such
   source_variables, added_templates = source.variables, None
@@ -157,20 +155,15 @@ def from_pretrained(ctx, state, source, trainable):
     info["accuracy_before_finetune"] = results[task]["test_accuracy"]
     logging.info("Task %s before fine-tuning: test accuracy %.4f; it adds %s parameters.",
                  task, results[task]["test_accuracy"], info["added_parameters"])
-  _warn_if_shared_parameters_train(ctx, trainable, sources)
   return state, results
 
 
-def _warn_if_shared_parameters_train(ctx, trainable, sources):
-  flat = traverse_util.flatten_dict(trainable, sep="/")
-  # Whole arrays only: a partly trainable shared array is a bank grown by templates its old
-  # tasks weigh by exactly 0 (methods/growth.py).
-  shared = sorted(path for path, mask in flat.items()
-                  if network.task_owners(ctx.model.spec, "params/" + path) is None
-                  and np.all(mask) and not path.startswith(f"{ctx.method.own_params}/"))
-  kept = sorted(set(sources) - set(ctx.config.tasks))
-  if shared and kept:
-    logging.warning("config.trainable=%r trains parameters all tasks share (%s, ...): the "
-                    "predictions of the checkpoint's tasks %s will change. Use 'head', "
-                    "'head_bn' or 'xi_head_bn' to keep them.", ctx.config.trainable, shared[0],
-                    kept)
+def _check_kept_tasks(ctx, params, kept):
+  """A preset promises to keep the checkpoint's other tasks as they were: refused, before any
+  data is read, when it would train what they share; '' (lr_multipliers alone) and 'all'
+  only warn, since changing everything is what they ask for."""
+  problem = optim.kept_tasks_problem(params, ctx.config, ctx.model.spec, ctx.method, kept)
+  if problem and ctx.config.trainable in ("", "all"):
+    logging.warning("%s", problem)
+  elif problem:
+    raise ValueError(problem)
