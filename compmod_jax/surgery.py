@@ -38,7 +38,7 @@ from etils import epath
 
 from compmod_jax import cli
 from compmod_jax.analysis import accounting
-from compmod_jax.methods import registry
+from compmod_jax.methods import registry, transfer
 from compmod_jax.models import templates
 from compmod_jax.train import checkpoint, context, loop, pretrained, start, steps
 from compmod_jax.train import workdir as workdir_io
@@ -149,35 +149,6 @@ def pruned_variables(variables, keep):
   return {"params": params, "batch_stats": variables["batch_stats"]}, kept, usage
 
 
-def reestimate_bn(ctx, variables, num_batches):
-  """`variables` with each of ctx's tasks' BN moving statistics replaced by the mean over
-  `num_batches` training batches of the batch statistics (precise BN), the network in training
-  mode but nothing updated."""
-  model = ctx.model
-  placed = ctx.replicated(variables)
-  batch_stats = jax.device_get(variables["batch_stats"])
-  for task, stream in sorted(ctx.train_streams.items()):
-    statistics = jax.jit(lambda v, images, task=task: model.apply(
-        v, images, task=task, method=model.batch_statistics))
-    batches = iter(stream)
-    total = None
-    for _ in range(num_batches):
-      images = ctx.global_batch(next(batches))["image"]
-      stats = jax.device_get(statistics(placed, images))
-      total = stats if total is None else jax.tree.map(np.add, total, stats)
-    row = model.spec.task_index(task)
-    batch_stats["block_bn"] = jax.tree.map(
-        lambda all_tasks, summed: _set_row(all_tasks, row, summed / num_batches),
-        batch_stats["block_bn"], total)
-  return {"params": variables["params"], "batch_stats": batch_stats}
-
-
-def _set_row(array, row, value):
-  array = np.array(array)
-  array[row] = value
-  return array
-
-
 def test_accuracies(ctx, variables):
   """{task: test accuracy} of ctx's tasks with host `variables`."""
   return {task: ctx.accuracy(variables, stream, task)
@@ -264,7 +235,8 @@ def harden(workdir, out, *, reestimate=False, bn_batches=50, data_dir=None, timi
   config = fixed_signature_config(run.config, compact_signatures)
   ctx = model_context(mixed_ctx, config)
   if reestimate:
-    variables = reestimate_bn(ctx, variables, bn_batches)
+    variables = transfer.precise_bn_statistics(ctx, variables, sorted(ctx.train_streams),
+                                                 bn_batches)
   mixed, hardened = (test_accuracies(mixed_ctx, run.variables), test_accuracies(ctx, variables))
   names = [name for name, _ in ctx.model.spec.tasks]
   results = {
@@ -308,7 +280,8 @@ def prune(workdir, out, *, keep, reestimate=False, bn_batches=50, data_dir=None,
   variables, kept, usage = pruned_variables(run.variables, keep)
   ctx = model_context(full_ctx, standalone_config(run.config, num_templates=keep))
   if reestimate:
-    variables = reestimate_bn(ctx, variables, bn_batches)
+    variables = transfer.precise_bn_statistics(ctx, variables, sorted(ctx.train_streams),
+                                                 bn_batches)
   before, after = test_accuracies(full_ctx, run.variables), test_accuracies(ctx, variables)
   results = {
       "surgery": {"operation": "prune", "workdir": str(epath.Path(workdir).absolute()),

@@ -81,7 +81,10 @@ DA_CHOICES = {"method": adaptation.TABLE3_METHODS, "model": adaptation.TABLE3_MO
 # App. D.3-D.4: Adam, with a learning rate decaying linearly (a polynomial of degree 1) from the
 # first value to the second.
 DA_LEARNING_RATES = {"adversarial": (2e-4, 1e-5), "moment_matching": (1e-4, 1e-5),
-                     "supervised": (2e-4, 1e-5), "source_only": (2e-4, 1e-5)}
+                     "supervised": (2e-4, 1e-5), "source_only": (2e-4, 1e-5),
+                     "bn_stats": (2e-4, 1e-5)}
+# bn_stats: the target's BN moving statistics, re-estimated on this many of its training batches.
+TARGET_BN_BATCHES = 50
 
 
 def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_size,
@@ -125,8 +128,10 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
   for group in optim.TRAINABLE_PRESETS[trainable]:  # the target's variables learn faster
     config.optimizer.lr_multipliers[group] = 10.0
   config.ema_decay = 0.0  # evaluate the adapted variables themselves
-  if method == "source_only":
+  if method in ("source_only", "bn_stats"):
     config.total_steps = 0
+  if method == "bn_stats":
+    config.transfer.target_bn_batches = 2 if args["tiny"] else TARGET_BN_BATCHES
   elif not args["tiny"]:
     config.total_steps = total_steps
   if args["tiny"]:

@@ -10,12 +10,14 @@ digits (unlabelled).
   # Table 3 from the clean MNIST's variables (no target label anywhere); S=best_source for the
   # paper's App. D.2 choice, which reads target labels to pick the domain
   S=mnist; D=workdirs/da_$S; C=configs/digits_da.py; P=workdirs/da_plain_pretraining/pretrained
-  for method in source_only supervised; do
+  for method in source_only bn_stats supervised; do
     python -m compmod_jax.main --config=$C:method=$method,source=$S \
         --config.init_from=workdirs/multidomain_patches --workdir=$D/$method
   done
-  python -m compmod_jax.main --config=$C:method=source_only,model=plain,source=$S \
-      --config.init_from=$P --workdir=$D/plain_source_only
+  for method in source_only bn_stats; do
+    python -m compmod_jax.main --config=$C:method=$method,model=plain,source=$S \
+        --config.init_from=$P --workdir=$D/plain_$method
+  done
   for method in adversarial moment_matching; do for seed in 0 1 2; do
     python -m compmod_jax.main --config=$C:method=$method,source=$S \
         --config.init_from=workdirs/multidomain_patches --config.seed=$seed \
@@ -35,6 +37,10 @@ Models (Table 3's columns):
                  input adapter alone (408 numbers)
 Methods (Table 3's rows; all start from the same target variables: a source domain's, copied):
   source_only      no adaptation: the copied source network on the target (0 steps)
+  bn_stats         the target's own BN statistics (AdaBN): the copied source network with the
+                   target's BN moving statistics re-estimated on 50 batches of target images
+                   (labels unread); nothing trains (0 steps). The control every adaptation
+                   method is compared with.
   adversarial      ADDA-style (App. D.3): a 3-layer CNN discriminator on the body features;
                    Adam, rate decaying linearly from 2e-4 to 1e-5 (10x for the target's)
   moment_matching  M3SDA-style (App. D.4): moment distance to every source plus the two-

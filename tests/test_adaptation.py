@@ -14,6 +14,7 @@ from compmod_jax.methods import adaptation, registry
 from compmod_jax.train import context, defaults, loop, report, start, steps, validation
 from configs import digits_da, domainnet_da
 from mock_tfds import labelled_mock_dataset, write_mock_metadata
+from helpers import read_checkpoint
 
 SOURCES = ("mnist", "mnist_blur")
 TARGET = "uci_digits"
@@ -196,6 +197,29 @@ def test_digits_da_run_writes_the_table3_layout(embedded_dir, source_workdir, tm
       "| method | compositional |", "|---|---:|", f"| adversarial | {100 * accuracy:.2f} |"]
 
 
+def test_target_statistics_change_nothing_but_the_targets_bn_statistics(embedded_dir,
+                                                                       source_workdir, tmp_path):
+  """bn_stats (AdaBN) against source-only from the same source: the same parameters and the
+  same statistics of every source; only the target's statistics row is re-estimated, as the
+  mean of its batches' statistics (so its moving mean is no longer the source's)."""
+  saved = {}
+  for method in ("source_only", "bn_stats"):
+    result = loop.train_and_evaluate(tiny_da(embedded_dir, source_workdir, method),
+                                     str(tmp_path / method))
+    assert result["step"] == 0
+    saved[method] = read_checkpoint(tmp_path / method)[1]["state"]
+  source_only, bn_stats = saved["source_only"], saved["bn_stats"]
+  jax.tree.map(np.testing.assert_array_equal, bn_stats["params"], source_only["params"])
+  row = sorted(SOURCES + (TARGET,)).index(TARGET)
+  for path, statistic in flat_host(bn_stats["batch_stats"]).items():
+    before = flat_host(source_only["batch_stats"])[path]
+    others = [i for i in range(len(statistic)) if i != row]
+    np.testing.assert_array_equal(statistic[others], before[others])
+    assert not np.array_equal(statistic[row], before[row]), path
+    if path.endswith("var"):
+      assert np.all(statistic[row] >= 0)
+
+
 def write_da_run(workdir, method, seed, accuracy, xi_init="source:mnist"):
   """The two files the Table 3 tool reads from a finished run."""
   workdir.mkdir(parents=True)
@@ -233,7 +257,8 @@ def test_bad_adaptation_configs_fail_with_clear_errors(embedded_dir, source_work
     config.tasks = {TARGET: defaults.task(f"embedded_digits/{TARGET}", batch_size=8)}
     loop.train_and_evaluate(config, str(tmp_path / "run"))
   with pytest.raises(ValueError, match=r"Config argument method='mmd' must be one of "
-                                       r"\('source_only', 'adversarial', 'moment_matching'"):
+                                       r"\('source_only', 'bn_stats', 'adversarial', "
+                                       r"'moment_matching'"):
     digits_da.get_config("method=mmd")
   with pytest.raises(ValueError, match=r"Config argument model='isometric' must be one of "
                                        r"\('compositional', 'plain'\)\.$"):

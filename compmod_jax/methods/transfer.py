@@ -177,6 +177,36 @@ def initialise_new_task(ctx, variables, task, source_classes):
       "added_parameters": added_parameters(spec, variables["params"], task)}
 
 
+def precise_bn_statistics(ctx, variables, tasks, num_batches):
+  """`variables` with the BN moving statistics of each of `tasks` replaced by the mean over
+  `num_batches` of its training batches of the batch statistics ("precise BN"; for a new task
+  from a source's variables, AdaBN: Li et al. 2016), the network in training mode but nothing
+  else changed. Reads the tasks' images, never their labels."""
+  model = ctx.model
+  placed = ctx.replicated(variables)
+  batch_stats = jax.device_get(variables["batch_stats"])
+  for task in tasks:
+    statistics = jax.jit(lambda v, images, task=task: model.apply(
+        v, images, task=task, method=model.batch_statistics))
+    batches = iter(ctx.train_streams[task])
+    total = None
+    for _ in range(num_batches):
+      images = ctx.global_batch({task: next(batches)})[task]["image"]
+      stats = jax.device_get(statistics(placed, images))
+      total = stats if total is None else jax.tree.map(np.add, total, stats)
+    row = model.spec.task_index(task)
+    batch_stats["block_bn"] = jax.tree.map(
+        lambda all_tasks, summed: _with_row(all_tasks, row, summed / num_batches),
+        batch_stats["block_bn"], total)
+  return {"params": variables["params"], "batch_stats": batch_stats}
+
+
+def _with_row(array, row, value):
+  array = np.array(array)
+  array[row] = value
+  return array
+
+
 def check_config(config):
   """Errors for config.xi_init and config.transfer, raised before any heavy work."""
   check_xi_init(config.xi_init)
@@ -185,6 +215,10 @@ def check_config(config):
       re.compile(rule)
     except re.error as error:
       raise ValueError(f"config.transfer.dont_load rule {rule!r} is not a regex: {error}") from None
+  if config.transfer.target_bn_batches < 0:
+    raise ValueError(f"config.transfer.target_bn_batches must be >= 0 (0: the new tasks keep "
+                     f"the BN statistics they were built with), got "
+                     f"{config.transfer.target_bn_batches!r}")
   for name in ("selection_examples", "learned_steps"):
     if config.transfer[name] <= 0:
       raise ValueError(f"config.transfer.{name} must be a positive integer, got "

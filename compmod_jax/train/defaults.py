@@ -77,7 +77,10 @@ def base_config():
       learned_steps=200, learned_learning_rate=0.05,  # xi_init=learned: Adam on the c logits
       # Growth (methods/growth.py): templates appended to the checkpoint's, started "fresh" or
       # as noisy "copies" of the most used ones; config.model.num_templates counts them.
-      add_templates=0, new_templates="fresh", new_templates_noise=0.01))
+      add_templates=0, new_templates="fresh", new_templates_noise=0.01,
+      # > 0: each new task's BN moving statistics re-estimated on this many of its training
+      # batches once its variables are built (AdaBN, labels unread; methods/transfer.py).
+      target_bn_batches=0))
   # Deltas (train/deltas.py): a run from config.init_from also writes <workdir>/delta/, what
   # it added or trained; config.deltas applies such directories, in order, to init_from.
   config.save_delta = False

@@ -65,6 +65,10 @@ def train_and_evaluate(config, workdir):
       if int(state.step) >= config.total_steps:
         logging.info("Run in %s is at step %d of config.total_steps=%d: evaluating only.",
                      workdir, int(state.step), config.total_steps)
+        if source:  # the started model (e.g. a source-only target) as a checkpoint to go on from
+          checkpointer.save(int(state.step), state, {
+              "config": config.to_dict(), "step": int(state.step), "run_info": ctx.run_info,
+              "wall_time_s": 0.0}, ctx.train_streams)
         results = report.read_results(workdir) or report.write_results(
             ctx, start_results or ctx.evaluate(state), int(state.step),
             meta.get("wall_time_s", 0.0))

@@ -141,9 +141,15 @@ def from_pretrained(ctx, state, source, trainable):
                   "trainable": config.trainable or "lr_multipliers",
                   "trainable_parameters": optim.count_trainable(trainable, state.params),
                   "new_tasks": {}, "added_templates": added_templates}
-  for task in sorted(set(config.tasks) - set(sources)):
+  new_tasks = sorted(set(config.tasks) - set(sources))
+  for task in new_tasks:
     variables, ctx.run_info["new_tasks"][task] = transfer.initialise_new_task(
         ctx, variables, task, source.tasks)
+  if config.transfer.target_bn_batches:
+    variables = transfer.precise_bn_statistics(ctx, variables, new_tasks,
+                                               config.transfer.target_bn_batches)
+    logging.info("BN statistics of %s re-estimated on %d of their training batches.",
+                 new_tasks, config.transfer.target_bn_batches)
   if own:
     variables["params"][own] = method_params
   # Separate copies: the train step donates its state, and params and EMA may not share one.
