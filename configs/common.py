@@ -120,7 +120,8 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
     config.method = method
     config.optimizer.lr_multipliers[adaptation.OWN_PARAMS] = 1.0
   config.model.input_adapter = "per_task"
-  config.xi_init = args["source"] if args["source"] == "best_source" else f"source:{args['source']}"
+  config.xi_init = (args["source"] if args["source"] in ("best_source", "min_entropy_source")
+                    else f"source:{args['source']}")
   config.trainable = trainable
   first, last = DA_LEARNING_RATES[method]
   config.optimizer.update(name="adam", schedule="linear", learning_rate=first, warmup_steps=0,

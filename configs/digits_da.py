@@ -48,7 +48,9 @@ Methods (Table 3's rows; all start from the same target variables: a source doma
   supervised       the upper bound: the same variables fine-tuned with target labels
 `source` picks the domain whose variables are copied: `best_source` (default) is the one most
 accurate on the target's labelled training split (App. D.2; the log flags this use of target
-labels), or a domain name for a fully unsupervised run. results.json holds the target's test
+labels), `min_entropy_source` the one whose predictions on the target's images are most
+confident (lowest mean entropy; no label read), or a domain name; both of the latter keep the
+run unsupervised. results.json holds the target's test
 accuracy under tasks.uci_digits (adversarial and moment matching runs also as
 target_test_accuracy); new_task_xi.png shows the target's xi at the start and now. `tiny=1`: a seconds-long debug run.
 Measured (README, "Domain adaptation", seeds 0-2), from MNIST's variables: compositional

@@ -9,7 +9,8 @@ templates and adapters pretrained on the multi-domain digits, the UCI handwritte
   python -m compmod_jax.main --config=configs/digits_transfer.py \
       --config.init_from=workdirs/multidomain_patches --config.xi_init=best_source \
       --workdir=workdirs/transfer_best_source
-  (xi_init: source:<task> | best_source | accuracy | learned | random | diagonal;
+  (xi_init: source:<task> | best_source | min_entropy_source | accuracy | learned | random |
+   diagonal;
    trainable: head | head_bn | xi_head_bn (default, the paper's method) | all)
   # 3. the table of the README:
   python -m compmod_jax.analysis.tables transfer workdirs/transfer_*

@@ -18,7 +18,7 @@ from compmod_jax.analysis import tables
 from compmod_jax.methods import multitask, registry, transfer
 from compmod_jax.models import network, templates
 from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
-from compmod_jax.train import context, defaults, loop, optim, pretrained
+from compmod_jax.train import context, defaults, loop, optim, pretrained, steps
 from configs import digits_transfer, transfer_table9
 from helpers import REPO, mock_datasets, subprocess_env
 
@@ -269,6 +269,39 @@ def test_every_preset_keeps_the_checkpoints_other_tasks_or_is_refused(setup):
       assert problem.endswith(f"the predictions of the checkpoint's tasks {sorted(SOURCES)} "
                               f"would change. Presets that keep them: {safe}."), problem
   assert optim.kept_tasks_problem(params, config, spec, method, ()) is None  # nothing kept
+
+
+def test_the_eval_steps_prediction_entropy_reads_no_label():
+  spec = tiny_spec(SOURCES)
+  params = host_variables(spec)["params"]
+  model = CompositionalIsometricNet(spec)
+  state = steps.TrainState(step=0, params=None, opt_state=None, ema_params=params,
+                           batch_stats=host_variables(spec)["batch_stats"])
+  images = jax.random.uniform(jax.random.key(1), (6, 8, 8, 1))
+  sums = [steps.eval_step(state, {"image": images, "label": labels, "mask": jnp.ones(6)},
+                          model=model, task="mnist")
+          for labels in (jnp.arange(6), jnp.zeros(6, jnp.int32))]
+  assert float(sums[0]["entropy_sum"]) == float(sums[1]["entropy_sum"])
+  logits = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                       task="mnist", train=False)
+  probabilities = np.asarray(jax.nn.softmax(logits.astype(jnp.float64)))
+  entropy = -np.sum(probabilities * np.log(probabilities))
+  assert float(sums[0]["entropy_sum"]) == pytest.approx(entropy, rel=1e-5)
+
+
+def test_min_entropy_source_copies_the_most_confident_source_without_reading_labels(
+    embedded_dir, source_workdir, tmp_path, caplog):
+  caplog.set_level("WARNING", logger="absl")
+  results = loop.train_and_evaluate(
+      tiny_transfer(embedded_dir, source_workdir, xi_init="min_entropy_source",
+                    trainable="head", total_steps=0), str(tmp_path / "run"))
+  info = results["init_from"]["new_tasks"][NEW]
+  entropies = info["source_entropy_on_train"]
+  assert set(entropies) == set(SOURCES) and all(0 < e <= np.log(10) for e in entropies.values())
+  chosen = min(SOURCES, key=lambda s: entropies[s])
+  assert info["coefficients"] == {s: float(s == chosen) for s in SOURCES}
+  assert info["source_accuracy_on_train"] == {}
+  assert not [r for r in caplog.records if "uses the labels" in r.getMessage()]
 
 
 def test_a_preset_that_would_change_the_checkpoints_tasks_is_refused_before_evaluating(

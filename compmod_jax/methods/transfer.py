@@ -12,6 +12,9 @@ per-task BN scale/bias and its BN moving statistics. For coefficients c over the
   source:<task>  c one-hot on that source task; its rows are copied exactly
   best_source    the source whose own network (xi, BN, head) is most accurate on the new task's
                  training data, copied exactly
+  min_entropy_source  the source whose own network predicts the new task's training images
+                 with the lowest mean entropy (the most confident), copied exactly; reads no
+                 label, so domain adaptation can use it
   accuracy       c_v proportional to that accuracy of each source
   learned        c = softmax(gamma), gamma trained on the new task's training data with every
                  other variable fixed (`learn_coefficients`)
@@ -20,7 +23,8 @@ per-task BN scale/bias and its BN moving statistics. For coefficients c over the
   diagonal       xi near one-hot on template l in layer l; head, BN uniform over the sources
 Heads are combined only when every source head has the new task's number of classes (the
 paper's case: one label set); otherwise the new head keeps its fresh initialisation, and the
-strategies that evaluate source heads (best_source, accuracy, learned) are refused.
+strategies that evaluate source heads (best_source, min_entropy_source, accuracy, learned) are
+refused.
 
 Each strategy is a small function of a `NewTask` (the run context, the variables, the new task
 and the sources) returning a `NewTaskStart` (c, or the source to copy, or a fresh xi row, and
@@ -46,7 +50,8 @@ from compmod_jax.models import network, templates
 
 SOURCE_PREFIX = "source:"
 DEFAULT_XI_INIT = "best_source"
-NEEDS_SOURCE_HEADS = ("best_source", "accuracy", "learned")
+READS_NEW_TASK_LABELS = ("best_source", "accuracy", "learned")
+NEEDS_SOURCE_HEADS = READS_NEW_TASK_LABELS + ("min_entropy_source",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +73,7 @@ class NewTaskStart:
   copy_source: Optional[str] = None
   xi_logits: Optional[Any] = None
   source_accuracies: dict = dataclasses.field(default_factory=dict)
+  source_entropies: dict = dataclasses.field(default_factory=dict)
   learning_losses: tuple = ()
 
 
@@ -80,6 +86,15 @@ def _best_source(new):
   accuracies = source_accuracies(new)
   best = max(new.sources, key=lambda name: accuracies[name])
   return dataclasses.replace(_copy(new, best), source_accuracies=accuracies)
+
+
+def _min_entropy_source(new):
+  """The source whose variables are most confident on the new task's images: the lowest mean
+  entropy of the predicted class distribution. Reads no label of the new task, so it is a
+  fully unsupervised choice for domain adaptation."""
+  entropies = source_entropies(new)
+  chosen = min(new.sources, key=lambda name: entropies[name])
+  return dataclasses.replace(_copy(new, chosen), source_entropies=entropies)
 
 
 def _accuracy_weighted(new):
@@ -113,6 +128,7 @@ def _fresh_xi(new, init):
 
 STRATEGIES = {
     "best_source": _best_source,
+    "min_entropy_source": _min_entropy_source,
     "accuracy": _accuracy_weighted,
     "learned": _learned,
     "random": functools.partial(_fresh_xi, init="random"),
@@ -131,18 +147,28 @@ def strategy(xi_init):
 def source_accuracies(new):
   """{source: accuracy of its own xi, BN and head on the new task's training data} (the first
   config.transfer.selection_examples, read in evaluation mode)."""
+  return _measure_sources(new, "accuracy", "accuracy")
+
+
+def source_entropies(new):
+  """{source: mean entropy of what its own xi, BN and head predict on the new task's training
+  images} (as source_accuracies reads them; no label used)."""
+  return _measure_sources(new, "mean_prediction_entropy", "mean prediction entropy (nats)")
+
+
+def _measure_sources(new, measure, what):
   ctx, config = new.ctx, new.ctx.config
   stream = ctx.task_stream(new.task, global_batch_size=config.eval_batch_size, train=False,
                            split=ctx.data_config(new.task).train_split)
   max_batches = math.ceil(config.transfer.selection_examples / config.eval_batch_size)
-  accuracies = {}
+  values = {}
   for name in new.sources:
     candidate = build_task(new.variables, ctx.model.spec, new.task, new.sources,
                            copy_source=name)
-    accuracies[name] = ctx.accuracy(candidate, stream, new.task, max_batches)
-    logging.info("Task %s: xi, BN and head of source %s give %.4f accuracy on its training "
-                 "data.", new.task, name, accuracies[name])
-  return accuracies
+    values[name] = getattr(ctx, measure)(candidate, stream, new.task, max_batches)
+    logging.info("Task %s: xi, BN and head of source %s give %s %.4f on its training data.",
+                 new.task, name, what, values[name])
+  return values
 
 
 def initialise_new_task(ctx, variables, task, source_classes):
@@ -150,7 +176,7 @@ def initialise_new_task(ctx, variables, task, source_classes):
   ctx.config.xi_init says, and what the run reports about them."""
   xi_init, spec = ctx.config.xi_init, ctx.model.spec
   check_heads_fit(xi_init, task, dict(spec.tasks)[task], source_classes)
-  if xi_init in NEEDS_SOURCE_HEADS:
+  if xi_init in READS_NEW_TASK_LABELS:
     logging.warning("xi_init=%s uses the labels of task %s's training split (for domain "
                     "adaptation: paper App. D.2's selection); with xi_init=source:<task> no "
                     "label of %s is read.", xi_init, task, task)
@@ -173,6 +199,7 @@ def initialise_new_task(ctx, variables, task, source_classes):
       "xi_init": xi_init, "coefficients": coefficients,
       "initial_xi": None if initial_xi is None else np.asarray(initial_xi).tolist(),
       "source_accuracy_on_train": start.source_accuracies,
+      "source_entropy_on_train": start.source_entropies,
       "coefficient_learning_loss": list(start.learning_losses[-1:]),
       "added_parameters": added_parameters(spec, variables["params"], task)}
 

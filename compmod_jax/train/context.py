@@ -136,7 +136,7 @@ class RunContext:
   def eval_sums(self, state, stream, task, max_batches=None):
     """Correct predictions, cross-entropy and real examples of `task`'s eval step summed over
     one pass of an eval stream (or its first `max_batches` batches)."""
-    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+    totals = {"correct": 0.0, "loss_sum": 0.0, "entropy_sum": 0.0, "count": 0.0}
     for local_batch in itertools.islice(stream, max_batches):
       sums = self.eval_steps[task](state, self.global_batch(local_batch))
       for key in totals:
@@ -146,8 +146,17 @@ class RunContext:
   def accuracy(self, variables, stream, task, max_batches=None):
     """Accuracy of host `variables` {"params", "batch_stats"} as `task` on `stream` (read in
     evaluation mode; the first `max_batches` batches, or one pass)."""
+    totals = self._variables_sums(variables, stream, task, max_batches)
+    return totals["correct"] / max(totals["count"], 1.0)
+
+  def mean_prediction_entropy(self, variables, stream, task, max_batches=None):
+    """Mean entropy (nats) of the class distribution `variables` predict as `task` on
+    `stream`'s images, as `accuracy` reads them; depends on no label."""
+    totals = self._variables_sums(variables, stream, task, max_batches)
+    return totals["entropy_sum"] / max(totals["count"], 1.0)
+
+  def _variables_sums(self, variables, stream, task, max_batches):
     placed = self.replicated(variables)
     state = steps.TrainState(step=0, params=None, batch_stats=placed["batch_stats"],
                              opt_state=None, ema_params=placed["params"])
-    totals = self.eval_sums(state, stream, task, max_batches)
-    return totals["correct"] / max(totals["count"], 1.0)
+    return self.eval_sums(state, stream, task, max_batches)
