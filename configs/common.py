@@ -76,7 +76,7 @@ def natural_domains(tasks, setup, tiny, *, batch_size, total_steps, every, warmu
 
 # The arguments of every domain adaptation config (`domain_adaptation` says what they mean).
 DA_ARGUMENTS = {"method": "adversarial", "model": "compositional", "source": "best_source",
-                "trainable": "", "tiny": 0}
+                "trainable": "", "joint": 0, "tiny": 0}
 DA_CHOICES = {"method": adaptation.TABLE3_METHODS, "model": adaptation.TABLE3_MODELS}
 # App. D.3-D.4: Adam, with a learning rate decaying linearly (a polynomial of degree 1) from the
 # first value to the second.
@@ -100,9 +100,14 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
   tuning the target's never moves the sources'. Source-only runs train no step; source-only and
   the supervised bound run the supervised method on the target alone.
   """
-  method, model = args["method"], args["model"]
+  method, model, joint = args["method"], args["model"], bool(args["joint"])
+  if joint and method not in adaptation.METHODS:
+    raise ValueError(f"Config argument joint=1 trains the sources beside an adaptation loss: "
+                     f"it takes method= one of {adaptation.METHODS}, got {method!r}.")
   setup, default_trainable = adaptation.TABLE3_MODELS[model]
-  trainable = args["trainable"] or default_trainable
+  # Jointly the sources train everything of theirs and the shared parameters; the target's
+  # rows are restricted to config.adaptation.target_params by the method itself.
+  trainable = args["trainable"] or ("all" if joint else default_trainable)
   pretrain = pretrain_for(setup)
   if model == "plain":
     # App. D.3: the baseline has as many layers as the compositional model has templates, so
@@ -112,7 +117,8 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
   config.pretrain = pretrain
   config.tasks = {target: target_task}
   config.adaptation = adaptation.default_config()
-  config.adaptation.update(target=target, method_name=method, model_name=model)
+  config.adaptation.update(target=target, method_name=method, model_name=model, joint=joint,
+                           target_params=adaptation.JOINT_TARGET_PARAMS[model])
   if method in adaptation.METHODS:  # the sources' data feed the adaptation loss
     for domain, domain_task in pretrain.tasks.items():  # the same data, another batch size
       config.tasks[domain] = ml_collections.ConfigDict(
@@ -126,13 +132,17 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
   first, last = DA_LEARNING_RATES[method]
   config.optimizer.update(name="adam", schedule="linear", learning_rate=first, warmup_steps=0,
                           final_lr_fraction=last / first, weight_decay=0.0)
-  for group in optim.TRAINABLE_PRESETS[trainable]:  # the target's variables learn faster
-    config.optimizer.lr_multipliers[group] = 10.0
-  config.ema_decay = 0.0  # evaluate the adapted variables themselves
-  if method in ("source_only", "bn_stats"):
-    config.total_steps = 0
+  if joint:  # App. D.2-D.3: dropout 0.3, weight regularisation 1e-5, EMA evaluation (A.2)
+    config.model.dropout_rate = 0.3
+    config.optimizer.weight_decay = 1e-5
+  else:
+    for group in optim.TRAINABLE_PRESETS[trainable]:  # the target's variables learn faster
+      config.optimizer.lr_multipliers[group] = 10.0
+    config.ema_decay = 0.0  # evaluate the adapted variables themselves
   if method == "bn_stats":
     config.transfer.target_bn_batches = 2 if args["tiny"] else TARGET_BN_BATCHES
+  if method in ("source_only", "bn_stats"):
+    config.total_steps = 0
   elif not args["tiny"]:
     config.total_steps = total_steps
   if args["tiny"]:

@@ -46,6 +46,12 @@ Methods (Table 3's rows; all start from the same target variables: a source doma
   moment_matching  M3SDA-style (App. D.4): moment distance to every source plus the two-
                    classifier discrepancy min-max on the embeddings; Adam, 1e-4 to 1e-5
   supervised       the upper bound: the same variables fine-tuned with target labels
+`joint=1` (adversarial, moment_matching): the paper's §4.4 method. In the same step the source
+domains train on their labelled classification loss (their xi, BN, heads, the templates and
+adapters: trainable=all) while only the target's xi (a plain model: its input adapter) follows
+the adaptation loss; App. D.2-D.3's dropout 0.3, weight regularisation 1e-5 and EMA evaluation.
+Without it (the default) the pretrained model stays frozen and only the target's variables
+adapt.
 `source` picks the domain whose variables are copied: `best_source` (default) is the one most
 accurate on the target's labelled training split (App. D.2; the log flags this use of target
 labels), `min_entropy_source` the one whose predictions on the target's images are most

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from compmod_jax.analysis import tables
-from compmod_jax.methods import adaptation, registry
+from compmod_jax.methods import adaptation, registry, supervised
 from compmod_jax.train import context, defaults, loop, report, start, steps, validation
 from configs import digits_da, domainnet_da
 from mock_tfds import labelled_mock_dataset, write_mock_metadata
@@ -47,8 +47,9 @@ def test_discriminator_loss_falls_when_trained_alone_on_separable_features():
   assert float(jnp.mean(disc.apply({"params": params}, target) <= 0)) == 1.0
 
 
-def adaptation_setup(method="adversarial", model="compositional", trainable=""):
-  config = digits_da.get_config(f"method={method},model={model},trainable={trainable},tiny=1")
+def adaptation_setup(method="adversarial", model="compositional", trainable="", joint=0):
+  config = digits_da.get_config(
+      f"method={method},model={model},trainable={trainable},joint={joint},tiny=1")
   config.tasks = {t: defaults.task(f"embedded_digits/{t}", batch_size=8)
                   for t in SOURCES + (TARGET,)}
   model = start.model_for(config, {t: 10 for t in config.tasks})
@@ -64,6 +65,10 @@ def adaptation_setup(method="adversarial", model="compositional", trainable=""):
                "label": jax.random.randint(next(keys), (8,), 0, 10), "mask": jnp.ones(8)}
            for t in config.tasks}
   return model, ctx.mesh, state, step, batch
+
+
+def host_batch(batch):
+  return jax.tree.map(np.asarray, batch)
 
 
 def flat_host(tree):
@@ -91,6 +96,69 @@ def test_an_adaptation_step_moves_only_the_targets_trainable_rows_and_the_method
     np.testing.assert_array_equal(after[path][other_rows], before[path][other_rows])
     assert not np.array_equal(after[path][target_row], before[path][target_row]), path
   assert np.isfinite(float(metrics["total_loss"]))
+
+
+@pytest.mark.parametrize("method", adaptation.METHODS)
+def test_a_joint_step_trains_the_sources_and_the_shared_modules_and_of_the_target_its_xi(
+    method):
+  """Paper §4.4: sources' xi, BN, heads and the templates and adapters learn the sources'
+  classification; of the target only its xi moves (and its BN statistics, in training mode);
+  relabelling the target gives a bit-identical step: its labels are never read."""
+  model, mesh, state, step, batch = adaptation_setup(method, joint=1)
+  before = flat_host({"params": state.params, "batch_stats": state.batch_stats})
+  relabelled = {**batch, TARGET: {**batch[TARGET], "label": (batch[TARGET]["label"] + 3) % 10}}
+  new_state = step(jax.tree.map(jnp.copy, state), context.global_batch(mesh, batch))[0]
+  after = flat_host({"params": new_state.params, "batch_stats": new_state.batch_stats})
+  again = flat_host({"params": (other := step(state, context.global_batch(mesh, relabelled))[0])
+                     .params, "batch_stats": other.batch_stats})
+  for path in after:
+    np.testing.assert_array_equal(again[path], after[path], path)
+  changed = lambda path, rows=slice(None): not np.array_equal(after[path][rows],
+                                                               before[path][rows])
+  target = model.spec.task_index(TARGET)
+  sources = [model.spec.task_index(t) for t in SOURCES]
+  assert changed("params/templates/expand_kernel")
+  assert changed("params/output_adapter/conv_kernel")
+  for task in SOURCES:
+    assert changed(f"params/heads/{task}/kernel")
+  assert not changed(f"params/heads/{TARGET}/kernel")
+  assert changed("params/mixture_logits", target) and changed("params/mixture_logits", sources)
+  for path in [p for p in after if p.startswith(("params/block_bn/", "params/input_adapter/"))]:
+    assert not changed(path, target), path  # per-task BN and input adapter: the sources' rows
+  assert changed("params/block_bn/expand/scale", sources)
+  assert changed("params/input_adapter/kernel", sources)
+
+
+def test_in_a_joint_loss_each_loss_reaches_only_what_the_paper_says():
+  """The sources' classification gradient never reaches the target's xi row; the adaptation
+  gradient reaches the target's xi row and nothing of the sources or the shared modules, so
+  there the joint gradient is the classification gradient (to float rounding: two programs)."""
+  model, _, state, _, batch = adaptation_setup("adversarial", joint=1)
+  config = digits_da.get_config("method=adversarial,joint=1,tiny=1")
+  config.tasks = {t: defaults.task(f"embedded_digits/{t}") for t in SOURCES + (TARGET,)}
+  joint = registry.get("adversarial").make_loss(config, model.spec)
+  weights = {t: 1.0 for t in SOURCES}
+  sources = {t: batch[t] for t in SOURCES}
+  rng = jax.random.key(0)
+  classify = lambda p: supervised.classification_loss(model, p, state.batch_stats, sources,
+                                                      rng, weights)[0]
+  joint_grads = flat_host(jax.jit(jax.grad(
+      lambda p: joint(model, p, state.batch_stats, batch, rng)[0]))(state.params))
+  class_grads = flat_host(jax.jit(jax.grad(classify))(state.params))
+  target = model.spec.task_index(TARGET)
+  sources_rows = [model.spec.task_index(t) for t in SOURCES]
+  assert not class_grads["mixture_logits"][target].any()
+  assert class_grads["mixture_logits"][sources_rows].any()
+  assert joint_grads["mixture_logits"][target].any()
+  for path, gradient in class_grads.items():
+    if path.startswith(f"{adaptation.OWN_PARAMS}/"):  # the discriminator's own loss
+      continue
+    if path == "mixture_logits":
+      np.testing.assert_allclose(joint_grads[path][sources_rows], gradient[sources_rows],
+                                 rtol=1e-5, atol=1e-7)
+    else:
+      np.testing.assert_allclose(joint_grads[path], gradient, rtol=1e-5, atol=1e-7,
+                                 err_msg=path)
 
 
 def test_moment_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
@@ -218,6 +286,17 @@ def test_target_statistics_change_nothing_but_the_targets_bn_statistics(embedded
     assert not np.array_equal(statistic[row], before[row]), path
     if path.endswith("var"):
       assert np.all(statistic[row] >= 0)
+
+
+def test_the_table3_rows_without_adaptation_train_no_step_and_joint_runs_train_the_sources():
+  for method in ("source_only", "bn_stats"):
+    assert digits_da.get_config(f"method={method}").total_steps == 0
+  assert digits_da.get_config("method=bn_stats").transfer.target_bn_batches == 50
+  joint = digits_da.get_config("method=moment_matching,joint=1")
+  assert (joint.total_steps, joint.trainable, joint.adaptation.joint) == (1000, "all", True)
+  assert set(joint.tasks) == set(digits_da.common.MNIST_DOMAINS) | {TARGET}
+  with pytest.raises(ValueError, match=r"joint=1 trains the sources beside an adaptation loss"):
+    digits_da.get_config("method=supervised,joint=1")
 
 
 def write_da_run(workdir, method, seed, accuracy, xi_init="source:mnist"):

@@ -106,7 +106,9 @@ def da_results(workdirs):
                        f"adaptation.method_name, or results.json no result of its target).")
     starts.setdefault(config["xi_init"], []).append(str(workdir))
     method, model = adaptation["method_name"], adaptation["model_name"]
-    if config["trainable"] != adaptation_methods.TABLE3_MODELS[model][1]:  # what else trained
+    if adaptation.get("joint"):  # the paper's: sources trained in the same step
+      method += " (joint)"
+    elif config["trainable"] != adaptation_methods.TABLE3_MODELS[model][1]:  # what else trained
       method += f" ({config['trainable']})"
     _add_seed(table, method, model, config["seed"],
               results["tasks"][adaptation["target"]]["test_accuracy"], workdir)

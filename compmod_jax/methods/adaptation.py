@@ -10,6 +10,14 @@ The source domains run in evaluation mode (their moving BN statistics are not up
 target runs in training mode and updates only its own statistics, so source and target inputs
 never share a BN statistics update. The target's labels are never read.
 
+Frozen (the default) or joint (config.adaptation.joint, the paper's §4.4): jointly, the same
+step also trains the source domains on their labelled classification loss, which reaches the
+templates, adapters and the sources' xi, BN and heads (the sources' forward never reads the
+target's rows), while the adaptation loss reaches only the target's own adapted rows
+(config.adaptation.target_params: its xi, or a plain model's input adapter) and the method's
+variables: every other parameter enters it through stop_gradient. The target's other rows (head,
+BN) stay as they were copied (optimizer mask: Method.trained_rows).
+
 Adversarial (ADDA-style, App. D.3): a domain discriminator, a small 3-layer CNN on the body
 features (the input of the output adapter), learns to tell the sources' features from the
 target's; the target learns to make its features pass for source ones (the GAN loss with
@@ -43,6 +51,8 @@ OWN_PARAMS = "adaptation"
 TABLE3_METHODS = ("source_only", "bn_stats") + METHODS + ("supervised",)
 TABLE3_MODELS = {"compositional": ("mixture_patches", "xi"),
                  "plain": ("simple_baseline", "input_adapter")}
+# Joint adaptation: the target parameters each model adapts (its rows of them).
+JOINT_TARGET_PARAMS = {"compositional": ("mixture_logits",), "plain": ("input_adapter",)}
 
 
 def default_config():
@@ -50,7 +60,8 @@ def default_config():
   that train; the adaptation losses never read its labels), the discriminator's width, the
   weight of the moment distance, and the labels of the run in the Table 3 layout."""
   return ml_collections.ConfigDict(dict(
-      target="", discriminator_channels=64, moment_weight=1.0, method_name="", model_name=""))
+      target="", discriminator_channels=64, moment_weight=1.0, method_name="", model_name="",
+      joint=False, target_params=("mixture_logits",)))
 
 
 def check_config(config):
@@ -66,13 +77,26 @@ def check_config(config):
   if not adaptation.moment_weight >= 0:
     raise ValueError(f"config.adaptation.moment_weight must be >= 0, got "
                      f"{adaptation.moment_weight}")
+  if adaptation.joint and (isinstance(adaptation.target_params, str)
+                          or not adaptation.target_params):
+    raise ValueError(f"config.adaptation.joint trains the target's rows of "
+                     f"config.adaptation.target_params alone; give a tuple of parameter names, "
+                     f"e.g. ('mixture_logits',), got {adaptation.target_params!r}")
   if adaptation.discriminator_channels < 1:
     raise ValueError(f"config.adaptation.discriminator_channels must be a positive integer, got "
                      f"{adaptation.discriminator_channels}")
 
 
-def target_only(config):
-  return (config.adaptation.target,)
+def trained_tasks(config):
+  """The target alone; jointly, every task (the sources learn their classification)."""
+  return tuple(sorted(config.tasks)) if config.adaptation.joint else (config.adaptation.target,)
+
+
+def trained_rows(config, path):
+  """Jointly, the target's rows train only in its adapted parameters."""
+  if config.adaptation.joint and path.split("/")[0] not in config.adaptation.target_params:
+    return tuple(sorted(set(config.tasks) - {config.adaptation.target}))
+  return trained_tasks(config)
 
 
 def target_accuracy(config, task_results):
@@ -127,9 +151,30 @@ def make_loss(config, spec):
   module = method_module(config, spec)
   target = config.adaptation.target
   if config.method == "adversarial":
-    return lambda *args: adversarial_loss(*args, target=target, discriminator=module)
-  return lambda *args: moment_matching_loss(*args, target=target, classifiers=module,
-                                            moment_weight=config.adaptation.moment_weight)
+    adapt = functools.partial(adversarial_loss, target=target, discriminator=module)
+  else:
+    adapt = functools.partial(moment_matching_loss, target=target, classifiers=module,
+                              moment_weight=config.adaptation.moment_weight)
+  if not config.adaptation.joint:
+    return adapt
+  return functools.partial(
+      joint_loss, adapt=adapt, target=target,
+      adapted=tuple(config.adaptation.target_params) + (OWN_PARAMS,),
+      task_weights={task: config.tasks[task].weight for task in config.tasks})
+
+
+def joint_loss(model, params, batch_stats, batch, rng, *, adapt, target, adapted,
+               task_weights):
+  """The sources' classification loss (training mode: their BN statistics update) plus the
+  adaptation loss `adapt`, in which only the `adapted` parameters carry gradients."""
+  sources = {task: examples for task, examples in batch.items() if task != target}
+  classification, (batch_stats, metrics) = supervised.classification_loss(
+      model, params, batch_stats, sources, rng, task_weights)
+  adapting = {name: value if name in adapted else jax.lax.stop_gradient(value)
+              for name, value in params.items()}
+  adaptation, (batch_stats, adaptation_metrics) = adapt(model, adapting, batch_stats, batch,
+                                                        rng)
+  return classification + adaptation, (batch_stats, {**metrics, **adaptation_metrics})
 
 
 def binary_cross_entropy(logits, is_source):
@@ -224,4 +269,5 @@ def moment_matching_loss(model, params, batch_stats, batch, rng, *, target, clas
 for _name in METHODS:
   registry.register(registry.Method(
       _name, make_loss=make_loss, own_params=OWN_PARAMS, init_params=init_params,
-      trained_tasks=target_only, results=target_accuracy, check_config=check_config))
+      trained_tasks=trained_tasks, trained_rows=trained_rows, results=target_accuracy,
+      check_config=check_config))

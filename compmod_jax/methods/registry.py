@@ -55,6 +55,16 @@ class Method:
   trained_tasks: Callable = all_tasks
   results: Callable = no_results
   check_config: Callable = no_checks
+  # (config, variable path) -> the tasks whose rows of that variable may train, when a method
+  # trains some tasks' rows of some variables only; None: trained_tasks(config) for all.
+  trained_rows: Optional[Callable] = None
+
+  def rows_trained(self, config, path):
+    """The tasks whose rows of the per-task variable at `path` ("mixture_logits",
+    "block_bn/expand/scale", ...) this method may train."""
+    if self.trained_rows is None:
+      return self.trained_tasks(config)
+    return self.trained_rows(config, path)
 
   def __post_init__(self):
     if bool(self.own_params) != (self.init_params is not None):

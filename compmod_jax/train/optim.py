@@ -211,7 +211,6 @@ def trainable_mask(params, config, spec, method):
   """
   groups = parameter_groups(method)
   multipliers = group_multipliers(config, groups)
-  trained_tasks = set(method.trained_tasks(config))
   flat = traverse_util.flatten_dict(params, sep="/")
   labels = traverse_util.flatten_dict(group_labels(params, groups), sep="/")
 
@@ -221,6 +220,7 @@ def trainable_mask(params, config, spec, method):
     owners = network.task_owners(spec, "params/" + path)
     if owners is None:
       return growth.trainable_shared_entries(config, path, leaf.shape)
+    trained_tasks = set(method.rows_trained(config, path))
     rows = np.array([task in trained_tasks for task in owners])
     if len(owners) == 1:
       return rows[0]
