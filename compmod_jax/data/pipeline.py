@@ -285,13 +285,8 @@ def check_data_config(data_config):
     _check_choice(field, data_config[field], allowed)
   _check_choice("label_map", data_config.get("label_map", "identity"), tuple(LABEL_MAPS))
   _check_class_subset_fields(data_config)
-  for field in ("train_split", "eval_split"):
-    try:
-      tfds.core.ReadInstruction.from_spec(data_config[field])
-    except (ValueError, AssertionError) as error:
-      raise ValueError(f"config.data.{field}={data_config[field]!r} is not a TFDS split: "
-                       f"{str(error).splitlines()[0]} (e.g. 'train', 'train[:90%]', "
-                       f"'train[:1000]+validation').") from None
+  if not image_folder.is_folder_name(data_config.name):  # a folder slices its own splits
+    _check_split_strings(data_config)
   if not _is_int(data_config.shuffle_buffer) or data_config.shuffle_buffer < 1:
     raise ValueError(f"config.data.shuffle_buffer must be a positive integer (1 = no "
                      f"shuffling), got {data_config.shuffle_buffer!r}")
@@ -299,6 +294,16 @@ def check_data_config(data_config):
                                              or data_config.image_size < 0):
     raise ValueError(f"config.data.image_size must be a positive integer (or None or 0 to keep "
                      f"the dataset's own size), got {data_config.image_size!r}")
+
+
+def _check_split_strings(data_config):
+  for field in ("train_split", "eval_split"):
+    try:
+      tfds.core.ReadInstruction.from_spec(data_config[field])
+    except (ValueError, AssertionError, NotImplementedError) as error:
+      raise ValueError(f"config.data.{field}={data_config[field]!r} is not a TFDS split: "
+                       f"{str(error).splitlines()[0]} (e.g. 'train', 'train[:90%]', "
+                       f"'train[:1000]+validation').") from None
 
 
 def _is_int(value):

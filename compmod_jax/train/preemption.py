@@ -43,7 +43,8 @@ class PreemptionWatcher:
     self.training = False  # a step boundary was reached: a notice can be honoured by a save
     self._sigterms = self._sigints = 0
     self._service = _preemption_service_running()
-    self._previous = {}
+    self._previous_handlers = {}
+    self._previous_wakeup_fd = None
     self._sockets = None
 
   def __enter__(self):
@@ -52,11 +53,11 @@ class PreemptionWatcher:
     handled = (signal.SIGINT,) if self._service else (signal.SIGINT, signal.SIGTERM)
     # The service's own SIGTERM handler stays: replacing it would blind the other processes.
     for signum in handled:
-      self._previous[signum] = signal.signal(signum, self._in_main_thread)
+      self._previous_handlers[signum] = signal.signal(signum, self._in_main_thread)
     self._sockets = socket.socketpair()
     self._sockets[1].setblocking(False)
-    self._previous["wakeup_fd"] = signal.set_wakeup_fd(self._sockets[1].fileno(),
-                                                       warn_on_full_buffer=False)
+    self._previous_wakeup_fd = signal.set_wakeup_fd(self._sockets[1].fileno(),
+                                                    warn_on_full_buffer=False)
     threading.Thread(target=self._watch, args=(self._sockets[0],), daemon=True,
                      name="signal-watcher").start()
     return self
@@ -102,12 +103,11 @@ class PreemptionWatcher:
                       "" if self.training else ", after the first training step")
 
   def __exit__(self, *exc):
-    for signum, handler in self._previous.items():
-      if signum == "wakeup_fd":
-        signal.set_wakeup_fd(handler)
-      elif handler is not None:
+    for signum, handler in self._previous_handlers.items():
+      if handler is not None:
         signal.signal(signum, handler)
     if self._sockets:
+      signal.set_wakeup_fd(self._previous_wakeup_fd)
       self._sockets[1].close()  # the watcher thread reads the end of the stream and returns
 
   def stop_at(self, step):
