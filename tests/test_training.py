@@ -213,8 +213,10 @@ def test_missing_dataset_fails_before_heavy_work_naming_it(tmp_path, no_heavy_wo
 
 
 def test_an_override_of_a_field_the_config_lacks_names_it_and_what_is_there():
+  from absl import flags
   from compmod_jax import cli
-  importlib.import_module("compmod_jax.main")  # defines --config
+  if "config" not in flags.FLAGS:  # main and plan define it; a worker may have imported plan
+    importlib.import_module("compmod_jax.main")
   config_file = "--config=configs/digits.py:tiny"
   assert cli.unknown_override(["main", config_file, "--config.optimizer.lr=0.1"]) == (
       "--config.optimizer.lr: config.optimizer has no field 'lr'; its fields are ['adam_b1', "
