@@ -76,15 +76,15 @@ def test_table12_gives_each_domain_and_the_source_only_target_per_model(tmp_path
   assert mnist["by_seed"] == {"0": 0.98, "1": 0.99}
   assert (mnist["mean"], mnist["std"]) == pytest.approx((0.985, 0.00707107))
   # The source-only rows take the model and seed of the run they started from.
-  assert table["test_accuracy"]["uci_digits source-only, xi from best_source"] == {
+  assert table["test_accuracy"]["uci_digits source-only, variables from best_source"] == {
       "isometric": {"mean": 0.8, "std": 0.0, "by_seed": {"1": 0.8}}}
   assert table["best_source_picked"] == {
-      "uci_digits source-only, xi from best_source": {"isometric": {"1": "mnist_shear"}}}
+      "uci_digits source-only, variables from best_source": {"isometric": {"1": "mnist_shear"}}}
   assert markdown.splitlines()[2:8] == [
       "| task | isometric | compositional half-shared |", "|---|---:|---:|",
       "| mnist | 98.50 ± 0.71 (2) | 97.00 |", "| mnist_shear | 90.00 ± 0.00 (2) | 95.00 |",
-      "| uci_digits source-only, xi from best_source | 80.00 |  |",
-      "| uci_digits source-only, xi from source:mnist | 70.00 |  |"]
+      "| uci_digits source-only, variables from best_source | 80.00 |  |",
+      "| uci_digits source-only, variables from source:mnist | 70.00 |  |"]
   with pytest.raises(ValueError, match=r"Two runs for 'mnist', 'isometric' with seed 1"):
     tables.domains_table(runs + [multidomain_run(tmp_path / "again", f"{domains},setup="
                                                  f"simple_baseline", 1, {"mnist": 0.5})])

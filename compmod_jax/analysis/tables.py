@@ -198,7 +198,7 @@ def domains_results(workdirs):
     how = ("source-only" if results["step"] == 0 else
            f"{results['step']} steps of {start['trainable']}")
     for task, info in start["new_tasks"].items():
-      row = f"{task} {how}, xi from {info['xi_init']}"
+      row = f"{task} {how}, variables from {info['xi_init']}"
       _add_seed(cells, row, column, seed, results["tasks"][task]["test_accuracy"], workdir)
       chosen = [source for source, weight in info["coefficients"].items() if weight == 1.0]
       if info["xi_init"] == "best_source" and chosen:
