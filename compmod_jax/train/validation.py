@@ -89,22 +89,23 @@ def validate(config, check_memory=True):
   params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   optim.check_trainable(params, config, model.spec, method)
   if check_memory:
-    _check_memory(config, model.spec, params, device_count)
+    _check_memory(config, model.spec, params, sum(batch_sizes.values()) // device_count)
 
 
-def memory_lower_bound(config, spec, params, device_count):
+def memory_lower_bound(config, spec, params, examples):
   """(bytes per device, {part: bytes}): what one training step holds at the least, from the
   shapes alone. The parameters three times at least (values, gradients, one optimizer moment)
   plus the EMA copy; the activations a step keeps for its backward pass: per example and layer
   at least the block's input and its expanded and depthwise outputs (side x side x (width +
   2 expanded) floats). XLA's real figure (`python -m compmod_jax.plan`) is higher, often
-  several times: this only catches runs that cannot possibly fit."""
+  several times: this only catches runs that cannot possibly fit. `examples`: per device and
+  step, every task's together."""
   parameter_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
   copies = 3 + (config.ema_decay > 0)
   side = -(-(config.data.image_size or 4 * spec.patch_size) // spec.patch_size)
   per_example = side * side * (spec.width + 2 * spec.expanded) * spec.num_layers * 4
-  examples = max(1, config.batch_size // device_count)
-  parts = {"parameters": copies * parameter_bytes, "activations": examples * per_example}
+  parts = {"parameters": copies * parameter_bytes,
+           "activations": max(1, examples) * per_example}
   return sum(parts.values()), parts
 
 
@@ -119,10 +120,10 @@ def device_memory_bytes():
                                            f"{jax.local_device_count()} CPU device(s)")
 
 
-def _check_memory(config, spec, params, device_count):
+def _check_memory(config, spec, params, examples):
   """Refuses a model or batch that cannot fit in memory, instead of compiling for minutes and
   dying of an allocation error (or swapping) later."""
-  needed, parts = memory_lower_bound(config, spec, params, device_count)
+  needed, parts = memory_lower_bound(config, spec, params, examples)
   available, where = device_memory_bytes()
   if needed > available:
     gib = {name: value / 2**30 for name, value in parts.items()}
@@ -130,7 +131,7 @@ def _check_memory(config, spec, params, device_count):
         f"One training step needs at least {needed / 2**30:,.1f} GiB per device (estimated "
         f"from the shapes: parameters with their gradients, EMA and optimizer state "
         f"{gib['parameters']:,.1f} GiB, activations {gib['activations']:,.1f} GiB for "
-        f"{max(1, config.batch_size // device_count)} examples per device through "
+        f"{examples} examples per device through "
         f"{spec.num_layers} layers of {spec.expanded} expanded channels), more than the "
         f"{available / 2**30:,.1f} GiB of {where}. Lower config.batch_size, "
         f"config.model.num_layers, depth_multiplier or expansion (`python -m compmod_jax.plan` "
