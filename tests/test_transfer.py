@@ -258,7 +258,7 @@ def test_every_preset_keeps_the_checkpoints_other_tasks_or_is_refused(setup):
   for preset in optim.TRAINABLE_PRESETS:
     config.trainable = preset
     mask = optim.trainable_mask(params, config, spec, method)
-    problem = optim.kept_tasks_problem(params, config, spec, method, SOURCES)
+    problem = optim.kept_tasks_problem(mask, params, config, spec, method, SOURCES)
     changes = kept_tasks_change(mask, params, spec, SOURCES)
     assert (problem is not None) == changes, (setup, preset, problem)
     assert (not changes) == (preset in SETUP_PRESETS_KEEPING_SOURCES[setup]), (setup, preset)
@@ -268,7 +268,8 @@ def test_every_preset_keeps_the_checkpoints_other_tasks_or_is_refused(setup):
               and not (name == "xi" and spec.signature == "plain")]
       assert problem.endswith(f"the predictions of the checkpoint's tasks {sorted(SOURCES)} "
                               f"would change. Presets that keep them: {safe}."), problem
-  assert optim.kept_tasks_problem(params, config, spec, method, ()) is None  # nothing kept
+  mask = optim.trainable_mask(params, config, spec, method)
+  assert optim.kept_tasks_problem(mask, params, config, spec, method, ()) is None  # none kept
 
 
 def test_the_eval_steps_prediction_entropy_reads_no_label():

@@ -238,23 +238,23 @@ def shared_arrays_trained(mask, spec, own_params=None):
                 and not path.startswith(f"{own_params}/"))
 
 
-def kept_tasks_problem(params, config, spec, method, kept):
-  """Why config.trainable would change the predictions of `kept` (the checkpoint's tasks the
-  run does not train), naming the presets that would not; None when it keeps them. Whether a
+def kept_tasks_problem(mask, params, config, spec, method, kept):
+  """Why config.trainable (whose trainable_mask is `mask`) would change the predictions of
+  `kept` (the checkpoint's tasks the run does not train), naming the presets that would not;
+  None when it keeps them. Whether a
   parameter is shared depends on the set-up: with model.batch_norm 'mixed' the BN scale and
   bias are mixed from the templates and 'per_layer' shares them, so a preset with
   'batch_norm' keeps the other tasks only with 'per_task' BN."""
-  shared = shared_arrays_trained(trainable_mask(params, config, spec, method), spec,
-                                 method.own_params)
+  shared = shared_arrays_trained(mask, spec, method.own_params)
   if not (kept and shared):
     return None
   safe = []
   for preset in TRAINABLE_PRESETS:
     candidate = config.copy_and_resolve_references()
     candidate.trainable = preset
-    mask = trainable_mask(params, candidate, spec, method)
-    if count_trainable(mask, params) and not shared_arrays_trained(mask, spec,
-                                                                   method.own_params):
+    preset_mask = trainable_mask(params, candidate, spec, method)
+    if count_trainable(preset_mask, params) and not shared_arrays_trained(
+        preset_mask, spec, method.own_params):
       safe.append(preset)
   return (f"config.trainable={config.trainable or 'lr_multipliers'!r} trains "
           f"{', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}, which every task of "

@@ -124,7 +124,7 @@ def from_pretrained(ctx, state, source, trainable):
   returns the state and that evaluation."""
   config, spec, own = ctx.config, ctx.model.spec, ctx.method.own_params
   sources = sorted(source.tasks)
-  _check_kept_tasks(ctx, state.params, sorted(set(sources) - set(config.tasks)))
+  _check_kept_tasks(ctx, trainable, state.params, sorted(set(sources) - set(config.tasks)))
   fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   method_params = fresh["params"].pop(own) if own else None  # the pretraining had no such
   source_variables, added_templates = source.variables, None
@@ -164,11 +164,12 @@ def from_pretrained(ctx, state, source, trainable):
   return state, results
 
 
-def _check_kept_tasks(ctx, params, kept):
+def _check_kept_tasks(ctx, trainable, params, kept):
   """A preset promises to keep the checkpoint's other tasks as they were: refused, before
   anything is evaluated or trained, when it would train what they share; '' (lr_multipliers alone) and 'all'
   only warn, since changing everything is what they ask for."""
-  problem = optim.kept_tasks_problem(params, ctx.config, ctx.model.spec, ctx.method, kept)
+  problem = optim.kept_tasks_problem(trainable, params, ctx.config, ctx.model.spec, ctx.method,
+                                     kept)
   if problem and ctx.config.trainable in ("", "all"):
     logging.warning("%s", problem)
   elif problem:
