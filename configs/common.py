@@ -83,6 +83,8 @@ DA_CHOICES = {"method": adaptation.TABLE3_METHODS, "model": adaptation.TABLE3_MO
 DA_LEARNING_RATES = {"adversarial": (2e-4, 1e-5), "moment_matching": (1e-4, 1e-5),
                      "supervised": (2e-4, 1e-5), "source_only": (2e-4, 1e-5),
                      "bn_stats": (2e-4, 1e-5)}
+# source=auto: the label-free choice of the domain whose variables the target copies.
+LABEL_FREE_SOURCE = "min_entropy_source"
 # bn_stats: the target's BN moving statistics, re-estimated on this many of its training batches.
 TARGET_BN_BATCHES = 50
 
@@ -92,8 +94,9 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
   """A domain adaptation run of the `target` domain (`target_task`, a task config) from a model
   pretrained on source domains: `pretrain_for(setup)` returns that multi-domain pretraining
   config with one of the multi-task set-ups (multitask.SETUPS). args: method (a row of Table 3:
-  adaptation.TABLE3_METHODS), model (a column: adaptation.TABLE3_MODELS), source (a source task
-  or "best_source", App. D.2's choice by target labels), trainable ("" = the model's default),
+  adaptation.TABLE3_METHODS), model (a column: adaptation.TABLE3_MODELS), source (a source task,
+  "best_source", App. D.2's choice by target labels, or "auto" = "min_entropy_source", the
+  label-free choice), trainable ("" = the model's default),
   tiny (the pretraining's debug settings, 8 examples per domain and step).
 
   Every domain gets its own input adapter row (loaded from the pretrained shared adapter), so
@@ -126,8 +129,9 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
     config.method = method
     config.optimizer.lr_multipliers[adaptation.OWN_PARAMS] = 1.0
   config.model.input_adapter = "per_task"
-  config.xi_init = (args["source"] if args["source"] in ("best_source", "min_entropy_source")
-                    else f"source:{args['source']}")
+  source = LABEL_FREE_SOURCE if args["source"] == "auto" else args["source"]
+  config.xi_init = (source if source in ("best_source", LABEL_FREE_SOURCE)
+                    else f"source:{source}")
   config.trainable = trainable
   first, last = DA_LEARNING_RATES[method]
   config.optimizer.update(name="adam", schedule="linear", learning_rate=first, warmup_steps=0,

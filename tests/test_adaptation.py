@@ -260,9 +260,11 @@ def test_digits_da_run_writes_the_table3_layout(embedded_dir, source_workdir, tm
   assert result["target_test_accuracy"] == accuracy
   assert table == {"xi_init": "source:mnist_blur", "target_test_accuracy": {
       "adversarial": {"compositional": {"mean": accuracy, "std": 0.0,
-                                        "by_seed": {"0": accuracy}}}}}
-  assert markdown.splitlines()[2:5] == [
-      "| method | compositional |", "|---|---:|", f"| adversarial | {100 * accuracy:.2f} |"]
+                                        "by_seed": {"0": accuracy}}}},
+                   "source_copied": {"compositional": ["mnist_blur"]}}
+  assert markdown.splitlines()[2:] == [
+      "| method | compositional |", "|---|---:|", f"| adversarial | {100 * accuracy:.2f} |", "",
+      "The source domain whose variables the target copied: compositional: mnist_blur."]
 
 
 def test_target_statistics_change_nothing_but_the_targets_bn_statistics(embedded_dir,
@@ -293,10 +295,14 @@ def test_the_table3_rows_without_adaptation_train_no_step_and_joint_runs_train_t
     assert digits_da.get_config(f"method={method}").total_steps == 0
   assert digits_da.get_config("method=bn_stats").transfer.target_bn_batches == 50
   joint = digits_da.get_config("method=moment_matching,joint=1")
-  assert (joint.total_steps, joint.trainable, joint.adaptation.joint) == (1000, "all", True)
+  assert (joint.total_steps, joint.trainable, joint.adaptation.joint) == (225, "all", True)
   assert set(joint.tasks) == set(digits_da.common.MNIST_DOMAINS) | {TARGET}
   with pytest.raises(ValueError, match=r"joint=1 trains the sources beside an adaptation loss"):
     digits_da.get_config("method=supervised,joint=1")
+  sources = {name: digits_da.get_config(f"source={name}").xi_init
+             for name in ("auto", "best_source", "mnist_blur")}
+  assert sources == {"auto": "min_entropy_source", "best_source": "best_source",
+                     "mnist_blur": "source:mnist_blur"}
 
 
 def write_da_run(workdir, method, seed, accuracy, xi_init="source:mnist"):

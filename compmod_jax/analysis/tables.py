@@ -91,13 +91,14 @@ def transfer_table(workdirs, task=None):
 
 
 def da_results(workdirs):
-  """(xi_init, {method: {model: {seed: target test accuracy}}}) of domain-adaptation runs; each
+  """(xi_init, {method: {model: {seed: target test accuracy}}}, {model: sources copied}) of
+  domain-adaptation runs; each
   run's target, method, model and seed come from its config.json (config.adaptation; a
   trainable set other than the model's default, adaptation.TABLE3_MODELS, is added to the
   method's name). All runs
   must start from the same target variables (config.xi_init): cells compare methods, not
   starting points."""
-  table, starts = {}, {}
+  table, starts, copied = {}, {}, {}
   for workdir in workdirs:
     results, config = read_results(workdir), read_config(workdir)
     adaptation = config.get("adaptation") or {}
@@ -112,10 +113,15 @@ def da_results(workdirs):
       method += f" ({config['trainable']})"
     _add_seed(table, method, model, config["seed"],
               results["tasks"][adaptation["target"]]["test_accuracy"], workdir)
+    start = (results.get("init_from") or {}).get("new_tasks", {}).get(adaptation["target"], {})
+    # The source whose variables were copied has coefficient 1 (a best_source or
+    # min_entropy_source start names no domain in config.xi_init).
+    copied.setdefault(model, set()).update(
+        source for source, weight in start.get("coefficients", {}).items() if weight == 1.0)
   if len(starts) > 1:
     raise ValueError(f"The runs start from different target variables (config.xi_init: "
                      f"{starts}); make one table per starting point.")
-  return next(iter(starts), None), table
+  return next(iter(starts), None), table, {m: sorted(s) for m, s in copied.items() if s}
 
 
 def _summary(by_seed):
@@ -149,7 +155,7 @@ def _write(out, name, markdown, table):
 
 
 def da_table(workdirs, out=None):
-  xi_init, runs = da_results(workdirs)
+  xi_init, runs, copied = da_results(workdirs)
   table = {method: {model: _summary(by_seed) for model, by_seed in row.items()}
            for method, row in runs.items()}
   models = sorted({model for row in table.values() for model in row})
@@ -162,8 +168,12 @@ def da_table(workdirs, out=None):
   for method in methods:
     cells = [_cell(table[method][m]) if m in table[method] else "" for m in models]
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  if copied:
+    lines += ["", "The source domain whose variables the target copied: " +
+              "; ".join(f"{model}: {', '.join(sources)}" for model, sources in
+                        sorted(copied.items())) + "."]
   return _write(out, "table3", "\n".join(lines) + "\n",
-                {"xi_init": xi_init, "target_test_accuracy": table})
+                {"xi_init": xi_init, "target_test_accuracy": table, "source_copied": copied})
 
 
 def model_name(model):
