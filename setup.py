@@ -9,6 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.12",
     packages=find_packages(include=["compmod_jax", "compmod_jax.*"]),
+    # The CPU kernels' C++ source, compiled on first use (compmod_jax/models/cpu_kernels).
+    package_data={"compmod_jax.models.cpu_kernels": ["*.cc"]},
     install_requires=[
         "jax>=0.10,<0.11",  # jax 0.11 drops Python 3.11
         "flax>=0.12,<0.13",

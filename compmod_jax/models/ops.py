@@ -1,9 +1,11 @@
 """Array operations of the isometric block, each behind one function.
 
 XLA:CPU's grouped (depthwise) convolution and, above all, its gradient are several times slower
-than the same arithmetic written as shifted copies of the input (docs/design.md, "Performance
-on CPU"; measured by `benchmarks/`). TPU and GPU have fast native depthwise convolutions, so every choice here takes an
-`impl` argument that `resolve_conv_impl` fills in per backend.
+than the same arithmetic written as shifted copies of the input, and the shifted copies'
+kernel gradient is slower again than one pass of a hand-written kernel (docs/design.md,
+"Performance on CPU"; measured by `benchmarks/`). TPU and GPU have fast native depthwise
+convolutions, so the depthwise convolution takes an `impl` argument that `resolve_conv_impl`
+fills in per backend.
 """
 import functools
 
@@ -11,15 +13,32 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-CONV_IMPLS = ("shifted", "native")
+from compmod_jax.models import cpu_kernels
+
+# shifted: shifted copies, XLA's gradient. cpu_kernel: the same forward pass and input gradient,
+# the kernel gradient in one pass by models/cpu_kernels (CPU only). native: XLA's grouped
+# convolution.
+CONV_IMPLS = ("shifted", "cpu_kernel", "native")
 ACTIVATIONS = {"relu": nn.relu, "hard_swish": nn.hard_swish, "swish": nn.swish}
 
 
 def resolve_conv_impl(conv_impl):
-  """'auto' picks shifted copies on CPU and the native grouped convolution elsewhere."""
-  if conv_impl == "auto":
-    return "shifted" if jax.default_backend() == "cpu" else "native"
-  return conv_impl
+  """'auto' picks the native grouped convolution on GPU and TPU; on CPU the one-pass kernel
+  gradient when it is built and the process has one device (XLA would gather a batch-sharded
+  custom call's operands onto every device), else shifted copies."""
+  if conv_impl != "auto":
+    return conv_impl
+  if jax.default_backend() != "cpu":
+    return "native"
+  return "cpu_kernel" if len(jax.devices()) == 1 and cpu_kernels.available() else "shifted"
+
+
+def conv_impl_problem(conv_impl):
+  """Why `conv_impl` cannot run in this process, or None."""
+  if conv_impl == "cpu_kernel" and not cpu_kernels.available():
+    return ("conv_impl='cpu_kernel' needs the CPU backend and a C++ compiler (the log says why "
+            "the kernel is unavailable); use 'auto' or 'shifted'")
+  return None
 
 
 def conv1x1(x, kernel):
@@ -48,6 +67,10 @@ def depthwise_conv3x3(x, kernel, impl):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
   if impl == "shifted":
     return _depthwise_conv3x3_shifted(x, kernel)
+  if impl == "cpu_kernel":
+    if x.dtype not in (jnp.float32, jnp.float64):  # the kernel's types
+      return _depthwise_conv3x3_shifted(x, kernel)
+    return _depthwise_conv3x3_one_pass_grad(x, kernel)
   raise ValueError(f"conv_impl must be one of {CONV_IMPLS} or 'auto', got {impl!r}")
 
 
@@ -66,6 +89,25 @@ def _depthwise_conv3x3_shifted(x, kernel):
   columns = (_shift(x, 1, axis=2), x, _shift(x, -1, axis=2))
   rows = [sum(col * kernel[i, j] for j, col in enumerate(columns)) for i in range(3)]
   return _shift(rows[0], 1, axis=1) + rows[1] + _shift(rows[2], -1, axis=1)
+
+
+@jax.custom_vjp
+def _depthwise_conv3x3_one_pass_grad(x, kernel):
+  return _depthwise_conv3x3_shifted(x, kernel)
+
+
+def _one_pass_fwd(x, kernel):
+  return _depthwise_conv3x3_shifted(x, kernel), (x, kernel)
+
+
+def _one_pass_bwd(residuals, dy):
+  x, kernel = residuals
+  # The input gradient of a correlation is the correlation of dy with the flipped kernel.
+  dx = _depthwise_conv3x3_shifted(dy, kernel[::-1, ::-1])
+  return dx, cpu_kernels.depthwise3x3_kernel_grad(x, dy)
+
+
+_depthwise_conv3x3_one_pass_grad.defvjp(_one_pass_fwd, _one_pass_bwd)
 
 
 # Fuse a following ReLU into the batch-norm custom VJP (benchmarks/: measured on CPU). The
