@@ -24,7 +24,8 @@ def parse_args(argv=None):
   ap.add_argument("--layers", type=int, default=16)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--layer-iteration", default="auto", choices=["auto", "loop", "scan"])
-  ap.add_argument("--conv-impl", default="auto", choices=["auto", "shifted", "native"])
+  ap.add_argument("--conv-impl", default="auto",
+                  choices=["auto", "shifted", "cpu_kernel", "native"])
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
   ap.add_argument("--quick", action="store_true",

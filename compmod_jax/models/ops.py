@@ -36,8 +36,8 @@ def resolve_conv_impl(conv_impl):
 def conv_impl_problem(conv_impl):
   """Why `conv_impl` cannot run in this process, or None."""
   if conv_impl == "cpu_kernel" and not cpu_kernels.available():
-    return ("conv_impl='cpu_kernel' needs the CPU backend and a C++ compiler (the log says why "
-            "the kernel is unavailable); use 'auto' or 'shifted'")
+    return ("conv_impl='cpu_kernel' needs its C++ kernel, which could not be built here (the "
+            "log line before says why); use 'auto' or 'shifted'")
   return None
 
 
@@ -68,6 +68,9 @@ def depthwise_conv3x3(x, kernel, impl):
   if impl == "shifted":
     return _depthwise_conv3x3_shifted(x, kernel)
   if impl == "cpu_kernel":
+    if jax.default_backend() != "cpu":  # the FFI target is registered for the CPU only
+      raise ValueError(f"config.model.conv_impl='cpu_kernel' runs on the CPU only, and this "
+                       f"run's backend is {jax.default_backend()}; use 'auto' or 'native'.")
     if x.dtype not in (jnp.float32, jnp.float64):  # the kernel's types
       return _depthwise_conv3x3_shifted(x, kernel)
     return _depthwise_conv3x3_one_pass_grad(x, kernel)

@@ -75,9 +75,8 @@ def compiler():
 @functools.cache
 def available():
   """Whether the depthwise kernel gradient is built, loaded and registered with XLA (once per
-  process; the first call may compile it, a few seconds)."""
-  if jax.default_backend() != "cpu":
-    return False
+  process; the first call may compile it, a few seconds). Starts no JAX backend, so it may run
+  before jax.distributed.initialize."""
   cxx = compiler()
   try:
     if cxx is None:
