@@ -4,13 +4,16 @@ import collections
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from compmod_jax.data import embedded_digits, pipeline
 from compmod_jax.data.pipeline import (
     DataStream,
     DatasetNotFoundError,
+    augment_and_normalize,
     check_data_config,
+    crop_padding,
     dataset_size,
     default_data_config,
     get_builder,
@@ -425,3 +428,30 @@ def test_class_subset_dataset_errors_name_the_field(mocked_domainnet):
   with pytest.raises(ValueError, match=r"class_frequency_datasets names 'cifar100' with 100 "
                                        r"classes, but .*'domainnet/sketch' has 345"):
     DataStream(config, batch_size=4, train=False)
+
+
+def test_training_augmentation_translates_each_image_within_the_padding_and_mirrors_some():
+  """The batch-level crop is a translation of each padded image by its own offset in
+  [0, 2 * padding]; crop_flip also mirrors some of them; the normalisation comes after."""
+  data_config = default_data_config()
+  data_config.update(augment="crop_flip", normalization="unit")
+  rng = np.random.default_rng(0)
+  images = rng.integers(1, 256, size=(64, 24, 20, 3)).astype(np.float32)  # no zero pixel
+  augmented = augment_and_normalize(tf.constant(images), data_config, train=True,
+                                    seed=tf.constant([3, 0], tf.int64)).numpy()
+  padding = crop_padding(24, 20)
+  assert padding == 3  # 1/8 of the longer side
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  offsets, mirrored = set(), 0
+  for image, padded_image, result in zip(images, padded, augmented * 255.0):
+    matches = [(dy, dx, mirror) for dy in range(2 * padding + 1)
+               for dx in range(2 * padding + 1) for mirror in (False, True)
+               if np.allclose(result[:, ::-1] if mirror else result,
+                              padded_image[dy:dy + 24, dx:dx + 20], rtol=0, atol=1e-3)]
+    assert len(matches) == 1, matches
+    offsets.add(matches[0][:2])
+    mirrored += matches[0][2]
+  assert len(offsets) > 20 and 10 < mirrored < 54  # offsets of their own, about half mirrored
+  data_config.augment = "none"
+  np.testing.assert_allclose(augment_and_normalize(tf.constant(images), data_config, train=True),
+                             images / 255.0, rtol=1e-6)

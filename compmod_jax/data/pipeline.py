@@ -10,9 +10,10 @@ Why it is built the way it is:
   never needs to import JAX.
 - Images stay PNG/JPEG-encoded until after the shuffle buffer: a buffer of encoded images is
   small in memory and in input checkpoints.
-- Random augmentation uses stateless ops seeded by (seed, process, example counter). That keeps
+- Random augmentation uses stateless ops seeded by (seed, process, batch counter). That keeps
   the stream reproducible and lets `tf.train.Checkpoint` save the iterator: stateful random ops
-  and `from_generator` pipelines cannot be checkpointed.
+  and `from_generator` pipelines cannot be checkpointed. It runs on whole batches, after
+  decoding: tf.data spends more on a small per-example op than the op itself does.
 - Eval batches are padded, never dropped, and every process yields the same number of them, so
   metrics count each example exactly once and no host waits for another in a collective.
 """
@@ -265,17 +266,28 @@ def preprocess_example(example, data_config, *, train, seed=None):
 
   `seed` (int [2]) drives the training augmentation with stateless ops; eval is deterministic.
   """
+  prepared = _prepare_example(example, data_config)
+  images = augment_and_normalize(prepared["image"][None], data_config, train=train, seed=seed)
+  return {"image": images[0], "label": prepared["label"]}
+
+
+def _prepare_example(example, data_config):
+  """What must happen per example before batching: the channels, the size, the label."""
   check_data_config(data_config)
   image = _convert_channels(tf.cast(example["image"], tf.float32), data_config.channels)
   if data_config.image_size:
     image = _resize_smaller_side_and_center_crop(image, data_config.image_size)
-  if train and data_config.augment != "none":
-    image = _random_crop_and_flip(image, seed, flip=data_config.augment == "crop_flip")
   relabel = LABEL_MAPS[data_config.get("label_map", "identity")][1]
-  return {
-      "image": _normalize(image, data_config.normalization),
-      "label": relabel(tf.cast(example["label"], tf.int32)),
-  }
+  return {"image": image, "label": relabel(tf.cast(example["label"], tf.int32))}
+
+
+def augment_and_normalize(images, data_config, *, train, seed=None):
+  """A batch of prepared images (float32 pixels [B, H, W, C]) -> the model's input: with
+  `train`, the configured augmentation (seeded by `seed`, int [2]), then the normalisation.
+  Done on whole batches: per-example ops cost tf.data more in overhead than in arithmetic."""
+  if train and data_config.augment != "none":
+    images = _random_crop_and_flip(images, seed, flip=data_config.augment == "crop_flip")
+  return _normalize(images, data_config.normalization)
 
 
 def check_data_config(data_config):
@@ -358,18 +370,29 @@ def _resize_smaller_side_and_center_crop(image, size):
   return tf.image.resize_with_crop_or_pad(image, size, size)
 
 
-def _random_crop_and_flip(image, seed, flip):
-  """Pads each side by CROP_PADDING_FRACTION of the image and crops back at random (a random
-  translation); with `flip`, also mirrors half the images (natural images, never digits)."""
+def crop_padding(height, width):
+  """Pixels of zero padding per side for the random crop."""
+  return int(max(height, width) * CROP_PADDING_FRACTION)
+
+
+def _random_crop_and_flip(images, seed, flip):
+  """Pads each side of every image [B, H, W, C] by `crop_padding` pixels and crops back at an
+  offset of its own (a random translation); with `flip`, also mirrors about half the images
+  (natural images, never digits)."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-  shape = tf.shape(image)
-  padding = tf.cast(tf.cast(tf.reduce_max(shape[:2]), tf.float32) * CROP_PADDING_FRACTION, tf.int32)
-  padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-  cropped = tf.image.stateless_random_crop(padded, shape, seed=crop_seed)
-  cropped.set_shape(image.shape)
+  count, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+  padding = crop_padding(height, width)
+  padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+  offsets = tf.random.stateless_uniform([count, 2], crop_seed, minval=0, maxval=2 * padding + 1,
+                                        dtype=tf.int32)
+  rows = offsets[:, :1] + tf.range(height)[None]
+  columns = offsets[:, 1:] + tf.range(width)[None]
+  cropped = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2,
+                      batch_dims=1)
   if not flip:
     return cropped
-  return tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
+  mirrored = tf.random.stateless_uniform([count], flip_seed) < 0.5
+  return tf.where(mirrored[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
 
 
 def _normalize(image, normalization):
@@ -493,6 +516,10 @@ class DataStream:
     processed = preprocess_example(decoded, self.data_config, train=train, seed=seed)
     return {**processed, "mask": tf.constant(1.0)}
 
+  def _decode_and_prepare(self, example):
+    image = self.builder.info.features["image"].decode_example(example["image"])
+    return _prepare_example({"image": image, "label": example["label"]}, self.data_config)
+
   def _training_dataset(self, seed, process_index):
     # No autocache: a cache in front of the shuffle would be written into every checkpoint.
     dataset = self._read_encoded(shuffle_files=True, seed=seed, try_autocache=False)
@@ -501,15 +528,19 @@ class DataStream:
                               seed=seed,
                               reshuffle_each_iteration=True).repeat()
     process_seed = tf.constant([seed, process_index], tf.int64)
-
-    def preprocess_with_own_seed(example_count, example):
-      example_seed = tf.random.experimental.stateless_fold_in(process_seed, example_count)
-      return self._decode_and_preprocess(example, train=True, seed=example_seed)
-
-    dataset = dataset.enumerate().map(_traced(preprocess_with_own_seed),
-                                      num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(_traced(self._decode_and_prepare), num_parallel_calls=tf.data.AUTOTUNE)
     _check_fixed_image_shape(dataset.element_spec)
-    return dataset.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def augment_with_own_seed(batch_count, batch):
+      batch_seed = tf.random.experimental.stateless_fold_in(process_seed, batch_count)
+      images = augment_and_normalize(batch["image"], self.data_config, train=True,
+                                     seed=batch_seed)
+      return {"image": images, "label": batch["label"],
+              "mask": tf.ones([self.batch_size], tf.float32)}
+
+    dataset = dataset.batch(self.batch_size, drop_remainder=True).enumerate()
+    return dataset.map(_traced(augment_with_own_seed),
+                       num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
   def _eval_dataset(self):
     dataset = self._read_encoded(shuffle_files=False, seed=None, try_autocache=True)

@@ -96,6 +96,8 @@ def available():
 def depthwise3x3_kernel_grad(x, dy):
   """dkernel[i, j, c] = sum over n, h, w of x[n, h + i - 1, w + j - 1, c] * dy[n, h, w, c]
   (x zero outside the image): the kernel gradient of a 3x3 depthwise convolution, stride 1,
-  SAME padding, NHWC. Needs available()."""
+  SAME padding, NHWC."""
+  if not available():
+    raise RuntimeError("The CPU depthwise kernel could not be built (the log says why).")
   result = jax.ShapeDtypeStruct((3, 3, x.shape[-1]), x.dtype)
   return jax.ffi.ffi_call(TARGET, result, vmap_method="sequential")(x, dy)
