@@ -3,7 +3,7 @@
 The pipeline is the trainer's own (`train/context.make_streams` over the embedded digits:
 decode, random crop, normalise, batch); the step is the trainer's model at the config's shape
 (benchmarks/common.TrainStep, RMSProp). Rounds alternate: a round takes `--batches` batches from
-the stream, then times `--steps` steps. The pipeline must deliver batches several times faster
+the stream, waits for tf.data's background prefetching to finish, then times `--steps` steps. The pipeline must deliver batches several times faster
 than the step consumes them, or the accelerator waits.
 
   python benchmarks/input_pipeline.py [--config configs/digits.py] [--data_dir DIR]
@@ -17,6 +17,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+
+SETTLE_S = 3.0
 
 
 def parse_args(argv=None):
@@ -71,6 +73,9 @@ def main(argv=None):
   step.run(1)
   for _ in range(args.rounds):
     times["pipeline"].append(take(args.batches))
+    # tf.data refills its prefetch buffers in the background after a round; let it finish, so
+    # the steps are not timed against it.
+    time.sleep(SETTLE_S)
     times["step"].append(step.run(args.steps))
   batch_s, step_s = common.median(times["pipeline"]), common.median(times["step"])
   print(f"config {args.config}: batch {batch_size} of {first['image'].shape[1:]} images, "

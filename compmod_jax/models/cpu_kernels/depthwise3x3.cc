@@ -70,77 +70,6 @@ void KernelGrad(const T* x, const T* dy, int64_t batch, int64_t height, int64_t 
   }
 }
 
-// out[n, h, w, c] = sum_{i, j} x[n, h + i - 1, w + j - 1, c] * kernel[i, j, c] (x zero outside):
-// the forward pass, and with the kernel flipped in both axes the input gradient.
-template <typename T>
-void CorrelateBatches(const T* x, const T* kernel, int64_t n_begin, int64_t n_end,
-                      int64_t height, int64_t width, int64_t channels, T* out) {
-  const int64_t row = width * channels;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const T* x_image = x + n * height * row;
-    T* out_image = out + n * height * row;
-    for (int64_t h = 0; h < height; ++h) {
-      T* o_row = out_image + h * row;
-      std::fill(o_row, o_row + row, T(0));
-      for (int64_t i = 0; i < 3; ++i) {
-        const int64_t source_h = h + i - 1;
-        if (source_h < 0 || source_h >= height) continue;
-        const T* x_row = x_image + source_h * row;
-        for (int64_t w = 0; w < width; ++w) {
-          T* o = o_row + w * channels;
-          for (int64_t j = 0; j < 3; ++j) {
-            const int64_t source_w = w + j - 1;
-            if (source_w < 0 || source_w >= width) continue;
-            const T* v = x_row + source_w * channels;
-            const T* k = kernel + (i * 3 + j) * channels;
-            for (int64_t c = 0; c < channels; ++c) o[c] += v[c] * k[c];
-          }
-        }
-      }
-    }
-  }
-}
-
-template <typename T>
-void Correlate(const T* x, const T* kernel, int64_t batch, int64_t height, int64_t width,
-               int64_t channels, T* out) {
-  const int64_t work = batch * height * width * 9 * channels;
-  const int64_t hardware = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t threads = std::clamp<int64_t>(work / (1 << 16), 1, std::min(hardware, batch));
-  std::vector<std::thread> workers;
-  auto chunk = [&](int64_t t) {
-    CorrelateBatches(x, kernel, batch * t / threads, batch * (t + 1) / threads, height, width,
-                     channels, out);
-  };
-  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(chunk, t);
-  chunk(0);
-  for (auto& worker : workers) worker.join();
-}
-
-ffi::Error Depthwise3x3(ffi::AnyBuffer x, ffi::AnyBuffer kernel,
-                        ffi::Result<ffi::AnyBuffer> out) {
-  auto dims = x.dimensions();
-  if (dims.size() != 4) return ffi::Error::InvalidArgument("depthwise3x3: x must be NHWC");
-  const int64_t batch = dims[0], height = dims[1], width = dims[2], channels = dims[3];
-  if (kernel.element_count() != static_cast<size_t>(9 * channels) ||
-      out->element_count() != x.element_count() || kernel.element_type() != x.element_type() ||
-      out->element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument("depthwise3x3: the kernel must be [3, 3, C]");
-  }
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      Correlate(x.typed_data<float>(), kernel.typed_data<float>(), batch, height, width,
-                channels, out->typed_data<float>());
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      Correlate(x.typed_data<double>(), kernel.typed_data<double>(), batch, height, width,
-                channels, out->typed_data<double>());
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("depthwise3x3: float32 and float64 only");
-  }
-}
-
 ffi::Error DepthwiseKernelGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                ffi::Result<ffi::AnyBuffer> dkernel) {
   auto dims = x.dimensions();
@@ -172,12 +101,6 @@ ffi::Error DepthwiseKernelGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CompmodDepthwise3x3KernelGrad, DepthwiseKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CompmodDepthwise3x3, Depthwise3x3,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
