@@ -77,6 +77,31 @@ def tiny_spec(**overrides):
                      patch_size=4, depth_multiplier=0.2, expansion=2, **overrides)
 
 
+def network_loss(spec, variables, images, labels):
+  logits, _ = CompositionalIsometricNet(spec).apply(
+      variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@needs_kernel
+def test_the_networks_gradient_is_the_same_with_the_kernel_in_float64():
+  """The whole training loss (templates mixed by xi, BN in training mode, SE, dropout) through
+  the kernel and through the shifted copies: equal values and parameter gradients."""
+  with jax.enable_x64(True):
+    images = jax.random.normal(jax.random.key(1), (4, 16, 16, 1), jnp.float64)
+    labels = jnp.arange(4) % 10
+    variables = CompositionalIsometricNet(tiny_spec()).init(jax.random.key(0), images)
+    results = {impl: jax.value_and_grad(
+        lambda p, impl=impl: network_loss(tiny_spec(conv_impl=impl), {**variables, "params": p},
+                                          images, labels))(variables["params"])
+               for impl in ("shifted", "cpu_kernel")}
+    np.testing.assert_allclose(results["cpu_kernel"][0], results["shifted"][0], rtol=1e-12)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
+                 results["cpu_kernel"][1], results["shifted"][1])
+    depthwise = results["cpu_kernel"][1]["templates"]["depthwise_kernel"]
+    assert depthwise.dtype == jnp.float64 and np.abs(depthwise).max() > 0
+
+
 def test_without_a_compiler_the_model_falls_back_with_one_log_line_and_still_trains(
     monkeypatch, tmp_path, caplog):
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
@@ -91,15 +116,12 @@ def test_without_a_compiler_the_model_falls_back_with_one_log_line_and_still_tra
     with pytest.raises(ValueError, match=r"config\.model\.conv_impl='cpu_kernel' needs its C\+\+ "
                                          r"kernel, which could not be built.*'auto' or 'shifted'"):
       tiny_spec(conv_impl="cpu_kernel")
-    model = CompositionalIsometricNet(tiny_spec())
     images = jax.random.normal(jax.random.key(1), (16, 16, 16, 1))
     labels = jnp.arange(16) % 10
-    variables = model.init(jax.random.key(0), images)
+    variables = CompositionalIsometricNet(tiny_spec()).init(jax.random.key(0), images)
 
     def loss(params):
-      logits, _ = model.apply({**variables, "params": params}, images, train=True,
-                              mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return network_loss(tiny_spec(), {**variables, "params": params}, images, labels)
 
     assert cpu_kernels.TARGET not in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
     optimizer = optax.adam(1e-2)

@@ -1,7 +1,7 @@
 r"""Tables over finished runs, from their results.json files.
 
   python -m compmod_jax.analysis.tables transfer workdirs/transfer_* [--task=uci_digits]
-  python -m compmod_jax.analysis.tables da workdirs/da_mnist/* --out=workdirs/table3_mnist
+  python -m compmod_jax.analysis.tables da workdirs/da_auto/* --out=workdirs/table3_auto
   python -m compmod_jax.analysis.tables domains workdirs/table12/* --out=workdirs/table12
   python -m compmod_jax.analysis.tables signatures workdirs/signatures/*.hard --out=...
 
