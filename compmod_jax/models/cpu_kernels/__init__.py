@@ -7,8 +7,8 @@ compiler (`$CXX`, else `c++`) against the FFI headers that ship with jaxlib, onc
 jax version, compiler and CPU, into `$COMPMOD_KERNEL_CACHE` (default
 `~/.cache/compmod_jax/kernels`); the file appears by an atomic rename, so processes that build
 it at the same time do not see half a library. Where it cannot be built or loaded (no compiler,
-a read-only cache, another platform), `available()` is False, one log line says why, and the
-model falls back to XLA's formulation (models/ops.py).
+a failed build, a read-only cache), `available()` is False, one log line says why, and the
+model falls back to XLA's formulation (models/ops.py). It runs on the CPU backend only.
 """
 import ctypes
 import functools
