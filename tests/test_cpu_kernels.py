@@ -125,11 +125,16 @@ def test_without_a_compiler_the_model_falls_back_with_one_log_line_and_still_tra
 
     assert cpu_kernels.TARGET not in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
     optimizer = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, state):
+      updates, state = optimizer.update(jax.grad(loss)(params), state)
+      return optax.apply_updates(params, updates), state
+
     params, state = variables["params"], optimizer.init(variables["params"])
     first = float(loss(params))
     for _ in range(20):
-      updates, state = optimizer.update(jax.grad(loss)(params), state)
-      params = optax.apply_updates(params, updates)
+      params, state = step(params, state)
     assert float(loss(params)) < 0.5 * first
   finally:
     cpu_kernels.available.cache_clear()  # later tests build or find the kernel again
