@@ -92,12 +92,10 @@ def transfer_table(workdirs, task=None):
 
 def da_results(workdirs):
   """(xi_init, {method: {model: {seed: target test accuracy}}}, {model: sources copied}) of
-  domain-adaptation runs; each
-  run's target, method, model and seed come from its config.json (config.adaptation; a
-  trainable set other than the model's default, adaptation.TABLE3_MODELS, is added to the
-  method's name). All runs
-  must start from the same target variables (config.xi_init): cells compare methods, not
-  starting points."""
+  domain-adaptation runs; each run's target, method, model and seed come from its config.json
+  (config.adaptation; a trainable set other than the model's default,
+  adaptation.TABLE3_MODELS, is added to the method's name). All runs must start from the same
+  target variables (config.xi_init): cells compare methods, not starting points."""
   table, starts, copied = {}, {}, {}
   for workdir in workdirs:
     results, config = read_results(workdir), read_config(workdir)

@@ -204,8 +204,9 @@ def _validate(spec):
   _choice("input_adapter", spec.input_adapter, INPUT_ADAPTER_MODES)
   _choice("layer_iteration", spec.layer_iteration, LAYER_ITERATIONS)
   _choice("conv_impl", spec.conv_impl, ops.CONV_IMPLS + ("auto",))
-  if ops.conv_impl_problem(spec.conv_impl):
-    raise ValueError(f"config.model.{ops.conv_impl_problem(spec.conv_impl)}.")
+  problem = ops.conv_impl_problem(spec.conv_impl)
+  if problem:
+    raise ValueError(f"config.model.{problem}.")
   if spec.signature == "explicit":
     _validate_explicit_signature(spec)
   if spec.shared_mixture_layers:
