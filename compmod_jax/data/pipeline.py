@@ -510,15 +510,14 @@ class DataStream:
     return dataset.map(_traced(renumber)).filter(
         _traced(lambda example: example["label"] >= 0))
 
-  def _decode_and_preprocess(self, example, train, seed=None):
-    image = self.builder.info.features["image"].decode_example(example["image"])
-    decoded = {"image": image, "label": example["label"]}
-    processed = preprocess_example(decoded, self.data_config, train=train, seed=seed)
-    return {**processed, "mask": tf.constant(1.0)}
-
   def _decode_and_prepare(self, example):
     image = self.builder.info.features["image"].decode_example(example["image"])
     return _prepare_example({"image": image, "label": example["label"]}, self.data_config)
+
+  def _decode_for_eval(self, example):
+    prepared = self._decode_and_prepare(example)
+    return {"image": _normalize(prepared["image"], self.data_config.normalization),
+            "label": prepared["label"], "mask": tf.constant(1.0)}
 
   def _training_dataset(self, seed, process_index):
     # No autocache: a cache in front of the shuffle would be written into every checkpoint.
@@ -544,7 +543,7 @@ class DataStream:
 
   def _eval_dataset(self):
     dataset = self._read_encoded(shuffle_files=False, seed=None, try_autocache=True)
-    dataset = dataset.map(_traced(lambda example: self._decode_and_preprocess(example, False)),
+    dataset = dataset.map(_traced(self._decode_for_eval),
                           num_parallel_calls=tf.data.AUTOTUNE)
     _check_fixed_image_shape(dataset.element_spec)
     padding = tf.data.Dataset.from_tensors(_zero_example(dataset.element_spec)).repeat()

@@ -166,8 +166,8 @@ def from_pretrained(ctx, state, source, trainable):
 
 def _check_kept_tasks(ctx, trainable, params, kept):
   """A preset promises to keep the checkpoint's other tasks as they were: refused, before
-  anything is evaluated or trained, when it would train what they share; '' (lr_multipliers alone) and 'all'
-  only warn, since changing everything is what they ask for."""
+  anything is evaluated or trained, when it would train what they share; '' (lr_multipliers
+  alone) and 'all' only warn, since changing everything is what they ask for."""
   problem = optim.kept_tasks_problem(trainable, params, ctx.config, ctx.model.spec, ctx.method,
                                      kept)
   if problem and ctx.config.trainable in ("", "all"):

@@ -89,7 +89,8 @@ def validate(config, check_memory=True):
   params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   optim.check_trainable(params, config, model.spec, method)
   if check_memory:
-    _check_memory(config, model.spec, params, sum(batch_sizes.values()) // device_count)
+    _check_memory(config, model.spec, params,
+                  max(1, sum(batch_sizes.values()) // device_count))
 
 
 def memory_lower_bound(config, spec, params, examples):
@@ -104,8 +105,7 @@ def memory_lower_bound(config, spec, params, examples):
   copies = 3 + (config.ema_decay > 0)
   side = -(-(config.data.image_size or 4 * spec.patch_size) // spec.patch_size)
   per_example = side * side * (spec.width + 2 * spec.expanded) * spec.num_layers * 4
-  parts = {"parameters": copies * parameter_bytes,
-           "activations": max(1, examples) * per_example}
+  parts = {"parameters": copies * parameter_bytes, "activations": examples * per_example}
   return sum(parts.values()), parts
 
 
