@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorstore as ts
 
 from compmod_jax.data import pipeline
-from compmod_jax.train import checkpoint, loop, nonfinite, pretrained, steps
+from compmod_jax.train import checkpoint, loop, nonfinite, preemption, pretrained, steps
 from helpers import REPO, built_once_per_run, free_port, read_checkpoint, subprocess_env
 from helpers import tiny_digits
 
@@ -209,6 +209,16 @@ def test_ctrl_c_or_a_second_sigterm_stops_the_run_within_seconds_leaving_nothing
   assert not half_written(workdir)
   json.loads((workdir / "config.json").read_text())  # complete
   assert set(committed_steps(workdir)) <= {2}  # nothing but what was saved before the signal
+
+
+def test_ctrl_c_during_training_unwinds_at_the_step_boundary_not_inside_the_input_pipeline():
+  """The handler runs wherever the main thread is, tf.data's C++ included (it runs Python's
+  handlers while it waits for a batch): it only marks the run; stop_at raises."""
+  with preemption.PreemptionWatcher() as watcher:
+    assert not watcher.stop_at(1)
+    watcher._in_main_thread(signal.SIGINT, None)  # what Python runs on Ctrl-C: no raise here
+    with pytest.raises(KeyboardInterrupt):
+      watcher.stop_at(2)
 
 
 @pytest.mark.slow
