@@ -102,8 +102,8 @@ def _depthwise_conv3x3_shifted(x, kernel):
 
 def _depthwise_conv3x3_windows(x, kernel):
   # The same sums as nine windows of one zero-padded copy, which XLA:CPU fuses into one faster
-  # loop: 0.92x (7x7) and 0.94x (14x14) the whole step under the one-pass kernel gradient. Not
-  # differentiated: its autodiff made the step 1.4x slower (benchmarks/README.md).
+  # loop: 0.92-0.98x (7x7) and 0.91-0.94x (14x14) the whole step under the one-pass kernel
+  # gradient. Not differentiated: its autodiff made the step 1.4x slower (benchmarks/README.md).
   height, width = x.shape[1:3]
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   rows = [sum(padded[:, i:i + height, j:j + width] * kernel[i, j] for j in range(3))
