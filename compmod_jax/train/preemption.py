@@ -20,7 +20,7 @@ During training, SIGINT raises KeyboardInterrupt in the main thread at the next 
 so an asynchronous save in flight is finished before the process ends. Not at once, wherever
 the main thread is: tf.data's C++ runs Python's signal handlers while it waits for a batch, and
 a KeyboardInterrupt raised there cancels the read half-way, which corrupted the heap (glibc's
-`free(): invalid next size`, an abort instead of exit 130, in 4 of 10 tries).
+`free(): invalid next size`, an abort instead of exit 130, in 4 of 8 tries).
 """
 import os
 import signal
