@@ -13,7 +13,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from compmod_jax.data.embedded_digits import EmbeddedDigits  # noqa: E402  (registers the builder)
 from compmod_jax.data.pipeline import (  # noqa: E402
     DataStream, DatasetNotFoundError, dataset_size, default_data_config, get_builder, num_classes,
-    preprocess_example,
 )
 
 __all__ = [
@@ -24,5 +23,4 @@ __all__ = [
     "default_data_config",
     "get_builder",
     "num_classes",
-    "preprocess_example",
 ]

@@ -261,16 +261,6 @@ def dataset_size(builder, split):
   return builder.info.splits[split].num_examples
 
 
-def preprocess_example(example, data_config, *, train, seed=None):
-  """Maps a decoded {'image': uint8 [H, W, C], 'label'} to {'image': float32, 'label': int32}.
-
-  `seed` (int [2]) drives the training augmentation with stateless ops; eval is deterministic.
-  """
-  prepared = _prepare_example(example, data_config)
-  images = augment_and_normalize(prepared["image"][None], data_config, train=train, seed=seed)
-  return {"image": images[0], "label": prepared["label"]}
-
-
 def _prepare_example(example, data_config):
   """What must happen per example before batching: the channels, the size, the label."""
   check_data_config(data_config)
