@@ -613,6 +613,12 @@ BAD_CONFIGS = {
                                 r"config\.model\.layer_iteration must be one of \('auto'"),
     "unknown_conv_impl": ({"model.conv_impl": "cudnn"}, ValueError,
                           r"config\.model\.conv_impl must be one of \('shifted'"),
+    "unknown_compute_dtype": ({"model.compute_dtype": "float16"}, ValueError,
+                              r"config\.model\.compute_dtype must be one of \('float32', "
+                              r"'bfloat16'\), got 'float16'"),
+    "unknown_remat": ({"model.remat": "all"}, ValueError,
+                      r"config\.model\.remat must be one of \('none', 'full', 'dots'\), "
+                      r"got 'all'"),
     "unknown_mixture_init": ({"model.mixture_init": "ones"}, ValueError,
                              r"config\.model\.mixture_init must be one of \('normal'"),
     "unknown_schedule": ({"optimizer.schedule": "step"}, ValueError,

@@ -32,6 +32,18 @@ BATCH_NORM_MODES = ("per_layer", "per_task", "mixed")
 # baseline tunes the target's adapter alone (paper §4.4), while the sources keep theirs.
 INPUT_ADAPTER_MODES = ("shared", "per_task")
 LAYER_ITERATIONS = ("auto", "loop", "scan")
+# The dtype of activations and of the convolutions' inputs and kernels (config.model.compute_dtype).
+# Parameters, optimizer state, EMA, BN statistics, the softmax of xi and the mixing of the
+# templates stay float32 (the mixed kernels are cast after mixing), and so do the logits, the
+# features the methods read, losses and metrics: bfloat16 halves the activation bytes a step
+# keeps and moves, without the small template gradients and xi updates losing their precision.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Rematerialisation of each layer for the backward pass (config.model.remat): "none" keeps every
+# intermediate activation; "full" keeps only each layer's input and recomputes the rest of the
+# layer; "dots" also keeps the outputs of its matmuls and convolutions (the 1x1 expand and
+# project, and the native depthwise convolution), recomputing only the elementwise work.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_saveable}
 # Below this depth a Python loop over layers compiles quickly enough and gives the faster CPU
 # step; deeper models use lax.scan so that compile time stays nearly flat (benchmarks/depth.py).
 AUTO_SCAN_MIN_LAYERS = 24
@@ -70,6 +82,8 @@ class NetworkSpec:
   layer_iteration: str = "auto"
   scan_unroll: int = 1
   conv_impl: str = "auto"
+  compute_dtype: str = "float32"
+  remat: str = "none"
   bn_momentum: float = 0.99
   bn_eps: float = 1e-3
 
@@ -124,6 +138,11 @@ class NetworkSpec:
     signature = templates.build_signature(self.signature, self.num_layers, self.bank_size,
                                           self.explicit_signature, self.signature_seed)
     return (signature,) * len(self.tasks)
+
+  @property
+  def dtype(self):
+    """The jnp dtype of activations and convolutions (COMPUTE_DTYPES)."""
+    return COMPUTE_DTYPES[self.compute_dtype]
 
   @property
   def uses_scan(self):
@@ -204,6 +223,8 @@ def _validate(spec):
   _choice("input_adapter", spec.input_adapter, INPUT_ADAPTER_MODES)
   _choice("layer_iteration", spec.layer_iteration, LAYER_ITERATIONS)
   _choice("conv_impl", spec.conv_impl, ops.CONV_IMPLS + ("auto",))
+  _choice("compute_dtype", spec.compute_dtype, COMPUTE_DTYPES)
+  _choice("remat", spec.remat, REMAT_POLICIES)
   problem = ops.conv_impl_problem(spec.conv_impl)
   if problem:
     raise ValueError(f"config.model.{problem}.")
@@ -281,31 +302,39 @@ class CompositionalIsometricNet(nn.Module):
 
   def __call__(self, images, task=0, train=False):
     """Logits of `task` for NHWC images. In training, updates that task's BN statistics."""
-    embedding = self.dropout(self.embedding(images, task, train), deterministic=not train)
-    head = self.heads[self.spec.tasks[self.spec.task_index(task)][0]]
-    return embedding @ head["kernel"] + head["bias"]
+    embedding = self.dropout(self._embed(self._body(images, task, train, True)[0]),
+                             deterministic=not train)
+    head = _cast(self.heads[self.spec.tasks[self.spec.task_index(task)][0]], self.spec.dtype)
+    return (embedding @ head["kernel"] + head["bias"]).astype(jnp.float32)
 
   def embedding(self, images, task=0, train=False):
-    """Output of the output adapter (what the heads read, before dropout), [N, c2]."""
-    return self.embed(self.body_features(images, task, train))
+    """Output of the output adapter (what the heads read, before dropout), [N, c2], float32."""
+    return self._embed(self._body(images, task, train, True)[0]).astype(jnp.float32)
 
   def body_features(self, images, task=0, train=False, update_stats=True):
-    """Output of the last block (the input of the output adapter), [N, H', W', C]; with
-    update_stats=False, also the blocks' batch statistics (see batch_statistics)."""
+    """Output of the last block (the input of the output adapter), [N, H', W', C], float32;
+    with update_stats=False, also the blocks' batch statistics (see batch_statistics)."""
+    features, batch_stats = self._body(images, task, train, update_stats)
+    features = features.astype(jnp.float32)
+    return features if update_stats else (features, batch_stats)
+
+  def _body(self, images, task, train, update_stats):
+    """(output of the last block in the compute dtype, the blocks' batch statistics)."""
     act = ops.ACTIVATIONS[self.spec.activation]
     task_index = self.spec.task_index(task)
     adapter = self.input_adapter
     if self.spec.input_adapter == "per_task":
       adapter = jax.tree.map(lambda p: p[task_index], adapter)
-    x = act(ops.patchify_conv(images, adapter["kernel"], adapter["bias"]))
-    features, batch_stats = self._run_blocks(x, task_index, train, update_stats)
-    return features if update_stats else (features, batch_stats)
+    adapter = _cast(adapter, self.spec.dtype)
+    x = act(ops.patchify_conv(images.astype(self.spec.dtype), adapter["kernel"],
+                              adapter["bias"]))
+    return self._run_blocks(x, task_index, train, update_stats)
 
-  def embed(self, features):
-    """Output adapter: 1x1 conv + act, global average pool, dense + act."""
+  def _embed(self, features):
+    """Output adapter: 1x1 conv + act, global average pool, dense + act (compute dtype)."""
     act = ops.ACTIVATIONS[self.spec.activation]
-    p = self.output_adapter
-    h = act(ops.conv1x1(features, p["conv_kernel"]) + p["conv_bias"])
+    p = _cast(self.output_adapter, self.spec.dtype)
+    h = act(ops.conv1x1(features.astype(self.spec.dtype), p["conv_kernel"]) + p["conv_bias"])
     return act(jnp.mean(h, axis=(1, 2)) @ p["dense_kernel"] + p["dense_bias"])
 
   def layer_parameters(self, task_index):
@@ -348,6 +377,7 @@ class CompositionalIsometricNet(nn.Module):
     ones when `update_stats`)."""
     spec = self.spec
     layer_params, bn = self.layer_parameters(task_index)
+    layer_params = _cast(layer_params, spec.dtype)  # mixed in float32, then cast
     stats = jax.tree.map(lambda s: s[task_index], self.bn_stats.value)
     skip = x if spec.input_skip else None
 
@@ -358,6 +388,11 @@ class CompositionalIsometricNet(nn.Module):
           activation=ops.ACTIVATIONS[spec.activation],
           conv_impl=ops.resolve_conv_impl(spec.conv_impl), bn_eps=spec.bn_eps)
 
+    if REMAT_POLICIES[spec.remat] is not None:
+      # Under scan the loop already keeps the recomputation apart from the forward pass, so
+      # common-subexpression elimination needs no barrier (jax.checkpoint's docs).
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[spec.remat],
+                             prevent_cse=not spec.uses_scan)
     per_layer = (layer_params, bn, stats)
     if spec.uses_scan:
       x, batch_stats = jax.lax.scan(block, x, per_layer, unroll=spec.scan_unroll)
@@ -400,6 +435,11 @@ class CompositionalIsometricNet(nn.Module):
     if spec.batch_norm == "mixed":
       bank["bn"] = _init_bn_params(None, self._bn_channels(), (spec.bank_size,))
     return bank
+
+
+def _cast(tree, dtype):
+  """A tree of float32 parameters in the compute dtype (unchanged for float32)."""
+  return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
 def _init_own_mixture_logits(key, spec, shape):

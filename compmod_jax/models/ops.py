@@ -153,14 +153,17 @@ def _batch_norm_train(x, scale, bias, eps, relu):
 
 
 def _batch_norm_forward(x, scale, bias, eps, relu):
+  # Statistics and normalisation in float32 whatever the compute dtype (a bfloat16 sum of
+  # squares over a batch loses the variance); the output goes back to x's dtype.
   axes = tuple(range(x.ndim - 1))
-  mean = jnp.mean(x, axis=axes)
-  var = jnp.maximum(jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean), 0.0)
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=axes)
+  var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes) - jnp.square(mean), 0.0)
   inv_std = jax.lax.rsqrt(var + eps)
-  y = (x - mean) * (inv_std * scale) + bias
+  y = (x32 - mean) * (inv_std * scale) + bias
   if relu:
     y = jnp.maximum(y, 0.0)
-  return y, mean, var, inv_std
+  return y.astype(x.dtype), mean, var, inv_std
 
 
 def _batch_norm_fwd(x, scale, bias, eps, relu):
@@ -171,21 +174,23 @@ def _batch_norm_fwd(x, scale, bias, eps, relu):
 def _batch_norm_bwd(eps, relu, residuals, cotangents):
   del eps
   x, y, mean, inv_std, scale = residuals
-  dy = cotangents[0]
+  dy = cotangents[0].astype(jnp.float32)
   if relu:
     dy = jnp.where(y > 0, dy, 0.0)
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
-  x_hat = (x - mean) * inv_std
+  x_hat = (x.astype(jnp.float32) - mean) * inv_std
   dbias = jnp.sum(dy, axis=axes)
   dscale = jnp.sum(dy * x_hat, axis=axes)
   dx = (scale * inv_std) * (dy - (dbias + x_hat * dscale) / count)
-  return dx, dscale, dbias
+  return dx.astype(x.dtype), dscale, dbias
 
 
 _batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def batch_norm_eval(x, scale, bias, mean, var, eps):
-  """Batch norm with moving statistics (inference)."""
-  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+  """Batch norm with moving statistics (inference), computed in float32, returned in x's
+  dtype."""
+  y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+  return y.astype(x.dtype)

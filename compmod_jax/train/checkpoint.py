@@ -25,10 +25,12 @@ from jax.experimental import multihost_utils
 
 from compmod_jax.train import nonfinite
 
-# Keys that only change how a run reports, saves or guards itself, not what it computes: a
-# resumed run may change them. Any other difference from the checkpoint's config is refused.
+# Keys that only change how a run reports, saves, compiles or guards itself, or the precision
+# and memory of its step, not the model it learns: a resumed run may change them (in a
+# pretraining config too). Any other difference from the checkpoint's config is refused.
 RUN_CONTROL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "data.data_dir", "max_nonfinite_skips", "on_corrupt_checkpoint")
+                    "data.data_dir", "max_nonfinite_skips", "on_corrupt_checkpoint",
+                    "compilation_cache_dir", "model.compute_dtype", "model.remat")
 # What orbax appends to the directory of a step while it is being written.
 HALF_WRITTEN_MARK = ".orbax-checkpoint-tmp"
 
@@ -277,7 +279,11 @@ def config_conflicts(saved_config, config):
   new = traverse_util.flatten_dict(_jsonable(config.to_dict()), sep=".")
   keys = sorted(set(saved) | set(new))
   return [f"{key}: checkpoint has {saved.get(key)!r}, new config has {new.get(key)!r}"
-          for key in keys if key not in RUN_CONTROL_KEYS and saved.get(key) != new.get(key)]
+          for key in keys if not _run_control(key) and saved.get(key) != new.get(key)]
+
+
+def _run_control(key):
+  return any(key == name or key.endswith("." + name) for name in RUN_CONTROL_KEYS)
 
 
 def _jsonable(value):

@@ -5,6 +5,8 @@ of them share. The paper's training recipe (App. A.2): RMSProp, learning rate 0.
 keep 0.8, weight decay 1e-5 on kernels, evaluation with an exponential moving average of the
 weights. Every field is checked by `validation.validate` before any data is read.
 """
+import os
+
 import ml_collections
 
 from compmod_jax.data import pipeline
@@ -35,6 +37,10 @@ def base_config():
   # "fall_back" resumes from the newest good one (bad newer ones are moved to
   # <workdir>/corrupt_checkpoints); "refuse" stops with an error and changes nothing.
   config.on_corrupt_checkpoint = "fall_back"
+  # Compiled programs are kept here and reused by the next run of the same step (a restart
+  # after a preemption, the second run of a config): a local folder or a gs:// path; "" turns
+  # the cache off. Used by the commands (main, plan), not by train_and_evaluate itself.
+  config.compilation_cache_dir = default_compilation_cache_dir()
 
   # Preprocessing shared by all tasks (compmod_jax/data/pipeline.py).
   config.data = pipeline.default_data_config()
@@ -48,7 +54,12 @@ def base_config():
       mixture_init_scale=1.0, shared_mixture_layers=0, batch_norm="per_layer",
       input_adapter="shared", input_skip=False,
       layer_iteration="auto", scan_unroll=1, conv_impl="auto", bn_momentum=0.99,
-      bn_eps=1e-3))
+      bn_eps=1e-3,
+      # How the step computes, not what it learns: neither is part of a checkpoint's identity,
+      # so a run resumes or fine-tunes under other values (models/network.py says what each
+      # keeps in float32 and what each policy recomputes).
+      compute_dtype="float32",  # or "bfloat16": activations and convolutions
+      remat="none"))            # or "full", "dots": recompute each layer in the backward pass
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="rmsprop", learning_rate=0.02, schedule="cosine", warmup_steps=50,
@@ -86,6 +97,15 @@ def base_config():
   config.save_delta = False
   config.deltas = ()
   return config
+
+
+def default_compilation_cache_dir():
+  """$JAX_COMPILATION_CACHE_DIR when set (JAX's own variable), else a per-user folder:
+  $XDG_CACHE_HOME/compmod_jax/compilation_cache (~/.cache/... when XDG_CACHE_HOME is unset)."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache_home, "compmod_jax", "compilation_cache")
 
 
 def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="identity",
