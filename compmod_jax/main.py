@@ -10,6 +10,10 @@ jax.distributed first.
 import os
 import sys
 
+if __name__ == "__main__":  # before JAX and TensorFlow load, which a restart would load twice
+  from compmod_jax import fast_malloc
+  fast_malloc.restart_with_fast_malloc()
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
@@ -47,8 +51,11 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  results = cli.report_user_errors(
-      "compmod_jax.main", lambda: loop.train_and_evaluate(FLAGS.config, FLAGS.workdir))
+  def run_config():
+    cli.use_compilation_cache(FLAGS.config.compilation_cache_dir)
+    return loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+  results = cli.report_user_errors("compmod_jax.main", run_config)
   if results:
     for task, values in sorted(results["tasks"].items()):
       logging.info("final %s test accuracy: %.4f", task, values["test_accuracy"])
@@ -56,6 +63,8 @@ def main(argv):
 
 def run():
   """Console-script entry point (`compmod`)."""
+  from compmod_jax import fast_malloc
+  fast_malloc.restart_with_fast_malloc()
   cli.make_config_folder_importable(sys.argv)
   app.run(main, flags_parser=cli.parse_flags)
 

@@ -18,6 +18,9 @@ import pytest  # noqa: E402
 # COMPMOD_TEST_CACHE_DIR overrides it (CI points it at an empty folder, to measure a cold run).
 CACHE_DIR = os.environ.get("COMPMOD_TEST_CACHE_DIR") or os.path.join(
     tempfile.gettempdir(), f"compmod_jax_test_cache_{os.getuid()}")
+# JAX's own variable, which the configs' compilation_cache_dir defaults to: the commands that
+# tests start as subprocesses share this cache instead of the user's.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 # Every program, however quick to compile: a tiny run compiles ~30 small ones, which add up to

@@ -115,9 +115,15 @@ def _train(ctx, state, optimization, checkpointer, watcher, wall_time_before):
   results = report.read_results(ctx.workdir)
   train_iterators = {task: iter(stream) for task, stream in ctx.train_streams.items()}
   nonfinite_guard = nonfinite.NonFiniteGuard(config.max_nonfinite_skips)
-  for step in range(int(state.step) + 1, config.total_steps + 1):
+  first_step = int(state.step) + 1
+  for step in range(first_step, config.total_steps + 1):
     local_batch = {task: next(it) for task, it in train_iterators.items()}
     state, metrics = train_step(state, ctx.global_batch(local_batch))
+    if step == first_step:
+      jax.block_until_ready(metrics)
+      logging.info("First step (%d) done %.1f s after the loop started: compiling it (or "
+                   "reading it from config.compilation_cache_dir) and running it.", step,
+                   time.time() - started)
     nonfinite_guard.observe(step, metrics)
     pending_metrics.append(metrics)
     progress(step)

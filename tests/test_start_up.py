@@ -1,0 +1,93 @@
+"""What a command does before it trains: glibc's faster allocator settings (fast_malloc.py) and
+the persistent compilation cache (config.compilation_cache_dir)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from compmod_jax import cli, fast_malloc
+from compmod_jax.train import defaults
+from helpers import REPO, subprocess_env
+
+TUNED = ":".join(fast_malloc.TUNABLES)
+
+
+@pytest.mark.parametrize("environ, libc, expected", [
+    ({}, ("glibc", "2.36"), TUNED),
+    ({"PATH": "/bin"}, ("glibc", "2.35"), TUNED),
+    ({}, ("glibc", "2.34"), None),                         # no hugetlb tunable yet
+    ({}, ("", ""), None),                                  # musl, macOS: not glibc
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, ("glibc", "2.36"), None),  # the user's
+    ({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, ("glibc", "2.36"), None),
+    ({"COMPMOD_KEEP_MALLOC": "1"}, ("glibc", "2.36"), None),
+    ({fast_malloc.DONE: "1"}, ("glibc", "2.36"), None),     # already started again
+])
+def test_the_allocator_settings_are_chosen_only_where_nobody_chose(environ, libc, expected):
+  chosen = fast_malloc.environment(environ, libc)
+  if expected is None:
+    assert chosen is None
+  else:
+    assert chosen["GLIBC_TUNABLES"] == expected and chosen[fast_malloc.DONE] == "1"
+    assert {k: v for k, v in chosen.items() if k in environ} == environ  # nothing else changes
+
+
+def test_a_command_starts_itself_again_once_with_the_settings_and_its_arguments():
+  script = textwrap.dedent("""
+      import os, sys
+      print("started", sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), flush=True)
+      from compmod_jax import fast_malloc
+      fast_malloc.restart_with_fast_malloc()
+      print("running", sys.argv[1:], os.environ.get("GLIBC_TUNABLES"))
+  """)
+  env = {k: v for k, v in subprocess_env().items()
+         if k not in ("GLIBC_TUNABLES", fast_malloc.DONE, "COMPMOD_KEEP_MALLOC")}
+  result = subprocess.run([sys.executable, "-u", "-c", script, "--config=x"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+  assert result.stdout.splitlines() == [
+      "started ['--config=x'] None", f"started ['--config=x'] {TUNED}",
+      f"running ['--config=x'] {TUNED}"]
+
+
+def test_the_cache_directory_defaults_to_jax_s_variable_else_a_per_user_folder(monkeypatch):
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/jax")
+  assert defaults.base_config().compilation_cache_dir == "/somewhere/jax"
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  monkeypatch.setenv("XDG_CACHE_HOME", "/home/me/.cache")
+  assert defaults.base_config().compilation_cache_dir == (
+      "/home/me/.cache/compmod_jax/compilation_cache")
+
+
+def test_an_unusable_cache_directory_is_one_clear_error(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ValueError, match=r"config\.compilation_cache_dir=.*a_file/cache' cannot "
+                                       r"be created .*; give a writable folder, or '' to "
+                                       r"compile without a cache"):
+    cli.use_compilation_cache(str(tmp_path / "a_file" / "cache"))
+
+
+def test_a_second_process_reads_the_compiled_step_from_the_cache(tmp_path):
+  """Two processes compile the same program with the same cache folder: the first writes it,
+  the second reads it back instead of compiling ('' compiles without one)."""
+  script = textwrap.dedent("""
+      import sys
+      import jax, jax.numpy as jnp
+      from compmod_jax import cli
+      events = []
+      jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
+      cli.use_compilation_cache(sys.argv[1])
+      jax.jit(lambda x: jnp.tanh(x) @ x.T).lower(jnp.ones((64, 64))).compile()
+      print(events.count("/jax/compilation_cache/cache_hits"),
+            events.count("/jax/compilation_cache/cache_misses"))
+  """)
+  env = {k: v for k, v in subprocess_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  runs = [subprocess.run([sys.executable, "-c", script, folder], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+          for folder in (str(tmp_path / "cache"), str(tmp_path / "cache"), "")]
+  (first_hits, compiled), (second_hits, second_misses), (hits_without, misses_without) = [
+      [int(count) for count in run] for run in runs]
+  assert compiled >= 1 and first_hits == 0
+  assert (second_hits, second_misses) == (compiled, 0)  # every program read back
+  assert (hits_without, misses_without) == (0, 0)  # no cache asked
+  assert os.listdir(tmp_path / "cache")
