@@ -38,7 +38,9 @@ def get_config(arg=None):
   config.optimizer.update(learning_rate=0.04, warmup_steps=5_000)
   config.model.update(design="large", depth_multiplier=1.0, patch_size=8,
                       num_templates=args["K"], num_layers=args["L"],
-                      signature="plain" if args["K"] == args["L"] else args["signature"])
+                      signature="plain" if args["K"] == args["L"] else args["signature"],
+                      # What fits 1024 images on 8 chips of 16 GiB (see above).
+                      compute_dtype="bfloat16", remat="dots" if args["L"] > 16 else "none")
   if args["tiny"]:
     config.data.update(image_size=32, shuffle_buffer=64)
     config.model.update(design="small", depth_multiplier=0.2, patch_size=8,

@@ -1,6 +1,7 @@
 """python -m compmod_jax.plan: every pod config's sharded train step at its real shapes on 8
 devices, without data; one large-design config compiled, with its costs."""
 import json
+import re
 
 import jax
 import numpy as np
@@ -52,9 +53,42 @@ def test_the_plan_of_a_large_design_config_counts_what_it_compiled():
   assert result["flops_per_step"] == pytest.approx(8 * result["flops_per_step_per_device"])
   params_bytes = 4 * spec_params["total"]
   assert result["bytes_per_device"] > 3 * params_bytes  # params, EMA, optimizer state, ...
-  with pytest.raises(plan.PlanError, match=r"needs .* GiB per device .* more than "
-                                           r"--device_memory_gb=0.001: lower config.batch_size"):
-    plan.plan(config, device_memory_gb=0.001)
+  assert (result["compute_dtype"], result["remat"]) == ("bfloat16", "none")  # as configured
+  # What the forward pass keeps: at least each block's input, expansion and depthwise output,
+  # 2 bytes each in bfloat16.
+  assert result["saved_activation_bytes_per_device"] > 2 * 8 * 8 * 28 * 28 * (40 + 2 * 240)
+
+
+def test_precision_and_remat_shrink_what_the_step_keeps():
+  config = digits.get_config()
+  costs = {name: plan.step_cost(variant)[0]
+           for name, variant in plan.precision_variants(config).items()}
+  saved = {name: cost["saved_activation_bytes_per_device"] for name, cost in costs.items()}
+  # bfloat16 halves the activations (parameters and BN's float32 statistics stay).
+  assert 0.45 < saved["bfloat16"] / saved["float32"] < 0.6, saved
+  # remat=full keeps each layer's input only: 8 layers of 16 x 7 x 7 x 24 in bfloat16, plus
+  # the adapters' activations and the parameters the recomputation reads.
+  assert saved["bfloat16+remat=full"] < 0.1 * saved["bfloat16"], saved
+  flops = {name: cost["flops_per_step"] for name, cost in costs.items()}
+  assert flops["bfloat16+remat=full"] > 1.2 * flops["bfloat16"]  # the forward pass again
+
+
+def test_a_step_over_the_memory_limit_is_told_what_fits_and_the_largest_batch():
+  config = digits.get_config()  # 16 examples per device on 8 devices
+  needed = plan.step_cost(config)[0]["bytes_per_device"]
+  limit_gb = 0.6 * needed / 2**30
+  with pytest.raises(plan.PlanError) as refused:
+    plan.plan(config, device_memory_gb=limit_gb)
+  message = str(refused.value)
+  assert re.search(r"needs .* GiB per device .* more than --device_memory_gb=", message)
+  assert "--config.model.compute_dtype=float32 --config.model.remat=full" in message
+  assert "--config.model.compute_dtype=float32 --config.model.remat=none" not in message
+  largest = int(re.search(r"largest batch that fits is (\d+) examples per device: "
+                          r"--config.batch_size=(\d+)", message).group(2))
+  assert largest < config.batch_size and largest % 8 == 0
+  for batch_size, fits in ((largest, True), (largest + 8, False)):
+    config.batch_size = batch_size
+    assert (plan.step_cost(config)[0]["bytes_per_device"] <= limit_gb * 2**30) == fits
 
 
 def test_a_batch_that_does_not_divide_over_the_devices_is_refused():

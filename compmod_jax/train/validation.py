@@ -50,12 +50,13 @@ NUMBER_RANGES = {
 TASK_NUMBER_RANGES = {"weight": (0, INF, False, False), "sampling_weight": (0, INF, False, False)}
 
 
-def validate(config, check_memory=True):
+def validate(config, planning=False):
   """Raises a ValueError naming the first bad field (a pretraining config first).
-  check_memory=False skips the check against this machine's memory (`plan` sizes a step for
-  other devices)."""
+  planning=True checks a config for `plan`, which sizes a step for other devices (no check
+  against this machine's memory) and plans a config whose checkpoint is not here: a trainable
+  preset without config.init_from is then no mistake."""
   if config.get("pretrain"):
-    validate(config.pretrain, check_memory)
+    validate(config.pretrain, planning)
   device_count = jax.device_count()
   _check_numbers(config)
   _check_training(config, device_count)
@@ -66,7 +67,7 @@ def validate(config, check_memory=True):
   transfer.check_config(config)
   growth.check_config(config)
   deltas.check_config(config)
-  if config.trainable not in ("", "all") and not _starts_trained(config):
+  if config.trainable not in ("", "all") and not _starts_trained(config) and not planning:
     raise ValueError(f"config.trainable={config.trainable!r} freezes the rest of a freshly "
                      f"initialised model; set config.init_from=<pretrained workdir> (or "
                      f"trainable='' to train everything).")
@@ -88,7 +89,7 @@ def validate(config, check_memory=True):
   images = jnp.zeros((1, side, side, config.data.channels), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   optim.check_trainable(params, config, model.spec, method)
-  if check_memory:
+  if not planning:  # the plan's check is XLA's own estimate, for the target devices
     _check_memory(config, model.spec, params,
                   max(1, sum(batch_sizes.values()) // device_count))
 
@@ -230,7 +231,14 @@ def _check_splits(task, data_config):
   name = data_config.name
   folder_splits = None
   if image_folder.is_folder_name(name):  # listed, not read: its splits are its sub-folders
-    folder_splits = pipeline.dataset_builder(name, data_config.data_dir).split_names
+    try:
+      folder_splits = pipeline.dataset_builder(name, data_config.data_dir).split_names
+    except image_folder.ImageFolderError as error:
+      raise image_folder.ImageFolderError(
+          f"Task {task!r} reads its images from a folder (config.tasks.{task}.dataset="
+          f"{name!r}): {error} A config made for a dataset that users bring names its root as "
+          f"an argument, e.g. configs/office_caltech_da.py:folder=<root>; see the config's "
+          f"docstring for the layout.") from None
   for field in ("train_split", "eval_split"):
     problem = (catalog.missing_split(name, data_config[field], folder_splits)
                if folder_splits is not None else catalog.split_problem(name, data_config[field]))
