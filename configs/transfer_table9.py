@@ -23,6 +23,9 @@ paper's S/O column is best_source), tiny (a CPU smoke test).
 Paper (Table 9; random / accuracy-based / learned / S/O): digits, USPS fine-tuned 93.76 / 95.50
 / 95.95 / 95.81 and 96.05 / 96.37 / 96.61; DomainNet sketch init. 5.4 / 15.08 / 13.57 / 16.04,
 fine-tuned 14.76 / 16.44 / 15.90 / 15.46.
+
+Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 0.02 GiB
+(data=digits) and 0.30 GiB (data=domainnet) per device in float32.
 """
 import ml_collections
 

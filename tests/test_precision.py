@@ -121,7 +121,8 @@ def test_mixed_kernels_are_formed_in_float32_and_cast_after_mixing(monkeypatch):
   assert differs_from_bf16_mixing  # the comparison can tell the two orders apart
 
 
-def loss_and_grads(model_spec, variables, images, labels):
+def training_loss(model_spec, variables, images, labels):
+  """params -> task a's cross-entropy in training mode (batch statistics, dropout)."""
   model = CompositionalIsometricNet(model_spec)
 
   def loss(params):
@@ -130,6 +131,11 @@ def loss_and_grads(model_spec, variables, images, labels):
                             rngs={"dropout": jax.random.key(1)})
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
+  return loss
+
+
+def loss_and_grads(model_spec, variables, images, labels):
+  loss = training_loss(model_spec, variables, images, labels)
   return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
@@ -170,15 +176,8 @@ def test_remat_recomputes_in_the_backward_pass():
   temporaries = {}
   for remat in ("none", "full"):
     model_spec = spec(remat=remat, num_layers=6, layer_iteration="scan")
-    model = CompositionalIsometricNet(model_spec)
-    variables = model.init(jax.random.key(0), images)
-
-    def loss(params, model=model, variables=variables):
-      logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                              images, task="a", train=True, mutable=["batch_stats"],
-                              rngs={"dropout": jax.random.key(1)})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
+    variables = CompositionalIsometricNet(model_spec).init(jax.random.key(0), images)
+    loss = training_loss(model_spec, variables, images, labels)
     compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
     temporaries[remat] = compiled.memory_analysis().temp_size_in_bytes
   assert temporaries["full"] < 0.8 * temporaries["none"], temporaries

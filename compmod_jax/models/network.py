@@ -32,11 +32,12 @@ BATCH_NORM_MODES = ("per_layer", "per_task", "mixed")
 # baseline tunes the target's adapter alone (paper §4.4), while the sources keep theirs.
 INPUT_ADAPTER_MODES = ("shared", "per_task")
 LAYER_ITERATIONS = ("auto", "loop", "scan")
-# The dtype of activations and of the convolutions' inputs and kernels (config.model.compute_dtype).
-# Parameters, optimizer state, EMA, BN statistics, the softmax of xi and the mixing of the
-# templates stay float32 (the mixed kernels are cast after mixing), and so do the logits, the
-# features the methods read, losses and metrics: bfloat16 halves the activation bytes a step
-# keeps and moves, without the small template gradients and xi updates losing their precision.
+# The dtype of activations and of the convolutions' inputs and kernels
+# (config.model.compute_dtype). Parameters, optimizer state, EMA, BN statistics, the softmax of
+# xi and the mixing of the templates stay float32 (the mixed kernels are cast after mixing), and
+# so do the logits, the features the methods read, losses and metrics: bfloat16 halves the
+# activation bytes a step keeps and moves, without the small template gradients and xi updates
+# losing their precision.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rematerialisation of each layer for the backward pass (config.model.remat): "none" keeps every
 # intermediate activation; "full" keeps only each layer's input and recomputes the rest of the
