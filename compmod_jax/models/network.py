@@ -305,18 +305,18 @@ class CompositionalIsometricNet(nn.Module):
     """Logits of `task` for NHWC images. In training, updates that task's BN statistics."""
     embedding = self.dropout(self._embed(self._body(images, task, train, True)[0]),
                              deterministic=not train)
-    head = _cast(self.heads[self.spec.tasks[self.spec.task_index(task)][0]], self.spec.dtype)
-    return (embedding @ head["kernel"] + head["bias"]).astype(jnp.float32)
+    head = self._in_compute_dtype(self.heads[self.spec.tasks[self.spec.task_index(task)][0]])
+    return ops.at_least_float32(embedding @ head["kernel"] + head["bias"])
 
   def embedding(self, images, task=0, train=False):
     """Output of the output adapter (what the heads read, before dropout), [N, c2], float32."""
-    return self._embed(self._body(images, task, train, True)[0]).astype(jnp.float32)
+    return ops.at_least_float32(self._embed(self._body(images, task, train, True)[0]))
 
   def body_features(self, images, task=0, train=False, update_stats=True):
     """Output of the last block (the input of the output adapter), [N, H', W', C], float32;
     with update_stats=False, also the blocks' batch statistics (see batch_statistics)."""
     features, batch_stats = self._body(images, task, train, update_stats)
-    features = features.astype(jnp.float32)
+    features = ops.at_least_float32(features)
     return features if update_stats else (features, batch_stats)
 
   def _body(self, images, task, train, update_stats):
@@ -326,16 +326,15 @@ class CompositionalIsometricNet(nn.Module):
     adapter = self.input_adapter
     if self.spec.input_adapter == "per_task":
       adapter = jax.tree.map(lambda p: p[task_index], adapter)
-    adapter = _cast(adapter, self.spec.dtype)
-    x = act(ops.patchify_conv(images.astype(self.spec.dtype), adapter["kernel"],
-                              adapter["bias"]))
+    adapter, images = self._in_compute_dtype((adapter, images))
+    x = act(ops.patchify_conv(images, adapter["kernel"], adapter["bias"]))
     return self._run_blocks(x, task_index, train, update_stats)
 
   def _embed(self, features):
     """Output adapter: 1x1 conv + act, global average pool, dense + act (compute dtype)."""
     act = ops.ACTIVATIONS[self.spec.activation]
-    p = _cast(self.output_adapter, self.spec.dtype)
-    h = act(ops.conv1x1(features.astype(self.spec.dtype), p["conv_kernel"]) + p["conv_bias"])
+    p, features = self._in_compute_dtype((self.output_adapter, features))
+    h = act(ops.conv1x1(features, p["conv_kernel"]) + p["conv_bias"])
     return act(jnp.mean(h, axis=(1, 2)) @ p["dense_kernel"] + p["dense_bias"])
 
   def layer_parameters(self, task_index):
@@ -361,6 +360,13 @@ class CompositionalIsometricNet(nn.Module):
       return self.templates  # plain network: the bank already is per layer
     return templates.select_templates(signature, self.templates)
 
+  def _in_compute_dtype(self, tree):
+    """A tree of arrays in config.model.compute_dtype; as it is for "float32" (which leaves a
+    float64 input, under jax_enable_x64, in float64)."""
+    if self.spec.compute_dtype == "float32":
+      return tree
+    return jax.tree.map(lambda a: a.astype(self.spec.dtype), tree)
+
   def _mixture_params(self):
     params = {"mixture_logits": self.mixture_logits}
     if self.spec.shared_mixture_layers:
@@ -378,7 +384,7 @@ class CompositionalIsometricNet(nn.Module):
     ones when `update_stats`)."""
     spec = self.spec
     layer_params, bn = self.layer_parameters(task_index)
-    layer_params = _cast(layer_params, spec.dtype)  # mixed in float32, then cast
+    layer_params = self._in_compute_dtype(layer_params)  # mixed in float32, then cast
     stats = jax.tree.map(lambda s: s[task_index], self.bn_stats.value)
     skip = x if spec.input_skip else None
 
@@ -436,11 +442,6 @@ class CompositionalIsometricNet(nn.Module):
     if spec.batch_norm == "mixed":
       bank["bn"] = _init_bn_params(None, self._bn_channels(), (spec.bank_size,))
     return bank
-
-
-def _cast(tree, dtype):
-  """A tree of float32 parameters in the compute dtype (unchanged for float32)."""
-  return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
 def _init_own_mixture_logits(key, spec, shape):

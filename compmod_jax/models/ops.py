@@ -156,7 +156,7 @@ def _batch_norm_forward(x, scale, bias, eps, relu):
   # Statistics and normalisation in float32 whatever the compute dtype (a bfloat16 sum of
   # squares over a batch loses the variance); the output goes back to x's dtype.
   axes = tuple(range(x.ndim - 1))
-  x32 = x.astype(jnp.float32)
+  x32 = at_least_float32(x)
   mean = jnp.mean(x32, axis=axes)
   var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes) - jnp.square(mean), 0.0)
   inv_std = jax.lax.rsqrt(var + eps)
@@ -174,12 +174,12 @@ def _batch_norm_fwd(x, scale, bias, eps, relu):
 def _batch_norm_bwd(eps, relu, residuals, cotangents):
   del eps
   x, y, mean, inv_std, scale = residuals
-  dy = cotangents[0].astype(jnp.float32)
+  dy = at_least_float32(cotangents[0])
   if relu:
     dy = jnp.where(y > 0, dy, 0.0)
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
-  x_hat = (x.astype(jnp.float32) - mean) * inv_std
+  x_hat = (at_least_float32(x) - mean) * inv_std
   dbias = jnp.sum(dy, axis=axes)
   dscale = jnp.sum(dy * x_hat, axis=axes)
   dx = (scale * inv_std) * (dy - (dbias + x_hat * dscale) / count)
@@ -192,5 +192,10 @@ _batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 def batch_norm_eval(x, scale, bias, mean, var, eps):
   """Batch norm with moving statistics (inference), computed in float32, returned in x's
   dtype."""
-  y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+  y = (at_least_float32(x) - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
   return y.astype(x.dtype)
+
+
+def at_least_float32(x):
+  """x in float32 when it is in a narrower float (bfloat16); float32 and float64 unchanged."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
