@@ -24,7 +24,12 @@ flags.DEFINE_bool("traceback", False, "On an error, also show where it was raise
 
 def report_user_errors(command, run):
   """Calls run(); a USER_ERRORS exception ends the process with one line naming `command` and
-  the message (exit code 1), and Ctrl-C during training with exit code 130."""
+  the message (exit code 1), and Ctrl-C during training with exit code 130.
+
+  After a user error the process ends at once (os._exit), once the line and the logs are
+  flushed: the run has already closed its checkpoints, and interpreter shutdown would let
+  libraries' background threads print after the line (orbax's asyncio loop, after a failed
+  read, raised "Event loop is closed" twice in the process the allocator restart started)."""
   try:
     return run()
   except KeyboardInterrupt:
@@ -33,7 +38,10 @@ def report_user_errors(command, run):
     if flags.FLAGS.traceback:
       raise
     logging.flush()
-    sys.exit(f"{command}: {type(error).__name__}: {error}")
+    sys.stdout.flush()
+    sys.stderr.write(f"{command}: {type(error).__name__}: {error}\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def use_compilation_cache(directory):
