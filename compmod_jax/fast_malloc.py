@@ -12,7 +12,7 @@ process starts, so `python -m compmod_jax.main` (and `compmod`) starts itself ag
   glibc.malloc.trim_threshold=1G    freed memory stays in the process for the next step
   glibc.malloc.top_pad=64M          the heap grows in large steps
 
-(0.099 s a step with huge pages alone, 0.077 s with all four: README, Performance). The process
+(0.099 s a step with huge pages alone, 0.077 s with all four: docs/performance.md). The process
 keeps up to about a gigabyte of freed memory for reuse. Nothing changes where the user chose an
 allocator (LD_PRELOAD of another malloc, or GLIBC_TUNABLES set), where the C library is not
 glibc 2.35 or newer, or with COMPMOD_KEEP_MALLOC=1.

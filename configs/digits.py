@@ -8,7 +8,7 @@ evaluation with the EMA weights.
   python -m compmod_jax.main --config=configs/digits.py --workdir=workdirs/digits
   python -m compmod_jax.main --config=configs/digits.py:tiny --workdir=/tmp/digits_tiny
 
-Expected on a 2-core CPU (see README for the measured run): test accuracy >= 0.97 within
+Expected on a 2-core CPU (docs/main_job.md has the measured run): test accuracy >= 0.97 within
 10 minutes. The paper's learning rate (0.02) stalls this batch size for ~1000 steps, so the
 digits configs use 0.005. "tiny" (or tiny=1) runs in seconds, for debugging only.
 """

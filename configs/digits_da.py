@@ -60,7 +60,7 @@ latter keep the run unsupervised. Adapted runs train 225 steps (App. D's 10 epoc
 target). results.json holds the target's test accuracy under tasks.uci_digits (adversarial and
 moment matching runs also as target_test_accuracy); new_task_xi.png shows the target's xi at
 the start and now. `tiny=1`: a seconds-long debug run.
-Measured (README, "Domain adaptation", seeds 0-2; both source rules pick mnist_blur), as
+Measured (docs/domain_adaptation.md, seeds 0-2; both source rules pick mnist_blur), as
 compositional / plain: source-only 84.96 / 93.59, target statistics 87.47 / 91.36, adversarial
 89.04 +- 0.43 / 90.71 +- 4.99, adversarial joint 88.02 +- 0.28 / 92.57 +- 0.43, moment
 matching 87.19 +- 0.00 / 93.22 +- 0.16, moment matching joint 87.09 +- 0.16 / 92.39 +- 0.16,

@@ -13,7 +13,7 @@ layers), `domains=table12` keeps the four domains of the paper's Table 12 that a
 (MNIST, shot noise, shear, scale; its fifth, SVHN, is not), and `tiny=1` gives a seconds-long
 debug run. The workdir gets
 results.json, accuracy_table.md, mixture_weights.png and task_similarity.png.
-Expected (2-core CPU, see README): >= 95% test accuracy on every domain.
+Expected (2-core CPU, docs/digits_results.md): >= 95% test accuracy on every domain.
 """
 from compmod_jax.train import defaults
 

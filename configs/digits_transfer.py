@@ -12,7 +12,7 @@ templates and adapters pretrained on the multi-domain digits, the UCI handwritte
   (xi_init: source:<task> | best_source | min_entropy_source | accuracy | learned | random |
    diagonal;
    trainable: head | head_bn | xi_head_bn (default, the paper's method) | all)
-  # 3. the table of the README:
+  # 3. the table of docs/fine_tuning.md:
   python -m compmod_jax.analysis.tables transfer workdirs/transfer_*
   # 4. growth: the new task brings one template of its own (methods/growth.py), and the run
   #    also saves what it added as a delta (train/deltas.py):
@@ -24,7 +24,7 @@ templates and adapters pretrained on the multi-domain digits, the UCI handwritte
 The new task trains for 600 steps of 32 examples on its 1,438 training digits and is tested on
 its 359 held-out ones; the pretrained tasks stay in the model with bit-identical predictions.
 results.json holds accuracy_before_finetune, test_accuracy and added_parameters for uci_digits.
-Expected (README, 2-core CPU, about 1 minute per run): best_source above random.
+Expected (docs/fine_tuning.md, 2-core CPU, about 1 minute per run): best_source above random.
 The argument `setup` must match the pretraining run's; with `mixture` or `simple_baseline` the
 BN scale and bias are shared, so the default `xi_head_bn` is refused (it would change the
 pretrained tasks): pass --config.trainable=head (or xi). `tiny=1` is a seconds-long debug run.

@@ -19,7 +19,7 @@ widths are not restated in the paper, so this config uses the paper's large desi
 
 Expected (Table 1, ImageNet validation accuracy): isometric-8 68.3, K=8 in 32 layers 70.6;
 isometric-16 71.7, K=16 in 48 layers 72.8 (the same parameter count as the baseline). Cost on
-8 devices: README, "What an experiment costs" (python -m compmod_jax.plan).
+8 devices: docs/pods.md, "What an experiment costs" (python -m compmod_jax.plan).
 
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): in the
 precision and remat chosen below, per device at 128 images each: K=8,L=8 6.1 GiB and K=16,L=16

@@ -30,7 +30,7 @@ DOGS 55.6 / 57.6 / 42.4 / 36.5. Table 10 (baseline / MW K=16 / MW K=32): EMNIST 
 67.5; CARS196 57.5 / 63.4 / 63.1. The new task adds fewer than 500 parameters besides its head
 (the paper's count; results.json reports ours as added_parameters). The paper gives no
 fine-tuning schedule: this config trains 10,000 steps of 256 images (about 200 epochs of
-Stanford Dogs, 23 of EMNIST) with RMSProp at 0.01; the plan's numbers are in the README.
+Stanford Dogs, 23 of EMNIST) with RMSProp at 0.01; the plan's numbers are in docs/pods.md.
 
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 3.8 GiB per
 device in float32 (the new task's part; the checkpoint's tasks add their rows and heads): it

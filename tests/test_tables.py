@@ -1,4 +1,4 @@
-"""The tables over finished runs that the README's module studies quote
+"""The tables over finished runs that docs/modules.md's studies quote
 (compmod_jax/analysis/tables.py): Table 12's layout (`domains`) and the single-task signature
 study (`signatures`), with the signature shapes of analysis/signatures.py."""
 import json
