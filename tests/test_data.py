@@ -233,6 +233,40 @@ def test_restored_training_stream_continues_with_identical_batches(embedded_dir,
   assert not np.array_equal(other_seed_batch["image"], first_batches[0]["image"])
 
 
+def test_small_share_is_decoded_once_into_memory_in_stored_order(embedded_dir, embedded_splits,
+                                                                 monkeypatch):
+  config = make_data_config(embedded_dir)
+  stream = DataStream(config, batch_size=50, train=True, process_index=1, process_count=2)
+  share_bytes = 2000 * 28 * 28  # uint8 pixels
+  monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", share_bytes)
+  images, labels = stream._decoded_in_memory()
+  stored_images, stored_labels = embedded_splits["mnist", "train"]
+  np.testing.assert_array_equal(images.numpy(), stored_images[2000:])  # the second share
+  np.testing.assert_array_equal(labels.numpy(), stored_labels[2000:])
+  monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", share_bytes - 1)
+  assert stream._decoded_in_memory() is None  # streamed
+
+
+@pytest.mark.parametrize("overrides", [
+    {"augment": "crop"},
+    {"augment": "crop_flip", "channels": 3, "image_size": 32, "normalization": "standard"},
+])
+def test_training_batches_from_memory_equal_the_streamed_ones(embedded_dir, monkeypatch,
+                                                              overrides):
+  """Shuffling indices into the decoded share gives the batches that shuffling the encoded
+  examples gives (one stored shard), epoch after epoch, and preparing whole batches (channels,
+  resize) gives what preparing each example gave."""
+  config = make_data_config(embedded_dir, train_split="train[:300]", shuffle_buffer=120,
+                            **overrides)
+  in_memory = DataStream(config, batch_size=64, train=True, seed=5)
+  monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", 0)
+  streamed = DataStream(config, batch_size=64, train=True, seed=5)
+  for _ in range(10):  # two reshuffled epochs
+    expected, batch = next(streamed), next(in_memory)
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(batch[key], expected[key])
+
+
 def test_grayscale_digits_as_rgb_resized_and_standardised(embedded_dir):
   config = make_data_config(embedded_dir, channels=3, image_size=32, normalization="standard")
   batch = next(DataStream(config, batch_size=8, train=False))
