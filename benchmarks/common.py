@@ -5,6 +5,7 @@ cross-entropy, optax.rmsprop(0.02, decay=0.9, eps=1e-8), BN in training mode (ba
 statistics, moving averages updated), dropout as in the model, params and optimizer state donated.
 """
 import dataclasses
+import importlib.util
 import os
 import platform
 import statistics
@@ -29,6 +30,14 @@ def digits_spec(**overrides):
                 depth_multiplier=0.6, patch_size=2)
   fields.update(overrides)
   return NetworkSpec(**fields)
+
+
+def load_config(path):
+  """The config of a config file (configs/<name>.py), with its default argument."""
+  spec = importlib.util.spec_from_file_location("benchmark_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def random_batch(batch=128, hw=28, channels=1, classes=10, seed=0):

@@ -10,7 +10,6 @@ accelerator waits.
   python benchmarks/input_pipeline.py [--config configs/digits.py] [--data_dir DIR]
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -33,19 +32,12 @@ def parse_args(argv=None):
   return ap.parse_args(argv)
 
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("benchmark_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def main(argv=None):
   args = parse_args(argv)
   from compmod_jax.models.network import NetworkSpec
   from compmod_jax.train import context
 
-  config = load_config(args.config)
+  config = common.load_config(args.config)
   if args.data_dir:
     config.data.data_dir = args.data_dir
   print(common.machine_header())

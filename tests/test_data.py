@@ -306,7 +306,8 @@ def test_missing_real_dataset_fails_without_downloading_with_instructions(tmp_pa
 def mocked_cifar100(monkeypatch, tmp_path):
   """cifar100 as random TFDS mock data, taken as prepared (mock_data mocks only the reads)."""
   monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda builder: True)
-  with tfds.testing.mock_data(num_examples=64):
+  write_mock_metadata("cifar100", str(tmp_path), 64)  # the split sizes a prepared dataset has
+  with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path)):
     yield make_data_config(tmp_path, name="cifar100", channels=3, normalization="standard",
                            image_size=None)  # the stored 32x32
 

@@ -14,18 +14,22 @@ from helpers import REPO, subprocess_env
 TUNED = ":".join(fast_malloc.TUNABLES)
 
 
-@pytest.mark.parametrize("environ, libc, expected", [
-    ({}, ("glibc", "2.36"), TUNED),
-    ({"PATH": "/bin"}, ("glibc", "2.35"), TUNED),
-    ({}, ("glibc", "2.34"), None),                         # no hugetlb tunable yet
-    ({}, ("", ""), None),                                  # musl, macOS: not glibc
-    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, ("glibc", "2.36"), None),  # the user's
-    ({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, ("glibc", "2.36"), None),
-    ({"COMPMOD_KEEP_MALLOC": "1"}, ("glibc", "2.36"), None),
-    ({fast_malloc.DONE: "1"}, ("glibc", "2.36"), None),     # already started again
+@pytest.mark.parametrize("environ, libc, has_accelerator, expected", [
+    ({}, ("glibc", "2.36"), False, TUNED),
+    ({"PATH": "/bin"}, ("glibc", "2.35"), False, TUNED),
+    ({}, ("glibc", "2.34"), False, None),                  # no hugetlb tunable yet
+    ({}, ("", ""), False, None),                           # musl, macOS: not glibc
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, ("glibc", "2.36"), False, None),  # the user's
+    ({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, ("glibc", "2.36"), False, None),
+    ({"COMPMOD_KEEP_MALLOC": "1"}, ("glibc", "2.36"), False, None),
+    ({fast_malloc.DONE: "1"}, ("glibc", "2.36"), False, None),     # already started again
+    ({}, ("glibc", "2.36"), True, None),                   # a TPU or GPU plugin: not the CPU
+    ({"JAX_PLATFORMS": "cpu"}, ("glibc", "2.36"), True, TUNED),     # ... unless asked for
+    ({"JAX_PLATFORMS": "cuda,cpu"}, ("glibc", "2.36"), False, None),
 ])
-def test_the_allocator_settings_are_chosen_only_where_nobody_chose(environ, libc, expected):
-  chosen = fast_malloc.environment(environ, libc)
+def test_the_allocator_settings_are_chosen_only_where_nobody_chose_and_for_the_cpu(
+    environ, libc, has_accelerator, expected):
+  chosen = fast_malloc.environment(environ, libc, has_accelerator)
   if expected is None:
     assert chosen is None
   else:

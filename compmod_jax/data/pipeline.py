@@ -51,7 +51,7 @@ STANDARD_MEAN_STD = {
 CROP_PADDING_FRACTION = 1 / 8
 # A training share whose decoded images take at most this many bytes is decoded once and held in
 # memory (the digits: 3 MB; CIFAR-100: 150 MB); larger ones, and images of varied sizes, are
-# decoded batch by batch after the shuffle.
+# decoded example by example after the shuffle.
 IN_MEMORY_MAX_BYTES = 1 << 30
 DECODE_BATCH = 4096
 # Labels per batch when counting the examples of each class (labels only: images stay encoded).
@@ -273,8 +273,8 @@ def _prepare_example(example, data_config):
   check_data_config(data_config)
   image = _convert_channels(tf.cast(example["image"], tf.float32), data_config.channels)
   size = data_config.image_size
-  # Resizing to the size an image has returns it unchanged, at a cost: the digits' 28 -> 28 took
-  # three quarters of the training input's CPU time.
+  # Resizing to the size an image has returns it unchanged, at a cost (most of the digits'
+  # input time went into 28 -> 28).
   if size and tuple(image.shape[-3:-1]) != (size, size):
     image = _resize_smaller_side_and_center_crop(image, size)
   relabel = LABEL_MAPS[data_config.get("label_map", "identity")][1]
@@ -561,10 +561,9 @@ class DataStream:
 
   def _decoded_in_memory(self):
     """(images, labels) of this process's share, decoded once, in stored order, when its images
-    have one stored shape and take at most IN_MEMORY_MAX_BYTES; else None (streamed).
-
-    Decoding 128 PNGs per step cost the digits main job about 40 ms of CPU per 100 ms step on
-    2 cores; a gather from memory costs 2 ms (docs/performance.md)."""
+    have one stored shape and take at most IN_MEMORY_MAX_BYTES; else None (streamed). Decoding
+    every example at every epoch cost a CPU run a large share of its cores
+    (docs/performance.md, input pipeline)."""
     feature = self.builder.info.features["image"]
     if any(side is None for side in feature.shape):
       return None
