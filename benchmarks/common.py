@@ -4,7 +4,6 @@ The training step matches the PyTorch one in benchmarks/torch_reference.py: soft
 cross-entropy, optax.rmsprop(0.02, decay=0.9, eps=1e-8), BN in training mode (batch
 statistics, moving averages updated), dropout as in the model, params and optimizer state donated.
 """
-import dataclasses
 import importlib.util
 import os
 import platform
@@ -150,10 +149,6 @@ def allocator_warning():
   return ("note: default glibc malloc; for representative CPU numbers run with "
           f"LD_PRELOAD={TCMALLOC} (Debian libtcmalloc-minimal4) or "
           "GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
-
-
-def replace(spec, **kw):
-  return dataclasses.replace(spec, **kw)
 
 
 def ratios(values, base_values):

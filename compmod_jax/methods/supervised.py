@@ -42,4 +42,4 @@ def make_loss(config, spec):
   return functools.partial(classification_loss, task_weights=task_weights)
 
 
-METHOD = registry.register(registry.Method("supervised", make_loss=make_loss))
+registry.register(registry.Method("supervised", make_loss=make_loss))

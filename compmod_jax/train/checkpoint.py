@@ -58,9 +58,6 @@ class Checkpointer:
     self._unverified = None  # (step, abstract state) of the last save
     self._remove_data_state(lambda step: step not in self.manager.all_steps())
 
-  def latest_step(self):
-    return self.manager.latest_step()
-
   def save(self, step, state, meta, streams):
     """Saves the data positions synchronously, then the state asynchronously, with the
     checksums of its arrays in the meta. Refuses a state holding a NaN or Inf."""
