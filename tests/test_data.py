@@ -267,6 +267,24 @@ def test_training_batches_from_memory_equal_the_streamed_ones(embedded_dir, monk
       np.testing.assert_array_equal(batch[key], expected[key])
 
 
+def test_a_position_saved_by_the_streamed_pipeline_resumes_in_it(embedded_dir, tmp_path,
+                                                                  monkeypatch):
+  """Runs checkpointed before small shares were held in memory resume where they stopped."""
+  config = make_data_config(embedded_dir, train_split="train[:300]", shuffle_buffer=120,
+                            augment="crop")
+  with monkeypatch.context() as patch:
+    patch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", 0)
+    streamed = DataStream(config, batch_size=64, train=True, seed=5)
+    for _ in range(3):
+      next(streamed)
+    path = streamed.save(str(tmp_path / "position"))
+    expected = [next(streamed) for _ in range(5)]
+  resumed = DataStream(config, batch_size=64, train=True, seed=5)
+  resumed.restore(path)
+  for expected_batch in expected:
+    np.testing.assert_array_equal(next(resumed)["image"], expected_batch["image"])
+
+
 def test_grayscale_digits_as_rgb_resized_and_standardised(embedded_dir):
   config = make_data_config(embedded_dir, channels=3, image_size=32, normalization="standard")
   batch = next(DataStream(config, batch_size=8, train=False))

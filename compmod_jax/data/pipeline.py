@@ -447,7 +447,9 @@ class DataStream:
                        f"of the kept classes in {split!r} of '{data_config.name}'; use a "
                        f"larger config.data.train_split.")
     if train:
-      self._dataset = self._training_dataset(seed, process_index)
+      self._seeds = (seed, process_index)
+      self._in_memory = self._decoded_in_memory()
+      self._dataset = self._training_dataset(self._in_memory)
     else:
       self._dataset = self._eval_dataset()
     self._iterator = iter(self._dataset)
@@ -487,7 +489,23 @@ class DataStream:
 
   def restore(self, path_prefix):
     """Resumes the stream at the position written by `save` to `path_prefix`."""
-    tf.train.Checkpoint(iterator=self._iterator).read(path_prefix).assert_consumed()
+    try:
+      tf.train.Checkpoint(iterator=self._iterator).read(path_prefix).assert_consumed()
+    except tf.errors.OpError as error:
+      if not self.train or self._in_memory is None:
+        raise
+      # A position saved before small shares were held in memory (compmod_jax before
+      # 2026-12-03) is one in the streamed pipeline, which yields the same batches: stream.
+      # Anything else (a damaged position) keeps the stream as it was and raises its error.
+      streamed = self._training_dataset(None)
+      iterator = iter(streamed)
+      try:
+        tf.train.Checkpoint(iterator=iterator).read(path_prefix).assert_consumed()
+      except tf.errors.OpError:
+        raise error from None
+      self._in_memory, self._dataset, self._iterator = None, streamed, iterator
+      logging.info("Resumed the input of %s from a position saved by the streamed pipeline; "
+                   "it streams from here on.", self.data_config.name)
 
   def _read_encoded(self, shuffle_files, seed, try_autocache):
     """This process's examples (of the kept classes, renumbered) with the image still encoded,
@@ -520,7 +538,10 @@ class DataStream:
     return {"image": _normalize(prepared["image"], self.data_config.normalization),
             "label": prepared["label"], "mask": tf.constant(1.0)}
 
-  def _training_dataset(self, seed, process_index):
+  def _training_dataset(self, held):
+    """The endless training batches: from `held` (images, labels) of `_decoded_in_memory`, or
+    streamed and decoded example by example where it is None."""
+    seed, process_index = self._seeds
     process_seed = tf.constant([seed, process_index], tf.int64)
 
     def augment_with_own_seed(batch_count, batch):
@@ -530,7 +551,6 @@ class DataStream:
       return {"image": images, "label": batch["label"],
               "mask": tf.ones([self.batch_size], tf.float32)}
 
-    held = self._decoded_in_memory()
     if held is None:
       # No autocache: a cache in front of the shuffle would be written into every checkpoint.
       dataset = self._shuffled(self._read_encoded(shuffle_files=True, seed=seed,

@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from compmod_jax.models import ops
 
+
 def template_shapes(width, expanded, squeezed, use_se, input_skip):
   """Shapes of one template's parameters (all conv kernels and all SE parameters).
 
