@@ -24,8 +24,10 @@ import time
 
 from compmod_jax import fast_malloc
 
-THRESHOLDS_ONLY = ("glibc.malloc.hugetlb=1", "glibc.malloc.mmap_threshold=33554432",
-                   "glibc.malloc.trim_threshold=1073741824", "glibc.malloc.top_pad=67108864")
+# What the command set before arena_max and mmap_max joined: huge pages and the thresholds.
+THRESHOLDS_ONLY = tuple(tunable for tunable in fast_malloc.TUNABLES
+                        if not tunable.startswith(("glibc.malloc.arena_max",
+                                                   "glibc.malloc.mmap_max")))
 
 
 def parse_args(argv=None):
