@@ -2,8 +2,9 @@
 
 The pipeline is the trainer's own (`train/context.make_streams` over the embedded digits: the
 share decoded once and held in memory, random crop, normalise, batch); the step is the
-trainer's model at the config's shape (benchmarks/common.TrainStep, RMSProp). Rounds alternate: a round takes `--batches` batches from
-the stream, waits for tf.data's background prefetching to finish, then times `--steps` steps.
+trainer's model at the config's shape (benchmarks/common.TrainStep, RMSProp). Rounds
+alternate: a round takes `--batches` batches from the stream, waits for tf.data's background
+prefetching to finish, then times `--steps` steps.
 The pipeline must deliver batches several times faster than the step consumes them, or the
 accelerator waits.
 
