@@ -4,21 +4,18 @@ The training step matches the PyTorch one in benchmarks/torch_reference.py: soft
 cross-entropy, optax.rmsprop(0.02, decay=0.9, eps=1e-8), BN in training mode (batch
 statistics, moving averages updated), dropout as in the model, params and optimizer state donated.
 """
+import argparse
 import importlib.util
 import os
 import platform
 import statistics
-import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+import jax
+import optax
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec  # noqa: E402
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
@@ -139,6 +136,24 @@ def machine_header():
   return (f"cpu: {cpu}, nproc={os.cpu_count()}, jax {jax.__version__} "
           f"({jax.default_backend()}), python {platform.python_version()}, "
           f"LD_PRELOAD={preload}, GLIBC_TUNABLES={tunables}")
+
+
+def argument_parser(doc, rounds, steps):
+  """The parser every benchmark starts from: its docstring as --help, and how many alternating
+  rounds of how many steps it times."""
+  parser = argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--rounds", type=int, default=rounds, help="alternating timed rounds")
+  parser.add_argument("--steps", type=int, default=steps, help="steps per timed round")
+  return parser
+
+
+def print_header(extra=""):
+  """Prints the machine line (and `extra`), then the allocator warning when there is one."""
+  print(machine_header() + extra)
+  warning = allocator_warning()
+  if warning:
+    print(warning)
 
 
 def allocator_warning():

@@ -5,27 +5,20 @@ unroll N) the script times `.lower(...).compile()` of the training step, then ti
 all compiled variants of one L in alternating rounds (medians). Shape as in step_time.py
 (digits default: batch 128, 28x28x1, patch 2, width 24, K=4).
 
-  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/depth.py
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python -m benchmarks.depth
 """
-import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = common.argument_parser(__doc__, rounds=5, steps=2)
   ap.add_argument("--layers", default="8,16,48", help="comma-separated L values")
   ap.add_argument("--modes", default="loop,scan-u1,scan-u2,scan-u4",
                   help="comma-separated: loop, scan-uN")
   ap.add_argument("--templates", type=int, default=4)
   ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--rounds", type=int, default=5)
-  ap.add_argument("--steps", type=int, default=2, help="steps per timed round")
   ap.add_argument("--no-steps", action="store_true", help="only measure compile time")
   ap.add_argument("--quick", action="store_true",
                   help="L in {2, 4}, loop and scan-u1, batch 32, 2 rounds (< 1 minute)")
@@ -45,10 +38,7 @@ def mode_overrides(mode):
 
 def main(argv=None):
   args = parse_args(argv)
-  print(common.machine_header())
-  warning = common.allocator_warning()
-  if warning:
-    print(warning)
+  common.print_header()
   modes = args.modes.split(",")
   rows = []
   for num_layers in [int(v) for v in args.layers.split(",")]:

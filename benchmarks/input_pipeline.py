@@ -8,40 +8,33 @@ prefetching to finish, then times `--steps` steps.
 The pipeline must deliver batches several times faster than the step consumes them, or the
 accelerator waits.
 
-  python benchmarks/input_pipeline.py [--config configs/digits.py] [--data_dir DIR]
+  python -m benchmarks.input_pipeline [--config configs/digits.py] [--data_dir DIR]
 """
-import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 SETTLE_S = 3.0
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = common.argument_parser(__doc__, rounds=5, steps=5)
   ap.add_argument("--config", default="configs/digits.py")
   ap.add_argument("--data_dir", default=None, help="TFDS data_dir (default: the config's)")
-  ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--batches", type=int, default=50, help="batches per timed round")
-  ap.add_argument("--steps", type=int, default=5, help="training steps per timed round")
   return ap.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
-  from compmod_jax.models.network import NetworkSpec
+  from compmod_jax.models.network_spec import NetworkSpec
   from compmod_jax.train import context
 
   config = common.load_config(args.config)
   if args.data_dir:
     config.data.data_dir = args.data_dir
-  print(common.machine_header())
+  common.print_header()
   context.check_and_prepare_datasets(config)
   streams = context.make_streams(config, train=True)
   iterators = {task: iter(stream) for task, stream in streams.items()}

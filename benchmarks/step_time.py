@@ -6,28 +6,21 @@ process and timed in alternating rounds; the script prints medians and the ratio
 Shape: batch 128 of 28x28x1 images, 10 classes, patch 2, width 24 (depth_multiplier 0.6), SE,
 dropout 0.2, RMSProp(0.02, decay=0.9, eps=1e-8), BN in training mode.
 
-  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/step_time.py
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python -m benchmarks.step_time
 """
-import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = common.argument_parser(__doc__, rounds=7, steps=3)
   ap.add_argument("--templates", default="1,4,16,32", help="comma-separated K values")
   ap.add_argument("--layers", type=int, default=16)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--layer-iteration", default="auto", choices=["auto", "loop", "scan"])
   ap.add_argument("--conv-impl", default="auto",
                   choices=["auto", "shifted", "cpu_kernel", "native"])
-  ap.add_argument("--rounds", type=int, default=7)
-  ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
   ap.add_argument("--quick", action="store_true",
                   help="K in {1, 4}, L=4, 3 rounds of 2 steps (< 1 minute)")
   args = ap.parse_args(argv)
@@ -38,10 +31,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  print(common.machine_header())
-  warning = common.allocator_warning()
-  if warning:
-    print(warning)
+  common.print_header()
   ks = [int(k) for k in args.templates.split(",")]
   base = dict(num_layers=args.layers, layer_iteration=args.layer_iteration,
               conv_impl=args.conv_impl)

@@ -6,27 +6,21 @@ RMSProp. Per shape, rounds alternate JAX, torch eager and torch.compile in one p
 script prints each side's median and minimum and the ratios JAX/torch, then one summary line
 per shape. Use the same allocator for both sides, e.g.
 
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/torch_race.py
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m benchmarks.torch_race
 
 The PyTorch side is benchmarks/torch_reference.py (`pip install torch` first; torch is not a
 dependency of the package). torch.compile's first steps take a minute or more on 2 cores;
 `--no-torch-compile` races eager only.
 """
-import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 # name -> (layers, patch size); both at 28x28 input and depth multiplier 0.6 (24 channels).
 SHAPES = {"digits": (8, 4), "large": (16, 2)}
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = common.argument_parser(__doc__, rounds=7, steps=3)
   ap.add_argument("--shapes", default="digits,large", help=f"comma-separated, of {list(SHAPES)}")
   ap.add_argument("--templates", type=int, default=4)
   ap.add_argument("--batch", type=int, default=128)
@@ -37,8 +31,6 @@ def parse_args(argv=None):
   ap.add_argument("--layer-iteration", default="auto", choices=["auto", "loop", "scan"])
   ap.add_argument("--conv-impl", default="auto",
                   choices=["auto", "shifted", "cpu_kernel", "native"])
-  ap.add_argument("--rounds", type=int, default=7)
-  ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
   ap.add_argument("--quick", action="store_true",
                   help="the digits shape, eager only, 3 rounds of 2 steps (< 1 minute)")
   args = ap.parse_args(argv)
@@ -95,10 +87,7 @@ def main(argv=None):
   args = parse_args(argv)
   import torch
 
-  print(common.machine_header() + f", torch {torch.__version__} threads={torch.get_num_threads()}")
-  warning = common.allocator_warning()
-  if warning:
-    print(warning)
+  common.print_header(f", torch {torch.__version__} threads={torch.get_num_threads()}")
   results = {shape: race(args, shape) for shape in args.shapes}
   print("\nsummary (ratio of median step times, JAX / torch):")
   for shape, times in results.items():
