@@ -55,7 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from compmod_jax import cli
-from compmod_jax.data import pipeline
+from compmod_jax.data import classes, datasets
 from compmod_jax.methods import multitask, registry
 from compmod_jax.train import context, optim, start, steps, validation
 
@@ -76,12 +76,12 @@ class PlanError(ValueError):
 
 def task_classes(config):
   """{task: classes the model predicts}, from the builders' code: no data is read."""
-  classes = {}
+  counts = {}
   for task in config.tasks:
     data_config = context.task_data_config(config, task)
-    builder = pipeline.dataset_builder(data_config.name, data_config.data_dir)
-    classes[task] = pipeline.num_classes(builder, data_config)
-  return classes
+    builder = datasets.dataset_builder(data_config.name, data_config.data_dir)
+    counts[task] = classes.num_classes(builder, data_config)
+  return counts
 
 
 def source_tasks(config):
@@ -99,7 +99,7 @@ def image_shape(config):
   side = config.data.image_size
   if not side:
     task = sorted(config.tasks)[0]
-    stored = pipeline.dataset_builder(config.tasks[task].dataset).info.features["image"].shape
+    stored = datasets.dataset_builder(config.tasks[task].dataset).info.features["image"].shape
     if stored[0] is None or stored[0] != stored[1]:
       raise PlanError(f"Task {task!r} has images of varying or non-square size {stored}: set "
                       f"config.data.image_size.")

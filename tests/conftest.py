@@ -28,7 +28,7 @@ jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 from compmod_jax.data import embedded_digits  # noqa: E402
-from compmod_jax.data.pipeline import get_builder  # noqa: E402
+from compmod_jax.data.datasets import get_builder  # noqa: E402
 from helpers import built_once_per_run  # noqa: E402
 
 

@@ -3,7 +3,7 @@ datasets have, with labels; the catalog agrees with the installed TFDS builders.
 import pytest
 import tensorflow_datasets as tfds
 
-from compmod_jax.data import catalog, image_folder, pipeline
+from compmod_jax.data import catalog, datasets, image_folder
 from compmod_jax.train import context, defaults, validation
 from helpers import configs_to_check
 
@@ -27,7 +27,7 @@ def test_every_config_reads_splits_its_datasets_have(label, config):
     if name.startswith(EMBEDDED):
       continue  # built here: train and test (data/embedded_digits.py)
     if image_folder.is_folder_name(name):  # a user's folder: its splits are its sub-folders
-      splits = pipeline.dataset_builder(name).split_names
+      splits = datasets.dataset_builder(name).split_names
       for field in ("train_split", "eval_split"):
         assert catalog.missing_split(name, data_config[field], splits) is None, (label, task)
       continue

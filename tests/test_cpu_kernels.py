@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from compmod_jax.models import cpu_kernels, ops
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec
 
 # Odd sizes, batch 1, a 1x1 image (only the centre tap sees data), one channel, and the
 # expanded activation of the digits model.

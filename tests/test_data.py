@@ -7,19 +7,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from compmod_jax.data import embedded_digits, pipeline
-from compmod_jax.data.pipeline import (
-    DataStream,
-    DatasetNotFoundError,
-    augment_and_normalize,
-    check_data_config,
-    crop_padding,
-    dataset_size,
-    default_data_config,
-    get_builder,
-    kept_classes,
-    num_classes,
-)
+from compmod_jax.data import classes, embedded_digits, streams
+from compmod_jax.data.classes import kept_classes, num_classes
+from compmod_jax.data.datasets import DatasetNotFoundError, dataset_size, get_builder
+from compmod_jax.data.fields import check_data_config, default_data_config
+from compmod_jax.data.preprocess import augment_and_normalize, crop_padding
+from compmod_jax.data.streams import DataStream
 from mock_tfds import labelled_mock_dataset, stored_indices, write_mock_metadata
 
 MNIST_CONFIGS = [
@@ -238,12 +231,12 @@ def test_small_share_is_decoded_once_into_memory_in_stored_order(embedded_dir, e
   config = make_data_config(embedded_dir)
   stream = DataStream(config, batch_size=50, train=True, process_index=1, process_count=2)
   share_bytes = 2000 * 28 * 28  # uint8 pixels
-  monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", share_bytes)
+  monkeypatch.setattr(streams, "IN_MEMORY_MAX_BYTES", share_bytes)
   images, labels = stream._decoded_in_memory()
   stored_images, stored_labels = embedded_splits["mnist", "train"]
   np.testing.assert_array_equal(images.numpy(), stored_images[2000:])  # the second share
   np.testing.assert_array_equal(labels.numpy(), stored_labels[2000:])
-  monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", share_bytes - 1)
+  monkeypatch.setattr(streams, "IN_MEMORY_MAX_BYTES", share_bytes - 1)
   assert stream._decoded_in_memory() is None  # streamed
 
 
@@ -259,7 +252,7 @@ def test_training_batches_from_memory_equal_the_streamed_ones(embedded_dir, monk
   config = make_data_config(embedded_dir, train_split="train[:300]", shuffle_buffer=120,
                             **overrides)
   in_memory = DataStream(config, batch_size=64, train=True, seed=5)
-  monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", 0)
+  monkeypatch.setattr(streams, "IN_MEMORY_MAX_BYTES", 0)
   streamed = DataStream(config, batch_size=64, train=True, seed=5)
   for _ in range(10):  # two reshuffled epochs
     expected, batch = next(streamed), next(in_memory)
@@ -273,7 +266,7 @@ def test_a_position_saved_by_the_streamed_pipeline_resumes_in_it(embedded_dir, t
   config = make_data_config(embedded_dir, train_split="train[:300]", shuffle_buffer=120,
                             augment="crop")
   with monkeypatch.context() as patch:
-    patch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", 0)
+    patch.setattr(streams, "IN_MEMORY_MAX_BYTES", 0)
     streamed = DataStream(config, batch_size=64, train=True, seed=5)
     for _ in range(3):
       next(streamed)
@@ -295,9 +288,12 @@ def test_grayscale_digits_as_rgb_resized_and_standardised(embedded_dir):
   assert unit_pixels.min() > -1e-5 and unit_pixels.max() < 1 + 1e-5
 
 
-def test_invalid_config_value_names_the_field(embedded_dir):
-  with pytest.raises(ValueError, match="augment"):
-    DataStream(make_data_config(embedded_dir, augment="mixup"), batch_size=8, train=True)
+@pytest.mark.parametrize("field, value", [("augment", "mixup"), ("normalization", "imagenet"),
+                                          ("channels", 2), ("shuffle_buffer", 0),
+                                          ("image_size", -1), ("train_split", "train[:5%")])
+def test_invalid_config_value_names_the_field(embedded_dir, field, value):
+  with pytest.raises(ValueError, match=rf"config\.data\.{field}"):
+    check_data_config(make_data_config(embedded_dir, **{field: value}))
 
 
 def test_missing_real_dataset_fails_without_downloading_with_instructions(tmp_path,
@@ -421,9 +417,9 @@ def test_eval_over_two_processes_yields_each_kept_example_once_renumbered(mocked
         renumbered(sketch_labels[indices]))
     seen_indices.append(indices)
   np.testing.assert_array_equal(np.sort(np.concatenate(seen_indices)), kept_indices)
-  counted = pipeline._label_counts.cache_info().misses
+  counted = classes.label_counts.cache_info().misses
   DataStream(config, batch_size=4, train=False, process_index=1, process_count=2)
-  assert pipeline._label_counts.cache_info().misses == counted  # Labels counted once.
+  assert classes.label_counts.cache_info().misses == counted  # Labels counted once.
 
 
 def test_training_stream_yields_only_kept_classes_and_resumes(mocked_domainnet, tmp_path):

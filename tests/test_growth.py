@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 from compmod_jax.methods import growth
-from compmod_jax.models import network, templates
+from compmod_jax.models import network_spec, templates
 from compmod_jax.train import deltas, loop, pretrained, start
 from configs import digits_transfer
 from helpers import built_once_per_run, read_checkpoint, with_fields
@@ -220,7 +220,7 @@ def test_deltas_of_two_new_tasks_made_against_one_base_apply_together(source_wor
   combined = flat(both.variables)
   for task, (spec, final) in finals.items():
     for path, value in flat(final).items():
-      owners = network.task_owners(spec, path)
+      owners = network_spec.task_owners(spec, path)
       if owners is None or len(owners) == 1:
         np.testing.assert_array_equal(combined[path], value, err_msg=path)  # shared, heads
       else:

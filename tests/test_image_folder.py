@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from compmod_jax.data import image_folder, pipeline
+from compmod_jax.data import datasets, fields, image_folder, streams
 from compmod_jax.train import defaults, loop
 from helpers import read_checkpoint, tiny_digits
 
@@ -63,22 +63,22 @@ def labelled_values(stream):
 
 
 def test_a_folder_is_a_dataset_of_its_class_folders_split_as_asked(images, tmp_path):
-  builder = pipeline.get_builder(f"folder:{images}", str(tmp_path))
+  builder = datasets.get_builder(f"folder:{images}", str(tmp_path))
   assert builder.info.features["label"].names == list(CLASSES)
   assert {split: info.num_examples for split, info in builder.info.splits.items()} == {
       "train": 100, "test": 20}
-  data_config = pipeline.default_data_config()
+  data_config = fields.default_data_config()
   data_config.update(name=f"folder:{images}", data_dir=str(tmp_path), channels=1)
   expected = {(c, pixel_value(c, i)) for c in range(10) for i in range(10)}
   shares = []
   for split in ("train[:80%]", "train[80%:]"):
-    stream = pipeline.DataStream(data_config, batch_size=16, train=False, split=split)
+    stream = streams.DataStream(data_config, batch_size=16, train=False, split=split)
     shares.append(labelled_values(stream))
   # Labels follow the folders, images decode to what was written (JPEG of a flat image too,
   # grayscale and RGB alike), and the two slices partition the split.
   assert sorted(shares[0] + shares[1]) == sorted(expected)
   assert len(shares[0]) == 80
-  two_processes = [labelled_values(pipeline.DataStream(
+  two_processes = [labelled_values(streams.DataStream(
       data_config, batch_size=8, train=False, process_index=index, process_count=2))
                    for index in range(2)]
   assert sorted(two_processes[0] + two_processes[1]) == sorted(

@@ -9,8 +9,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.analysis import accounting
 from compmod_jax.models import ops, templates
-from compmod_jax.models.network import (CompositionalIsometricNet, NetworkSpec,
-                                        parse_explicit_signature, task_owners)
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec, parse_explicit_signature, task_owners
 from compmod_jax.train import optim
 
 L, K = 6, 3

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from compmod_jax.analysis import similarity
-from compmod_jax.data import pipeline
+from compmod_jax.data import classes, streams
 from compmod_jax.methods import multitask, supervised
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.train import context, defaults, loop, validation
 from configs import digits_9tasks, natural5, transfer_table2
 from helpers import mock_datasets
@@ -106,15 +107,15 @@ def test_a_task_sets_its_own_splits_and_augmentation_over_config_data():
 def test_label_maps_make_new_tasks_from_the_same_digits(embedded_dir):
   config = digits_9tasks.get_config("tiny=1")
   assert len(config.tasks) == 9
-  streams = {}
+  task_streams = {}
   for task in ("original_digit", "original_parity", "original_ge5"):
     data_config = context.task_data_config(config, task)
     data_config.data_dir = str(embedded_dir)
-    streams[task] = pipeline.DataStream(data_config, batch_size=50, train=False)
-  classes = {t: pipeline.num_classes(s.builder, s.data_config)
-             for t, s in streams.items()}
-  assert classes == {"original_digit": 10, "original_parity": 2, "original_ge5": 2}
-  digit, parity, ge5 = (next(iter(streams[t]))["label"] for t in streams)
+    task_streams[task] = streams.DataStream(data_config, batch_size=50, train=False)
+  num_classes = {t: classes.num_classes(s.builder, s.data_config)
+                 for t, s in task_streams.items()}
+  assert num_classes == {"original_digit": 10, "original_parity": 2, "original_ge5": 2}
+  digit, parity, ge5 = (next(iter(task_streams[t]))["label"] for t in task_streams)
   np.testing.assert_array_equal(parity, digit % 2)
   np.testing.assert_array_equal(ge5, (digit >= 5).astype(np.int32))
 

@@ -13,7 +13,8 @@ import pytest
 
 from compmod_jax import surgery
 from compmod_jax.models import blocks, templates
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.train import loop, start, steps
 from helpers import read_checkpoint, tiny_digits
 

@@ -26,7 +26,7 @@ import pytest
 import tensorflow as tf
 import tensorstore as ts
 
-from compmod_jax.data import pipeline
+from compmod_jax.data import datasets, streams
 from compmod_jax.train import checkpoint, loop, nonfinite, preemption, pretrained, steps
 from helpers import REPO, built_once_per_run, free_port, read_checkpoint, subprocess_env
 from helpers import tiny_digits
@@ -458,7 +458,7 @@ FIRST_NONFINITE = "(total_loss|grad_norm)"
 
 def poison_training_batches(monkeypatch, bad_steps):
   """Makes the images of the training batches of `bad_steps` (1-based) all NaN."""
-  next_batch = pipeline.DataStream.__next__
+  next_batch = streams.DataStream.__next__
   batches_read = collections.Counter()
 
   def next_with_nan(stream):
@@ -469,7 +469,7 @@ def poison_training_batches(monkeypatch, bad_steps):
         batch["image"] = np.full_like(batch["image"], np.nan)
     return batch
 
-  monkeypatch.setattr(pipeline.DataStream, "__next__", next_with_nan)
+  monkeypatch.setattr(streams.DataStream, "__next__", next_with_nan)
 
 
 def all_saved_states_are_finite(workdir):
@@ -532,7 +532,7 @@ BAD_CONFIGS = {
     "unknown_signature_type": ({"model.signature": "zigzag"}, ValueError,
                                r"config\.model\.signature must be one of \('mixture'"),
     "unknown_dataset": ({"tasks.mnist.dataset": "no_such_dataset"},
-                        pipeline.DatasetNotFoundError,
+                        datasets.DatasetNotFoundError,
                         r"'no_such_dataset' is not a TFDS dataset"),
     "unknown_labeling": ({"tasks.mnist.label_map": "primes"}, ValueError,
                          r"config\.data\.label_map='primes'; use one of"),
@@ -713,7 +713,7 @@ BAD_CONFIGS = {
     "negative_mixture_init_scale": ({"model.mixture_init_scale": -1.0}, ValueError,
                                     r"config\.model\.mixture_init_scale must be in \[0, "),
     "bn_momentum_of_one": ({"model.bn_momentum": 1.0}, ValueError,
-                           r"config\.model\.bn_momentum must be in \[0, 1\)"),
+                           r"config\.model\.bn_momentum must be in \(0, 1\)"),
     "negative_dropout": ({"model.dropout_rate": -0.1}, ValueError,
                          r"config\.model\.dropout_rate must be in \[0, 1\)"),
     "negative_entropy_weight": ({"regularizers.entropy_weight": -1.0}, ValueError,
@@ -750,7 +750,7 @@ def test_bad_config_fails_first_with_one_clear_error(tmp_path, no_heavy_work, ca
 def test_missing_dataset_fails_before_heavy_work(tmp_path, no_heavy_work):
   config = fault_config(tmp_path / "empty")
   config.tasks.mnist.dataset = "mnist"  # a real TFDS dataset, not prepared there
-  with pytest.raises(pipeline.DatasetNotFoundError,
+  with pytest.raises(datasets.DatasetNotFoundError,
                      match=r"Dataset 'mnist' is not prepared in data_dir=.*empty"):
     loop.train_and_evaluate(config, str(tmp_path / "work"))
 

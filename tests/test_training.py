@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from compmod_jax.data import pipeline
+from compmod_jax.data import datasets
 from compmod_jax.methods import regularizers, registry
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.train import context, defaults, loop, optim, start, steps
 from configs import cifar100_signatures, imagenet_table1
 from helpers import built_once_per_run, mock_datasets, read_checkpoint, run_main, tiny_digits
@@ -208,7 +209,7 @@ def test_a_bare_integer_argument_means_one():
 def test_missing_dataset_fails_before_heavy_work_naming_it(tmp_path, no_heavy_work):
   config = tiny_digits(tmp_path / "empty")
   config.tasks.mnist.dataset = "cifar100"
-  with pytest.raises(pipeline.DatasetNotFoundError, match=r"cifar100.*empty"):
+  with pytest.raises(datasets.DatasetNotFoundError, match=r"cifar100.*empty"):
     loop.train_and_evaluate(config, str(tmp_path / "work"))
 
 

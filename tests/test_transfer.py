@@ -16,8 +16,9 @@ from flax import traverse_util
 
 from compmod_jax.analysis import tables
 from compmod_jax.methods import multitask, registry, transfer
-from compmod_jax.models import network, templates
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.models import network_spec, templates
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.train import context, defaults, loop, optim, pretrained, steps
 from configs import digits_transfer, transfer_table9
 from helpers import REPO, mock_datasets, subprocess_env
@@ -229,7 +230,7 @@ def kept_tasks_change(mask, params, spec, kept):
   task's own row or head."""
   for path, leaf_mask in flat(mask).items():
     trains = np.broadcast_to(leaf_mask, flat(params)[path].shape)
-    owners = network.task_owners(spec, "params/" + path)
+    owners = network_spec.task_owners(spec, "params/" + path)
     if owners is None and trains.any():
       return True
     if owners is not None and any(trains[i].any() if len(owners) > 1 else trains.any()
@@ -363,7 +364,7 @@ def test_transfer_with_best_source_keeps_everything_frozen_and_source_outputs_bi
   for path, value in new.items():
     if path.startswith(f"params/heads/{NEW}/"):  # trained, from the best source's head
       assert not np.array_equal(value, old[path.replace(NEW, best)]), path
-    elif len(network.task_owners(after_net.spec, path) or ()) > 1:  # one row per task
+    elif len(network_spec.task_owners(after_net.spec, path) or ()) > 1:  # one row per task
       np.testing.assert_array_equal(value[[row[s] for s in SOURCES]], old[path], path)
       # head-only training: the new task's xi, BN and statistics are the best source's copy
       if path.startswith("params/"):

@@ -9,7 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec
 
 # Table 7 (approximate counts): rows of (component, small design rho=0.6, large design rho=1);
 # the logits row is per class (c2 per class plus a bias).

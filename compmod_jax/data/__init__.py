@@ -1,9 +1,9 @@
-"""Input pipeline: TFDS builders for the embedded digit domains and the one path to batches.
+"""Input: TFDS builders by name (`datasets`; the embedded digit domains and image folders are
+builders too), which classes a task predicts (`classes`), preprocessing (`preprocess`), the
+`config.data` fields and their check (`fields`), and the one path to batches (`streams`).
 
-`compmod_jax.data.pipeline` registers the `embedded_digits` TFDS builder when it is imported,
-so `pipeline.get_builder('embedded_digits/mnist_blur', data_dir)` works like any TFDS name. The
-package does not import JAX: processes and devices are passed in, which keeps it usable from
-tests that configure JAX's devices first.
+Importing `compmod_jax.data.datasets` registers the `embedded_digits` TFDS builder, so
+`datasets.get_builder('embedded_digits/mnist_blur', data_dir)` works like any TFDS name.
 """
 import os
 

@@ -46,7 +46,7 @@ from absl import logging
 from flax import traverse_util
 
 from compmod_jax.methods import growth
-from compmod_jax.models import network, templates
+from compmod_jax.models import network_spec, templates
 
 SOURCE_PREFIX = "source:"
 DEFAULT_XI_INIT = "best_source"
@@ -288,7 +288,7 @@ def build_task(variables, spec, target, sources, coefficients=None, copy_source=
   target_row = spec.task_index(target)
   rebuilt = dict(flat)
   for path, value in flat.items():
-    owners = network.task_owners(spec, path)
+    owners = network_spec.task_owners(spec, path)
     if owners is None or (len(owners) == 1 and owners[0] != target):
       continue
     if len(owners) == 1:  # the target's head: from the sources' heads when they fit
@@ -374,7 +374,7 @@ def added_parameters(spec, params, task):
   """{group: number of parameters private to `task`}: its xi row, head and per-task BN rows."""
   counts = {}
   for path, value in traverse_util.flatten_dict(params, sep="/").items():
-    owners = network.task_owners(spec, "params/" + path)
+    owners = network_spec.task_owners(spec, "params/" + path)
     if owners is None or task not in owners:
       continue
     group = path.split("/")[0]

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from compmod_jax.data import pipeline
+from compmod_jax.data import datasets, streams
 from compmod_jax.methods import multitask
 from compmod_jax.train import steps
 
@@ -46,17 +46,17 @@ def check_and_prepare_datasets(config):
   others wait, since processes share the data_dir and must not write it together."""
   data_configs = [task_data_config(config, task) for task in sorted(config.tasks)]
   for data_config in data_configs:
-    pipeline.check_dataset(data_config.name, data_config.data_dir, data_config.download)
+    datasets.check_dataset(data_config.name, data_config.data_dir, data_config.download)
   if jax.process_index() == 0:
     for data_config in data_configs:
-      pipeline.get_builder(data_config.name, data_config.data_dir, data_config.download)
+      datasets.get_builder(data_config.name, data_config.data_dir, data_config.download)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("compmod_jax: datasets prepared")
 
 
 def task_stream(config, task, *, global_batch_size, train, seed=0, split=None):
   """This process's share of `task`'s split (default: the train or eval split)."""
-  return pipeline.DataStream(
+  return streams.DataStream(
       task_data_config(config, task), batch_size=global_batch_size // jax.process_count(),
       train=train, split=split, seed=seed, process_index=jax.process_index(),
       process_count=jax.process_count())

@@ -9,8 +9,9 @@ import os
 
 import ml_collections
 
-from compmod_jax.data import pipeline
+from compmod_jax.data import classes, fields
 from compmod_jax.methods import transfer
+from compmod_jax.models import network_spec
 from compmod_jax.train import optim
 
 
@@ -42,24 +43,13 @@ def base_config():
   # the cache off. Used by the commands (main, plan), not by train_and_evaluate itself.
   config.compilation_cache_dir = default_compilation_cache_dir()
 
-  # Preprocessing shared by all tasks (compmod_jax/data/pipeline.py).
-  config.data = pipeline.default_data_config()
+  # Preprocessing shared by all tasks (compmod_jax/data/fields.py).
+  config.data = fields.default_data_config()
   del config.data["name"]  # each task names its own dataset: config.tasks.<task>.dataset
   config.tasks = ml_collections.ConfigDict({"mnist": task("embedded_digits/mnist")})
 
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=16, num_templates=4, depth_multiplier=0.6, design="small", expansion=6,
-      use_se=True, se_ratio=0.25, patch_size=2, activation="relu", dropout_rate=0.2,
-      signature="mixture", explicit_signature="", signature_seed=0, mixture_init="normal",
-      mixture_init_scale=1.0, shared_mixture_layers=0, batch_norm="per_layer",
-      input_adapter="shared", input_skip=False,
-      layer_iteration="auto", scan_unroll=1, conv_impl="auto", bn_momentum=0.99,
-      bn_eps=1e-3,
-      # How the step computes, not what it learns: neither is part of a checkpoint's identity,
-      # so a run resumes or fine-tunes under other values (models/network.py says what each
-      # keeps in float32 and what each policy recomputes).
-      compute_dtype="float32",  # or "bfloat16": activations and convolutions
-      remat="none"))            # or "full", "dots": recompute each layer in the backward pass
+  # The network (models/network_spec.py: NetworkSpec's fields, their defaults and checks).
+  config.model = ml_collections.ConfigDict(network_spec.config_defaults())
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="rmsprop", learning_rate=0.02, schedule="cosine", warmup_steps=50,
@@ -111,7 +101,7 @@ def default_compilation_cache_dir():
 def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="identity",
          train_split="", eval_split="", augment=""):
   """One task: a TFDS dataset, the weight of its loss in the total, its share of each step's
-  batch (or a fixed batch_size; 0 = share), a labeling (pipeline.LABEL_MAPS), the TFDS splits
+  batch (or a fixed batch_size; 0 = share), a labeling (classes.LABEL_MAPS), the TFDS splits
   it trains and is evaluated on and its training augmentation when they differ from
   config.data's ("" = those; slicing such as 'train[:80%]' works; augment 'crop' keeps digits
   and letters unflipped where natural images get 'crop_flip'). Image size and channels stay

@@ -30,7 +30,7 @@ from etils import epath
 from flax import traverse_util
 
 from compmod_jax.methods import growth
-from compmod_jax.models import network, templates
+from compmod_jax.models import network_spec, templates
 from compmod_jax.train import checkpoint, pretrained
 from compmod_jax.train import workdir as workdir_io
 
@@ -55,7 +55,7 @@ def shared_checksums(variables, spec):
   """{path: sha256} of every variable all of `spec`'s tasks share."""
   flat = traverse_util.flatten_dict(variables, sep="/")
   return {path: _checksum(value) for path, value in sorted(flat.items())
-          if network.task_owners(spec, path) is None}
+          if network_spec.task_owners(spec, path) is None}
 
 
 def _checksum(array):
@@ -117,7 +117,7 @@ def _delta_arrays(final, base, spec, run_tasks):
     index.append({"kind": kind, "path": path, "task": task, "key": key})
 
   for path, value in sorted(flat.items()):
-    owners = network.task_owners(spec, path)
+    owners = network_spec.task_owners(spec, path)
     value = np.asarray(value)
     if owners is not None:
       for task in run_tasks:

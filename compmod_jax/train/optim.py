@@ -16,7 +16,7 @@ import optax
 from flax import traverse_util
 
 from compmod_jax.methods import growth
-from compmod_jax.models import network
+from compmod_jax.models import network_spec
 
 # (group, regex over "/"-joined parameter paths) of the model's parameters. Order matters: the
 # first match wins, so the BN parameters that live inside the template bank ("mixed" batch norm)
@@ -217,7 +217,7 @@ def trainable_mask(params, config, spec, method):
   def mask(path, leaf):
     if multipliers[labels[path]] <= 0:
       return np.bool_(False)
-    owners = network.task_owners(spec, "params/" + path)
+    owners = network_spec.task_owners(spec, "params/" + path)
     if owners is None:
       return growth.trainable_shared_entries(config, path, leaf.shape)
     trained_tasks = set(method.rows_trained(config, path))
@@ -234,7 +234,7 @@ def shared_arrays_trained(mask, spec, own_params=None):
   variables aside). A partly trainable shared array is a bank grown by templates the old
   tasks weigh by exactly 0 (methods/growth.py): it changes no old task."""
   return sorted(path for path, leaf_mask in traverse_util.flatten_dict(mask, sep="/").items()
-                if network.task_owners(spec, "params/" + path) is None and np.all(leaf_mask)
+                if network_spec.task_owners(spec, "params/" + path) is None and np.all(leaf_mask)
                 and not path.startswith(f"{own_params}/"))
 
 

@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from compmod_jax.models import network
+from compmod_jax.models import network_spec
 from compmod_jax.train import checkpoint
 
 LOADED_COLLECTIONS = {"params": "ema_params", "batch_stats": "batch_stats"}
@@ -161,8 +161,8 @@ def merge(fresh, pretrained_variables, spec, source_tasks, dont_load=()):
       problems.append(problem)
       continue
     merged[path] = value
-    partly_new = network.task_owners(spec, path) is not None and any(
-        task not in source_tasks for task in network.task_owners(spec, path))
+    partly_new = network_spec.task_owners(spec, path) is not None and any(
+        task not in source_tasks for task in network_spec.task_owners(spec, path))
     (report.new if partly_new else report.loaded).append(path)
   unused = [text for text, _ in rules if text not in used_rules]
   if unused:
@@ -182,7 +182,7 @@ def _new_task_head(path, source_tasks):
 
 def _load_one(path, fresh, old, spec, source_tasks):
   """(value, None) or (None, problem) for a variable both sides have."""
-  owners = network.task_owners(spec, path)
+  owners = network_spec.task_owners(spec, path)
   if owners is None or len(owners) == 1:
     if fresh.shape != old.shape:
       return None, (f"{path} has shape {tuple(old.shape)} in the checkpoint and "

@@ -8,9 +8,10 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from compmod_jax.data import pipeline
+from compmod_jax.data import classes
 from compmod_jax.methods import growth, registry, transfer
-from compmod_jax.models.network import CompositionalIsometricNet, NetworkSpec
+from compmod_jax.models.network import CompositionalIsometricNet
+from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.train import checkpoint, context, deltas, optim, pretrained, steps
 
 
@@ -28,7 +29,7 @@ def make_context(config, workdir, source_tasks):
   train_streams = context.make_streams(config, train=True)
   eval_streams = context.make_streams(config, train=False)
   num_classes = dict(source_tasks)
-  num_classes.update({task: pipeline.num_classes(stream.builder, stream.data_config)
+  num_classes.update({task: classes.num_classes(stream.builder, stream.data_config)
                       for task, stream in train_streams.items()})
   model = model_for(config, num_classes)
   return context.RunContext(

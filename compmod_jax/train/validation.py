@@ -2,15 +2,16 @@
 is compiled. It checks the training fields itself and calls each part's own check: the
 method's (registry.Method.check_config), the optimizer's, transfer's, the multi-task batch
 shares, each task's data config and the model spec, then that something trains."""
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 from etils import epath
 
-from compmod_jax.data import catalog, image_folder, pipeline
+from compmod_jax import ranges
+from compmod_jax.data import catalog, datasets, fields, image_folder
 from compmod_jax.methods import growth, multitask, registry, regularizers, transfer
+from compmod_jax.ranges import INF
 from compmod_jax.train import context, deltas, optim, start
 
 ON_CORRUPT_CHECKPOINT = ("fall_back", "refuse")
@@ -18,10 +19,8 @@ POSITIVE_INTEGERS = ("batch_size", "eval_batch_size", "log_every", "eval_every",
                      "checkpoint_every", "keep_checkpoints")
 
 
-# Numeric fields and the interval each must lie in, as (low, high, low included, high
-# included); every value must also be a finite number. A NaN learning rate or a negative final
-# learning-rate fraction would otherwise train on garbage (gradient ascent) with exit code 0.
-INF = float("inf")
+# Numeric fields and the interval each must lie in (ranges.check_number); the model's own are
+# NetworkSpec's (models/network_spec.py).
 NUMBER_RANGES = {
     "ema_decay": (0, 1, True, False),
     "optimizer.learning_rate": (0, INF, False, False),
@@ -36,12 +35,6 @@ NUMBER_RANGES = {
     "optimizer.adam_b2": (0, 1, True, False),
     "optimizer.weight_decay": (0, INF, True, False),
     "optimizer.grad_clip_norm": (0, INF, True, False),
-    "model.depth_multiplier": (0, INF, False, False),
-    "model.dropout_rate": (0, 1, True, False),
-    "model.se_ratio": (0, 1, False, True),
-    "model.mixture_init_scale": (0, INF, True, False),
-    "model.bn_momentum": (0, 1, True, False),
-    "model.bn_eps": (0, INF, False, False),
     "regularizers.entropy_weight": (0, INF, True, False),
     "regularizers.clustering_weight": (0, INF, True, False),
     "transfer.learned_learning_rate": (0, INF, False, False),
@@ -76,7 +69,7 @@ def validate(config, planning=False):
   for task in config.tasks:
     data_config = context.task_data_config(config, task)
     try:
-      pipeline.check_data_config(data_config)
+      fields.check_data_config(data_config)
     except ValueError as error:  # the field may be the task's own setting
       raise ValueError(f"Task {task!r} (config.tasks.{task}.<field>, else config.data): "
                        f"{error}") from None
@@ -154,12 +147,12 @@ def _known_split_size(name, data_dir, split):
   """Examples in `split` from a prepared dataset's metadata or else the catalog; None when
   neither knows (an unprepared dataset outside the catalog). Reads no data."""
   if not image_folder.is_folder_name(name):
-    builder = pipeline.dataset_builder(name, data_dir)
+    builder = datasets.dataset_builder(name, data_dir)
     if builder.is_prepared():
       problem = catalog.missing_split(name, split, builder.info.splits.keys())
       if problem:
         raise ValueError(f"{problem} (config.data.train_split or the task's train_split).")
-      return pipeline.dataset_size(builder, split)
+      return datasets.dataset_size(builder, split)
   recorded = catalog.facts(name)
   if recorded and split in recorded.splits:  # whole splits only; slices are checked once read
     return recorded.splits[split]
@@ -173,18 +166,12 @@ def _check_data_dir(data_dir):
 
 
 def _check_numbers(config):
-  fields = [(name, _field(config, name), interval) for name, interval in NUMBER_RANGES.items()]
-  fields += [(f"tasks.{task}.{name}", task_config.get(name, 1.0), interval)
-             for task, task_config in config.tasks.items()
-             for name, interval in TASK_NUMBER_RANGES.items()]
-  for name, value, (low, high, low_in, high_in) in fields:
-    allowed = (f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
-               .replace("inf", "infinity"))
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-      raise ValueError(f"config.{name} must be a finite number in {allowed}, got {value!r}")
-    if not ((low <= value if low_in else low < value) and
-            (value <= high if high_in else value < high)):
-      raise ValueError(f"config.{name} must be in {allowed}, got {value!r}")
+  numbers = [(name, _field(config, name), interval) for name, interval in NUMBER_RANGES.items()]
+  numbers += [(f"tasks.{task}.{name}", task_config.get(name, 1.0), interval)
+              for task, task_config in config.tasks.items()
+              for name, interval in TASK_NUMBER_RANGES.items()]
+  for name, value, interval in numbers:
+    ranges.check_number(f"config.{name}", value, interval)
 
 
 def _field(config, dotted_name):
@@ -202,8 +189,7 @@ def _check_training(config, device_count):
     raise ValueError(f"config.total_steps must be a positive integer (0 only evaluates a model "
                      f"started from config.init_from), got {config.total_steps!r}")
   for name in POSITIVE_INTEGERS:
-    if config[name] <= 0:
-      raise ValueError(f"config.{name} must be a positive integer, got {config[name]!r}")
+    ranges.check_positive_integer(f"config.{name}", config[name])
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % device_count:
       raise ValueError(f"config.{name}={config[name]} must be divisible by the number of "
@@ -232,7 +218,7 @@ def _check_splits(task, data_config):
   folder_splits = None
   if image_folder.is_folder_name(name):  # listed, not read: its splits are its sub-folders
     try:
-      folder_splits = pipeline.dataset_builder(name, data_config.data_dir).split_names
+      folder_splits = datasets.dataset_builder(name, data_config.data_dir).split_names
     except image_folder.ImageFolderError as error:
       raise image_folder.ImageFolderError(
           f"Task {task!r} reads its images from a folder (config.tasks.{task}.dataset="
