@@ -56,6 +56,7 @@ from ml_collections import config_flags
 
 from compmod_jax import cli
 from compmod_jax.data import classes, datasets
+from compmod_jax.finetune import init_from
 from compmod_jax.methods import multitask, registry
 from compmod_jax.train import context, optim, start, steps, validation
 
@@ -90,7 +91,7 @@ def source_tasks(config):
   tasks' part of the model only."""
   if not config.init_from or not epath.Path(config.init_from).exists():
     return {}
-  return start.pretrained_source(config).tasks  # with config.deltas, as the trainer reads it
+  return init_from.pretrained_source(config).tasks  # with config.deltas, as the trainer reads it
 
 
 def image_shape(config):

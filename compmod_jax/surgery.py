@@ -38,10 +38,10 @@ from etils import epath
 
 from compmod_jax import cli
 from compmod_jax.analysis import accounting
-from compmod_jax.methods import registry, transfer
+from compmod_jax.finetune import pretrained, transfer
+from compmod_jax.methods import registry
 from compmod_jax.models import templates
-from compmod_jax.train import checkpoint, context, loop, pretrained, start, steps
-from compmod_jax.train import workdir as workdir_io
+from compmod_jax.train import checkpoint, context, loop, start, steps, workdir as workdir_io
 
 COMMANDS = ("harden", "prune")
 FLAGS = flags.FLAGS

@@ -14,8 +14,8 @@ templates and adapters pretrained on the multi-domain digits, the UCI handwritte
    trainable: head | head_bn | xi_head_bn (default, the paper's method) | all)
   # 3. the table of docs/fine_tuning.md:
   python -m compmod_jax.analysis.tables transfer workdirs/transfer_*
-  # 4. growth: the new task brings one template of its own (methods/growth.py), and the run
-  #    also saves what it added as a delta (train/deltas.py):
+  # 4. growth: the new task brings one template of its own (finetune/growth.py), and the run
+  #    also saves what it added as a delta (finetune/deltas.py):
   python -m compmod_jax.main --config=configs/digits_transfer.py \
       --config.init_from=workdirs/multidomain_patches --config.transfer.add_templates=1 \
       --config.model.num_templates=5 --config.trainable=xi_head_bn_templates \

@@ -1,5 +1,5 @@
-"""Growing a trained model by templates (methods/growth.py) and shipping a fine-tuned task as a
-delta (train/deltas.py). The grown run starts from the session's two-domain model (2
+"""Growing a trained model by templates (finetune/growth.py) and shipping a fine-tuned task as a
+delta (finetune/deltas.py). The grown run starts from the session's two-domain model (2
 templates), adds a third for the UCI digits and writes its delta: the checkpoint's tasks
 compute exactly what they computed, only the added template trains, and the base plus the
 delta is that run's model bit for bit."""
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from compmod_jax.methods import growth
+from compmod_jax.finetune import deltas, growth, init_from, pretrained
 from compmod_jax.models import network_spec, templates
-from compmod_jax.train import deltas, loop, pretrained, start
+from compmod_jax.train import loop, start
 from configs import digits_transfer
 from helpers import built_once_per_run, read_checkpoint, with_fields
 
@@ -132,7 +132,7 @@ def test_base_plus_delta_is_the_fine_tuned_model_bit_for_bit(grown_workdir, sour
   delta_dir = grown_workdir / "delta"
   config = grown_config(embedded_dir, source_workdir, save_delta=False,
                         deltas=(str(delta_dir),), **{"transfer.add_templates": 0})
-  rebuilt = start.pretrained_source(config)
+  rebuilt = init_from.pretrained_source(config)
   trained = pretrained.load(str(grown_workdir))
   assert rebuilt.tasks == trained.tasks
   expected, actual = flat(trained.variables), flat(rebuilt.variables)
@@ -159,7 +159,7 @@ def test_a_delta_against_another_base_or_damaged_is_refused(grown_workdir, sourc
                         deltas=(str(grown_workdir / "delta"),),
                         **{"transfer.add_templates": 0})
   with pytest.raises(pretrained.PretrainedCheckpointError, match="fingerprint differs"):
-    start.pretrained_source(config)
+    init_from.pretrained_source(config)
   damaged = tmp_path / "delta"
   shutil.copytree(grown_workdir / "delta", damaged)
   payload = bytearray((damaged / "delta.npz").read_bytes())
@@ -168,7 +168,7 @@ def test_a_delta_against_another_base_or_damaged_is_refused(grown_workdir, sourc
   config = grown_config(embedded_dir, source_workdir, deltas=(str(damaged),),
                         **{"transfer.add_templates": 0})
   with pytest.raises(pretrained.PretrainedCheckpointError, match="checksum"):
-    start.pretrained_source(config)
+    init_from.pretrained_source(config)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -9,7 +9,7 @@ import pytest
 from helpers import REPO
 
 PACKAGE = pathlib.Path(REPO) / "compmod_jax"
-# Names that belong to particular methods (methods/adaptation.py, methods/transfer.py).
+# Names that belong to particular methods (methods/adaptation.py, finetune/transfer.py; the trainer may name neither).
 METHOD_WORDS = ("adversarial", "moment_matching", "best_source", "config.adaptation")
 
 

@@ -27,7 +27,8 @@ import tensorflow as tf
 import tensorstore as ts
 
 from compmod_jax.data import datasets, streams
-from compmod_jax.train import checkpoint, loop, nonfinite, preemption, pretrained, steps
+from compmod_jax.finetune import pretrained
+from compmod_jax.train import checkpoint, loop, nonfinite, preemption, steps
 from helpers import REPO, built_once_per_run, free_port, read_checkpoint, subprocess_env
 from helpers import tiny_digits
 

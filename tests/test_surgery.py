@@ -13,8 +13,9 @@ import pytest
 
 from compmod_jax import surgery
 from compmod_jax.analysis import perturb, tables
+from compmod_jax.finetune import pretrained
 from compmod_jax.models import templates
-from compmod_jax.train import pretrained, start
+from compmod_jax.train import start
 from helpers import built_once_per_run, read_checkpoint
 
 HARDENINGS = ("as_trained", "reestimated")

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from compmod_jax.data import datasets
-from compmod_jax.methods import regularizers, registry
+from compmod_jax.methods import registry, regularizers
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.train import context, defaults, loop, optim, start, steps

@@ -15,11 +15,12 @@ import pytest
 from flax import traverse_util
 
 from compmod_jax.analysis import tables
-from compmod_jax.methods import multitask, registry, transfer
+from compmod_jax.finetune import init_from, pretrained, transfer
+from compmod_jax.methods import multitask, registry
 from compmod_jax.models import network_spec, templates
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
-from compmod_jax.train import context, defaults, loop, optim, pretrained, steps
+from compmod_jax.train import context, defaults, loop, optim, steps
 from configs import digits_transfer, transfer_table9
 from helpers import REPO, mock_datasets, subprocess_env
 
@@ -259,7 +260,7 @@ def test_every_preset_keeps_the_checkpoints_other_tasks_or_is_refused(setup):
   for preset in optim.TRAINABLE_PRESETS:
     config.trainable = preset
     mask = optim.trainable_mask(params, config, spec, method)
-    problem = optim.kept_tasks_problem(mask, params, config, spec, method, SOURCES)
+    problem = init_from.kept_tasks_problem(mask, params, config, spec, method, SOURCES)
     changes = kept_tasks_change(mask, params, spec, SOURCES)
     assert (problem is not None) == changes, (setup, preset, problem)
     assert (not changes) == (preset in SETUP_PRESETS_KEEPING_SOURCES[setup]), (setup, preset)
@@ -270,7 +271,7 @@ def test_every_preset_keeps_the_checkpoints_other_tasks_or_is_refused(setup):
       assert problem.endswith(f"the predictions of the checkpoint's tasks {sorted(SOURCES)} "
                               f"would change. Presets that keep them: {safe}."), problem
   mask = optim.trainable_mask(params, config, spec, method)
-  assert optim.kept_tasks_problem(mask, params, config, spec, method, ()) is None  # none kept
+  assert init_from.kept_tasks_problem(mask, params, config, spec, method, ()) is None  # none kept
 
 
 def test_the_eval_steps_prediction_entropy_reads_no_label():

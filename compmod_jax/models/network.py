@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from compmod_jax.models import blocks, ops, templates
-from compmod_jax.models.network_spec import REMAT_POLICIES, NetworkSpec
+from compmod_jax.models.network_spec import NetworkSpec, REMAT_POLICIES
 
 
 class CompositionalIsometricNet(nn.Module):

@@ -9,8 +9,8 @@ import os
 
 import ml_collections
 
-from compmod_jax.data import classes, fields
-from compmod_jax.methods import transfer
+from compmod_jax.data import fields
+from compmod_jax.finetune import transfer
 from compmod_jax.models import network_spec
 from compmod_jax.train import optim
 
@@ -66,7 +66,7 @@ def base_config():
   # (methods/adaptation.py; such a method brings its own config section).
   config.method = "supervised"
 
-  # Transfer (train/pretrained.py, methods/transfer.py): start from another run's checkpoint
+  # Transfer (finetune/pretrained.py, finetune/transfer.py): start from another run's checkpoint
   # (its workdir or <workdir>/checkpoints/<step>). Its tasks stay in the model, frozen; the
   # tasks of config.tasks it lacks are new, and config.xi_init builds their xi, head and BN.
   config.init_from = ""
@@ -76,13 +76,13 @@ def base_config():
       dont_load=(),               # regexes over variable paths to keep freshly initialised
       selection_examples=2048,    # training examples that measure each source on a new task
       learned_steps=200, learned_learning_rate=0.05,  # xi_init=learned: Adam on the c logits
-      # Growth (methods/growth.py): templates appended to the checkpoint's, started "fresh" or
+      # Growth (finetune/growth.py): templates appended to the checkpoint's, started "fresh" or
       # as noisy "copies" of the most used ones; config.model.num_templates counts them.
       add_templates=0, new_templates="fresh", new_templates_noise=0.01,
       # > 0: each new task's BN moving statistics re-estimated on this many of its training
-      # batches once its variables are built (AdaBN, labels unread; methods/transfer.py).
+      # batches once its variables are built (AdaBN, labels unread; finetune/transfer.py).
       target_bn_batches=0))
-  # Deltas (train/deltas.py): a run from config.init_from also writes <workdir>/delta/, what
+  # Deltas (finetune/deltas.py): a run from config.init_from also writes <workdir>/delta/, what
   # it added or trained; config.deltas applies such directories, in order, to init_from.
   config.save_delta = False
   config.deltas = ()
@@ -101,7 +101,7 @@ def default_compilation_cache_dir():
 def task(dataset, *, weight=1.0, sampling_weight=1.0, batch_size=0, label_map="identity",
          train_split="", eval_split="", augment=""):
   """One task: a TFDS dataset, the weight of its loss in the total, its share of each step's
-  batch (or a fixed batch_size; 0 = share), a labeling (classes.LABEL_MAPS), the TFDS splits
+  batch (or a fixed batch_size; 0 = share), a labeling (data/classes.py LABEL_MAPS), the TFDS splits
   it trains and is evaluated on and its training augmentation when they differ from
   config.data's ("" = those; slicing such as 'train[:80%]' works; augment 'crop' keeps digits
   and letters unflipped where natural images get 'crop_flip'). Image size and channels stay

@@ -18,10 +18,9 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
 from compmod_jax.analysis import accounting
-from compmod_jax.train import checkpoint, context, deltas, nonfinite, preemption, report, start
-from compmod_jax.train import steps
-from compmod_jax.train import validation
-from compmod_jax.train import workdir as workdir_io
+from compmod_jax.finetune import deltas, init_from
+from compmod_jax.train import checkpoint, context, nonfinite, preemption, report, start, steps
+from compmod_jax.train import validation, workdir as workdir_io
 
 
 def stop_requested(watcher, step):
@@ -44,7 +43,7 @@ def train_and_evaluate(config, workdir):
   try:
     own_meta = start.refuse_other_config(config, workdir, checkpointer)
     # A run resumes from its own checkpoints; the pretrained one is read only at the start.
-    source = start.pretrained_source(config) if config.init_from and not own_meta else None
+    source = init_from.pretrained_source(config) if config.init_from and not own_meta else None
     context.check_and_prepare_datasets(config)
     # Written once the run has decided to use the workdir: a run that fails on its data leaves
     # a finished run's config.json as it was.
@@ -60,7 +59,7 @@ def train_and_evaluate(config, workdir):
       state, meta = start.resume(ctx, checkpointer, state)
       ctx.run_info, start_results = meta.get("run_info", {}), None
       if source:
-        state, start_results = start.from_pretrained(ctx, state, source,
+        state, start_results = init_from.from_pretrained(ctx, state, source,
                                                      optimization.trainable)
       if int(state.step) >= config.total_steps:
         logging.info("Run in %s is at step %d of config.total_steps=%d: evaluating only.",
@@ -77,7 +76,7 @@ def train_and_evaluate(config, workdir):
                                 meta.get("wall_time_s", 0.0))
       if (config.save_delta and int(state.step) >= config.total_steps
           and not deltas.written(workdir)):
-        deltas.save(ctx, state, source or start.pretrained_source(config))
+        deltas.save(ctx, state, source or init_from.pretrained_source(config))
       return results
   finally:
     checkpointer.close()

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from compmod_jax.methods import growth
+from compmod_jax.finetune import growth
 from compmod_jax.models import network_spec
 
 # (group, regex over "/"-joined parameter paths) of the model's parameters. Order matters: the
@@ -36,7 +36,7 @@ MODEL_GROUPS = tuple(name for name, _ in PARAMETER_GROUPS)
 # §4.3): head only, head + BN, the paper's method (mixture weights + head + BN), and full
 # fine-tuning; and of domain adaptation (§4.4): the mixture weights alone, or with BN or the
 # input adapter, and the plain network's baseline, its input adapter alone; and of growth
-# (methods/growth.py): a new task's private variables with the templates (only the added ones
+# (finetune/growth.py): a new task's private variables with the templates (only the added ones
 # when config.transfer.add_templates > 0). A method's own variables are not the model's:
 # presets leave their group alone.
 TRAINABLE_PRESETS = {
@@ -207,7 +207,7 @@ def trainable_mask(params, config, spec, method):
   is > 0 or not), or a [tasks, 1, ...] mask over the rows of an array with one row per task.
   Rows and heads of tasks the model holds but `method` does not train (its trained_tasks) are
   always frozen: a model restored with more tasks keeps their predictions bit-identical. So are
-  the checkpoint's templates when the run adds some (methods/growth.py): [K, 1, ...] masks.
+  the checkpoint's templates when the run adds some (finetune/growth.py): [K, 1, ...] masks.
   """
   groups = parameter_groups(method)
   multipliers = group_multipliers(config, groups)
@@ -227,40 +227,6 @@ def trainable_mask(params, config, spec, method):
     return rows.reshape((len(owners),) + (1,) * (len(leaf.shape) - 1))
 
   return traverse_util.unflatten_dict({p: mask(p, leaf) for p, leaf in flat.items()}, sep="/")
-
-
-def shared_arrays_trained(mask, spec, own_params=None):
-  """Paths of the whole arrays every task shares that `mask` lets train (a method's own
-  variables aside). A partly trainable shared array is a bank grown by templates the old
-  tasks weigh by exactly 0 (methods/growth.py): it changes no old task."""
-  return sorted(path for path, leaf_mask in traverse_util.flatten_dict(mask, sep="/").items()
-                if network_spec.task_owners(spec, "params/" + path) is None and np.all(leaf_mask)
-                and not path.startswith(f"{own_params}/"))
-
-
-def kept_tasks_problem(mask, params, config, spec, method, kept):
-  """Why config.trainable (whose trainable_mask is `mask`) would change the predictions of
-  `kept` (the checkpoint's tasks the run does not train), naming the presets that would not;
-  None when it keeps them. Whether a
-  parameter is shared depends on the set-up: with model.batch_norm 'mixed' the BN scale and
-  bias are mixed from the templates and 'per_layer' shares them, so a preset with
-  'batch_norm' keeps the other tasks only with 'per_task' BN."""
-  shared = shared_arrays_trained(mask, spec, method.own_params)
-  if not (kept and shared):
-    return None
-  safe = []
-  for preset in TRAINABLE_PRESETS:
-    candidate = config.copy_and_resolve_references()
-    candidate.trainable = preset
-    preset_mask = trainable_mask(params, candidate, spec, method)
-    if count_trainable(preset_mask, params) and not shared_arrays_trained(
-        preset_mask, spec, method.own_params):
-      safe.append(preset)
-  return (f"config.trainable={config.trainable or 'lr_multipliers'!r} trains "
-          f"{', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}, which every task of "
-          f"this model shares (config.model.batch_norm={spec.batch_norm!r}, "
-          f"input_adapter={spec.input_adapter!r}): the predictions of the checkpoint's tasks "
-          f"{sorted(kept)} would change. Presets that keep them: {safe}.")
 
 
 def count_trainable(mask, params):

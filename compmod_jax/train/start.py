@@ -1,7 +1,6 @@
 """How a run starts: its context (model, method, data), a fresh train state, then either its
-own newest good checkpoint (resume) or another run's checkpoint (config.init_from, plus the
-config.deltas of train/deltas.py: grown by methods/growth.py, loaded strictly by
-train/pretrained.py, new tasks built by methods/transfer.py)."""
+own newest good checkpoint (resume) or another run's checkpoint (config.init_from:
+compmod_jax/finetune/init_from.py)."""
 import jax
 import jax.numpy as jnp
 from absl import logging
@@ -9,10 +8,10 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.data import classes
-from compmod_jax.methods import growth, registry, transfer
+from compmod_jax.methods import registry
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
-from compmod_jax.train import checkpoint, context, deltas, optim, pretrained, steps
+from compmod_jax.train import checkpoint, context, optim, steps
 
 
 def model_for(config, num_classes):
@@ -104,74 +103,3 @@ def resume(ctx, checkpointer, state):
     return state, {}
   logging.info("Resumed from %s at step %d.", checkpointer.workdir, meta["step"])
   return restored, meta
-
-
-def pretrained_source(config):
-  """The checkpoint config.init_from names with config.deltas applied (train/deltas.py), read
-  and checked against config.xi_init and config.model.num_templates."""
-  source = pretrained.load(config.init_from)
-  if config.deltas:
-    source = deltas.with_deltas(source, config.deltas)
-  growth.check_source(config, source.variables)
-  if set(config.tasks) - set(source.tasks):  # xi_init applies to new tasks only
-    transfer.check_xi_init(config.xi_init, source.tasks)
-  return source
-
-
-def from_pretrained(ctx, state, source, trainable):
-  """Loads the pretrained checkpoint into the fresh state (strictly: pretrained.merge), builds
-  each new task's variables from the source tasks (methods/transfer.py) and evaluates the
-  result. Sets ctx.run_info (what every checkpoint and results.json of the run carry) and
-  returns the state and that evaluation."""
-  config, spec, own = ctx.config, ctx.model.spec, ctx.method.own_params
-  sources = sorted(source.tasks)
-  _check_kept_tasks(ctx, trainable, state.params, sorted(set(sources) - set(config.tasks)))
-  fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-  method_params = fresh["params"].pop(own) if own else None  # the pretraining had no such
-  source_variables, added_templates = source.variables, None
-  if config.transfer.add_templates:
-    source_variables, added_templates = growth.grown(config, source.variables,
-                                                     fresh["params"]["templates"])
-  variables, report = pretrained.merge(fresh, source_variables, spec, sources,
-                                       tuple(config.transfer.dont_load))
-  logging.info("From %s: loaded %d variables; new-task rows or heads in %d; kept fresh by "
-               "config.transfer.dont_load: %s", source.step_dir, len(report.loaded),
-               len(report.new), report.not_loaded or "none")
-  ctx.run_info = {"checkpoint": str(source.step_dir), "step": source.step,
-                  "source_tasks": source.tasks, "xi_init": config.xi_init,
-                  "trainable": config.trainable or "lr_multipliers",
-                  "trainable_parameters": optim.count_trainable(trainable, state.params),
-                  "new_tasks": {}, "added_templates": added_templates}
-  new_tasks = sorted(set(config.tasks) - set(sources))
-  for task in new_tasks:
-    variables, ctx.run_info["new_tasks"][task] = transfer.initialise_new_task(
-        ctx, variables, task, source.tasks)
-  if config.transfer.target_bn_batches:
-    variables = transfer.precise_bn_statistics(ctx, variables, new_tasks,
-                                               config.transfer.target_bn_batches)
-    logging.info("BN statistics of %s re-estimated on %d of their training batches.",
-                 new_tasks, config.transfer.target_bn_batches)
-  if own:
-    variables["params"][own] = method_params
-  # Separate copies: the train step donates its state, and params and EMA may not share one.
-  state = state.replace(params=ctx.replicated(variables["params"]),
-                        ema_params=ctx.replicated(variables["params"]),
-                        batch_stats=ctx.replicated(variables["batch_stats"]))
-  results = ctx.evaluate(state)
-  for task, info in ctx.run_info["new_tasks"].items():
-    info["accuracy_before_finetune"] = results[task]["test_accuracy"]
-    logging.info("Task %s before fine-tuning: test accuracy %.4f; it adds %s parameters.",
-                 task, results[task]["test_accuracy"], info["added_parameters"])
-  return state, results
-
-
-def _check_kept_tasks(ctx, trainable, params, kept):
-  """A preset promises to keep the checkpoint's other tasks as they were: refused, before
-  anything is evaluated or trained, when it would train what they share; '' (lr_multipliers
-  alone) and 'all' only warn, since changing everything is what they ask for."""
-  problem = optim.kept_tasks_problem(trainable, params, ctx.config, ctx.model.spec, ctx.method,
-                                     kept)
-  if problem and ctx.config.trainable in ("", "all"):
-    logging.warning("%s", problem)
-  elif problem:
-    raise ValueError(problem)

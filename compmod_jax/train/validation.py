@@ -10,9 +10,10 @@ from etils import epath
 
 from compmod_jax import ranges
 from compmod_jax.data import catalog, datasets, fields, image_folder
-from compmod_jax.methods import growth, multitask, registry, regularizers, transfer
+from compmod_jax.finetune import deltas, growth, transfer
+from compmod_jax.methods import multitask, registry, regularizers
 from compmod_jax.ranges import INF
-from compmod_jax.train import context, deltas, optim, start
+from compmod_jax.train import context, optim, start
 
 ON_CORRUPT_CHECKPOINT = ("fall_back", "refuse")
 POSITIVE_INTEGERS = ("batch_size", "eval_batch_size", "log_every", "eval_every",

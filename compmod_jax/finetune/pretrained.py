@@ -7,7 +7,7 @@ checkpoint written on N devices loads on any number of devices. The evaluated we
 are what is loaded, with the BN moving statistics.
 
 Loading is strict (`merge`): every variable of the new model comes from the checkpoint, except
- - rows and heads of tasks the checkpoint does not have (the new tasks; methods/transfer.py
+ - rows and heads of tasks the checkpoint does not have (the new tasks; finetune/transfer.py
    initialises them), and
  - variables a `config.transfer.dont_load` rule (a regex over paths such as
    "params/output_adapter/dense_kernel") names: they keep their fresh initialisation.

@@ -5,7 +5,7 @@ writes <workdir>/delta/ (through a temporary directory and a rename: a delta is 
 absent), holding what the run added to or trained in the model it started from (the base):
   - every variable of the run's tasks (config.tasks): their rows of the per-task arrays (mixture
     logits, per-task BN and its moving statistics) and their heads;
-  - the rows it appended to a shared array (the templates it added, methods/growth.py);
+  - the rows it appended to a shared array (the templates it added, finetune/growth.py);
   - any other shared array it changed, whole (a run that trains shared parameters makes a
     delta as large as they are).
 delta.npz holds these arrays as evaluated (EMA parameters, BN moving statistics); delta.json
@@ -29,10 +29,9 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from compmod_jax.methods import growth
+from compmod_jax.finetune import growth, pretrained
 from compmod_jax.models import network_spec, templates
-from compmod_jax.train import checkpoint, pretrained
-from compmod_jax.train import workdir as workdir_io
+from compmod_jax.train import checkpoint, workdir as workdir_io
 
 DELTA_DIR = "delta"
 MIXTURE_PATHS = tuple(f"params/{name}" for name in templates.MIXTURE_PARAMS)

@@ -45,7 +45,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from compmod_jax.methods import growth
+from compmod_jax.finetune import growth
 from compmod_jax.models import network_spec, templates
 
 SOURCE_PREFIX = "source:"

@@ -12,7 +12,7 @@ become K + n (config.model.num_templates must say K + n):
     are exactly 0 and their mixtures are what they were; their rows stay frozen as always, and
     so do the old templates (optim.trainable_mask lets only the n added rows of the bank
     train), so nothing these tasks compute can change;
-  - a new task's xi row comes from config.xi_init (methods/transfer.py), then the new templates
+  - a new task's xi row comes from config.xi_init (finetune/transfer.py), then the new templates
     get the share a uniform xi gives them: 1/(K+n) each, the old templates' weights scaled by
     K/(K+n) (`with_new_template_share`). Layers whose xi all tasks share
     (config.model.shared_mixture_layers) keep weight 0 on the new templates.
