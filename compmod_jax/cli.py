@@ -1,4 +1,8 @@
-"""What the command-line entry points (main, plan, surgery) share."""
+"""The command layer every command shares (main, plan, surgery, analysis.perturb,
+analysis.tables): `run_command` parses the flags and runs the command so that a user's
+mistake is one last line, `<command>: <error>`, and exit code 1; --traceback adds where it
+was raised. Also the config folder on the import path, quiet library logs and the
+compilation cache."""
 import difflib
 import logging as python_logging
 import os
@@ -13,13 +17,29 @@ from compmod_jax.train import checkpoint, nonfinite
 
 
 # What a run can fail with because of what the user gave it (a config, a workdir, a dataset, a
-# checkpoint) or what happened to it (NaNs, corruption): reported as one line, the message
-# that says what to change, unless --traceback asks where it was raised. Anything else is a
-# bug and keeps its traceback.
+# checkpoint, an argument) or what happened to it (NaNs, corruption): reported as one line,
+# the message that says what to change, unless --traceback asks where it was raised. Anything
+# else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
                nonfinite.NonFiniteError, checkpoint.CorruptCheckpointError)
 
 flags.DEFINE_bool("traceback", False, "On an error, also show where it was raised.")
+
+
+class CommandError(ValueError):
+  """A command line the command cannot run: wrong positional arguments or flag values."""
+
+
+def run_command(command, main):
+  """Runs `main(argv)` as `command` (its `python -m` name) under absl, with the flags parsed
+  by `parse_flags` and the run by `report_user_errors`."""
+  make_config_folder_importable(sys.argv)
+
+  def run_main(argv):
+    quiet_library_logs()
+    return report_user_errors(command, lambda: main(argv))
+
+  app.run(run_main, flags_parser=lambda argv: parse_flags(command, argv))
 
 
 def report_user_errors(command, run):
@@ -37,11 +57,16 @@ def report_user_errors(command, run):
   except USER_ERRORS as error:
     if flags.FLAGS.traceback:
       raise
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.write(f"{command}: {type(error).__name__}: {error}\n")
-    sys.stderr.flush()
-    os._exit(1)
+    exit_with_one_line(command, f"{type(error).__name__}: {error}")
+
+
+def exit_with_one_line(command, message):
+  """Ends the process at once with `<command>: <message>` as its last line, exit code 1."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.write(f"{command}: {message}\n")
+  sys.stderr.flush()
+  os._exit(1)
 
 
 def use_compilation_cache(directory):
@@ -92,14 +117,20 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def parse_flags(argv):
-  """absl's flag parsing (app.run's flags_parser), except that a config override naming no
-  field of the config (`--config.optimizer.lr=0.1`) is one line naming the field and the
-  fields that are there, instead of a traceback from inside ml_collections."""
+def parse_flags(command, argv):
+  """absl's flag parsing (app.run's flags_parser), except that a mistake is one line: an
+  unknown flag, a bad value, a missing required flag, a config file that cannot load, and a
+  config override naming no field of the config (`--config.optimizer.lr=0.1`: named with the
+  fields that are there, instead of a traceback from inside ml_collections)."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1:  # a config file that raised: the flag, then its own error's last line
+      lines = [lines[0], lines[-1]]
+    exit_with_one_line(command, " ".join(lines) + " (--helpfull lists the flags)")
   except (AttributeError, KeyError) as error:
-    sys.exit(f"FATAL Flags parsing error: {unknown_override(argv) or error}")
+    exit_with_one_line(command, str(unknown_override(argv) or error))
 
 
 def unknown_override(argv):

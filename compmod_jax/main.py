@@ -8,7 +8,6 @@ same command on every worker (see launch/tpu_pod.sh); --distributed initialises
 jax.distributed first.
 """
 import os
-import sys
 
 if __name__ == "__main__":  # before JAX and TensorFlow load, which a restart would load twice
   from compmod_jax import fast_malloc
@@ -17,7 +16,7 @@ if __name__ == "__main__":  # before JAX and TensorFlow load, which a restart wo
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from compmod_jax import cli  # noqa: E402
@@ -38,12 +37,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+    raise cli.CommandError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.coordinator_address and (FLAGS.num_processes is not None
                                         or FLAGS.process_id is not None):
-    raise app.UsageError("--num_processes and --process_id need --coordinator_address=host:port "
-                         "(process 0's); without it this would run as a single process.")
+    raise cli.CommandError("--num_processes and --process_id need "
+                           "--coordinator_address=host:port (process 0's); without it this "
+                           "would run as a single process.")
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
@@ -51,11 +50,8 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  def run_config():
-    cli.use_compilation_cache(FLAGS.config.compilation_cache_dir)
-    return loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-
-  results = cli.report_user_errors("compmod_jax.main", run_config)
+  cli.use_compilation_cache(FLAGS.config.compilation_cache_dir)
+  results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if results:
     for task, values in sorted(results["tasks"].items()):
       logging.info("final %s test accuracy: %.4f", task, values["test_accuracy"])
@@ -65,8 +61,7 @@ def run():
   """Console-script entry point (`compmod`)."""
   from compmod_jax import fast_malloc
   fast_malloc.restart_with_fast_malloc()
-  cli.make_config_folder_importable(sys.argv)
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_command("compmod_jax.main", main)
 
 
 if __name__ == "__main__":

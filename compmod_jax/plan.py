@@ -42,14 +42,13 @@ memory there can differ by tens of percent; the parameter count and batch are ex
 """
 import dataclasses
 import json
-import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -346,23 +345,21 @@ def step_flops(lowered):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.CommandError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.num_devices < 1:
+    raise cli.CommandError(f"--num_devices={FLAGS.num_devices}: give the number of devices "
+                           f"the step is sharded over (1 or more).")
   jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)  # before any backend starts
   if jax.device_count() != FLAGS.num_devices:
-    raise app.UsageError(f"--num_devices={FLAGS.num_devices}, but this process sees "
-                         f"{jax.device_count()} {jax.default_backend()} devices; set "
-                         f"JAX_PLATFORMS=cpu to simulate {FLAGS.num_devices} devices.")
-  try:
-    cli.use_compilation_cache(FLAGS.config.compilation_cache_dir)
-    result = plan(FLAGS.config, FLAGS.device_memory_gb, FLAGS.variants)
-  except (PlanError, ValueError) as error:
-    sys.exit(f"compmod_jax.plan: {error}")
-  print(json.dumps(result, indent=2))
+    raise cli.CommandError(f"--num_devices={FLAGS.num_devices}, but this process sees "
+                           f"{jax.device_count()} {jax.default_backend()} devices; set "
+                           f"JAX_PLATFORMS=cpu to simulate {FLAGS.num_devices} devices.")
+  cli.use_compilation_cache(FLAGS.config.compilation_cache_dir)
+  print(json.dumps(plan(FLAGS.config, FLAGS.device_memory_gb, FLAGS.variants), indent=2))
 
 
 def run():
-  cli.make_config_folder_importable(sys.argv)
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_command("compmod_jax.plan", main)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from compmod_jax import surgery
+from compmod_jax.finetune import surgery
 from compmod_jax.models import blocks, templates
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec

@@ -378,7 +378,7 @@ def test_corrupt_checkpoint_with_refuse_policy_stops_and_changes_nothing(
 CLI_MISTAKES = {
     "override_of_a_missing_field": (
         ("--config.optimizer.lr=0.1",),
-        r"^FATAL Flags parsing error: --config\.optimizer\.lr: config\.optimizer has no field "
+        r"^compmod_jax\.main: --config\.optimizer\.lr: config\.optimizer has no field "
         r"'lr'; its fields are \["),
     "processes_without_a_coordinator": (
         ("--num_processes=2",), r"--num_processes and --process_id need --coordinator_address"),

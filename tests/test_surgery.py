@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compmod_jax import surgery
-from compmod_jax.analysis import perturb, tables
-from compmod_jax.finetune import pretrained
-from compmod_jax.models import templates
+from compmod_jax.analysis import perturb, perturbation, tables
+from compmod_jax.finetune import pretrained, surgery
+from compmod_jax.models import bank, templates
 from compmod_jax.train import start
 from helpers import built_once_per_run, read_checkpoint
 
@@ -41,11 +40,11 @@ def one_hot_logits(signatures, num_templates):
 
 def test_hardening_takes_each_layers_largest_mixture_weight():
   xi = np.array([[[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]], [[0.1, 0.1, 0.8], [0.4, 0.4, 0.2]]])
-  np.testing.assert_array_equal(surgery.hardened_signatures(xi), [[1, 0], [2, 0]])
+  np.testing.assert_array_equal(bank.hardened_signatures(xi), [[1, 0], [2, 0]])
   variables = {"params": {"mixture_logits": np.zeros((2, 2, 3)),
                           "templates": {"kernel": np.arange(3.0)[:, None] * np.ones((3, 4))}},
                "batch_stats": {}}
-  compact, signatures = surgery.compact_variables(variables, np.array([[2, 0], [2, 2]]))
+  compact, signatures = bank.compact_variables(variables, np.array([[2, 0], [2, 2]]))
   assert "mixture_logits" not in compact["params"]
   np.testing.assert_array_equal(compact["params"]["templates"]["kernel"][:, 0], [0.0, 2.0])
   np.testing.assert_array_equal(signatures, [[1, 0], [1, 1]])  # template 3 became template 2
@@ -56,11 +55,11 @@ def test_the_compact_model_computes_the_hardened_models_logits_exactly(source_wo
   tasks = {name: 10 for name in ("mnist", "mnist_blur")}
   mixed_model = start.model_for(run.config, tasks)
   xi = templates.mixture_weights(run.variables["params"]["mixture_logits"])
-  signatures = surgery.hardened_signatures(xi)
+  signatures = bank.hardened_signatures(xi)
   one_hot = dict(run.variables, params=dict(
       run.variables["params"],
       mixture_logits=one_hot_logits(signatures, mixed_model.spec.num_templates)))
-  compact, compact_signatures = surgery.compact_variables(run.variables, signatures)
+  compact, compact_signatures = bank.compact_variables(run.variables, signatures)
   compact_model = start.model_for(surgery.fixed_signature_config(run.config, compact_signatures),
                                   tasks)
   assert "mixture_logits" not in compact["params"]
@@ -138,7 +137,7 @@ def test_harden_refuses_what_it_cannot_use(hardened, source_workdir, tmp_path):
 
 def test_signature_perturbations_move_whole_rows_of_mixture_logits():
   logits = np.arange(12.0, dtype=np.float32).reshape(3, 4)
-  table = perturb.perturbations(logits, permutations=2, seed=0)
+  table = perturbation.perturbations(logits, permutations=2, seed=0)
   assert len(table) == 1 + 2 + 3 * 2 + 2 + 1
   np.testing.assert_array_equal(table["swap 1,2"], logits[[1, 0, 2]])
   np.testing.assert_array_equal(table["3<-1"], logits[[0, 1, 0]])
@@ -146,7 +145,7 @@ def test_signature_perturbations_move_whole_rows_of_mixture_logits():
   xi = jax.nn.softmax(table["hardened"], axis=-1)
   np.testing.assert_array_equal(xi, np.eye(4)[[3, 3, 3]])
   same_first_two = logits[[0, 0, 2]]
-  np.testing.assert_array_equal(perturb.perturbations(same_first_two, 0, 0)["swap 1,2"],
+  np.testing.assert_array_equal(perturbation.perturbations(same_first_two, 0, 0)["swap 1,2"],
                                 same_first_two)
 
 
@@ -183,7 +182,7 @@ def test_pruning_keeps_the_most_used_templates_and_renormalises_xi():
   params = {"mixture_logits": logits, "shared_mixture_logits": shared,
             "templates": {"kernel": np.arange(4.0)[:, None] * np.ones((4, 3))}}
   xi = np.asarray(templates.mixture_weights(templates.task_mixture_logits(params)))
-  pruned, kept, usage = surgery.pruned_variables({"params": params, "batch_stats": {}}, keep=2)
+  pruned, kept, usage = bank.pruned_variables({"params": params, "batch_stats": {}}, keep=2)
   np.testing.assert_allclose(usage, xi.sum(axis=(0, 1)), rtol=1e-6)
   assert list(kept) == sorted(np.argsort(-usage)[:2])
   np.testing.assert_array_equal(pruned["params"]["templates"]["kernel"][:, 0], kept)

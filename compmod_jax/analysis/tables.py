@@ -28,9 +28,10 @@ import json
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 
+from compmod_jax import cli
 from compmod_jax.analysis import signatures
 from compmod_jax.methods import adaptation as adaptation_methods
 
@@ -308,16 +309,14 @@ def signatures_table(hardened_dirs, out=None):
 
 def main(argv):
   if len(argv) < 3 or argv[1] not in MODES:
-    raise app.UsageError(f"usage: python -m compmod_jax.analysis.tables {{{','.join(MODES)}}} "
-                         f"WORKDIR...")
+    raise cli.CommandError(f"usage: python -m compmod_jax.analysis.tables "
+                           f"{{{','.join(MODES)}}} WORKDIR...")
   if argv[1] == "transfer":
-    make = lambda: transfer_table(argv[2:], FLAGS.task)
+    sys.stdout.write(transfer_table(argv[2:], FLAGS.task))
   else:
     table = {"da": da_table, "domains": domains_table, "signatures": signatures_table}[argv[1]]
-    make = lambda: table(argv[2:], FLAGS.out)
-  from compmod_jax import cli  # the tool layer, as in analysis/perturb.py
-  sys.stdout.write(cli.report_user_errors(f"compmod_jax.analysis.tables {argv[1]}", make))
+    sys.stdout.write(table(argv[2:], FLAGS.out))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_command("compmod_jax.analysis.tables", main)
