@@ -95,9 +95,9 @@ def test_mixed_kernels_are_formed_in_float32_and_cast_after_mixing(monkeypatch):
   received = []
   original = blocks.inverted_residual
 
-  def recording(x, skip, params, *args, **kwargs):
-    received.append(params)
-    return original(x, skip, params, *args, **kwargs)
+  def recording(x, skip, layer, **kwargs):
+    received.append(layer[0])  # the layer's parameters
+    return original(x, skip, layer, **kwargs)
 
   monkeypatch.setattr(blocks, "inverted_residual", recording)
   model = CompositionalIsometricNet(spec(compute_dtype="bfloat16"))

@@ -30,8 +30,10 @@ sources while maximising that discrepancy (the min-max step of Maximum Classifie
 The classifiers only shape the target's features: predictions still come from the target's
 own head.
 """
+import dataclasses
 import functools
 import itertools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -151,30 +153,35 @@ def make_loss(config, spec):
   module = method_module(config, spec)
   target = config.adaptation.target
   if config.method == "adversarial":
-    adapt = functools.partial(adversarial_loss, target=target, discriminator=module)
+    adapt = AdversarialLoss(target=target, discriminator=module)
   else:
-    adapt = functools.partial(moment_matching_loss, target=target, classifiers=module,
-                              moment_weight=config.adaptation.moment_weight)
+    adapt = MomentMatchingLoss(target=target, classifiers=module,
+                               moment_weight=config.adaptation.moment_weight)
   if not config.adaptation.joint:
     return adapt
-  return functools.partial(
-      joint_loss, adapt=adapt, target=target,
-      adapted=tuple(config.adaptation.target_params) + (OWN_PARAMS,),
-      task_weights={task: config.tasks[task].weight for task in config.tasks})
+  return JointLoss(adapt=adapt, target=target,
+                   adapted=tuple(config.adaptation.target_params) + (OWN_PARAMS,),
+                   task_weights={task: config.tasks[task].weight for task in config.tasks})
 
 
-def joint_loss(model, params, batch_stats, batch, rng, *, adapt, target, adapted,
-               task_weights):
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, like functools.partial
+class JointLoss:
   """The sources' classification loss (training mode: their BN statistics update) plus the
   adaptation loss `adapt`, in which only the `adapted` parameters carry gradients."""
-  sources = {task: examples for task, examples in batch.items() if task != target}
-  classification, (batch_stats, metrics) = supervised.classification_loss(
-      model, params, batch_stats, sources, rng, task_weights)
-  adapting = {name: value if name in adapted else jax.lax.stop_gradient(value)
-              for name, value in params.items()}
-  adaptation, (batch_stats, adaptation_metrics) = adapt(model, adapting, batch_stats, batch,
-                                                        rng)
-  return classification + adaptation, (batch_stats, {**metrics, **adaptation_metrics})
+  adapt: Callable
+  target: str
+  adapted: tuple
+  task_weights: dict
+
+  def __call__(self, model, params, batch_stats, batch, rng):
+    sources = {task: examples for task, examples in batch.items() if task != self.target}
+    classification, (batch_stats, metrics) = supervised.classification_loss(
+        model, params, batch_stats, sources, rng, self.task_weights)
+    adapting = {name: value if name in self.adapted else jax.lax.stop_gradient(value)
+                for name, value in params.items()}
+    adaptation, (batch_stats, adaptation_metrics) = self.adapt(model, adapting, batch_stats,
+                                                               batch, rng)
+    return classification + adaptation, (batch_stats, {**metrics, **adaptation_metrics})
 
 
 def binary_cross_entropy(logits, is_source):
@@ -193,24 +200,29 @@ def _features(model, params, batch_stats, batch, target, method):
   return sources, target_features, updates["batch_stats"]
 
 
-def adversarial_loss(model, params, batch_stats, batch, rng, *, target, discriminator):
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, like functools.partial
+class AdversarialLoss:
   """Discriminator loss + the target's mapping loss (see the module docstring)."""
-  del rng  # no dropout before the body features
-  sources, target_features, batch_stats = _features(model, params, batch_stats, batch, target,
-                                                    model.body_features)
-  disc = lambda p, x: discriminator.apply({"params": p}, x)
-  disc_params = params[OWN_PARAMS]
-  source_logits = disc(disc_params, jnp.concatenate(list(sources.values())))
-  target_logits = disc(disc_params, jax.lax.stop_gradient(target_features))
-  discriminator_loss = 0.5 * (binary_cross_entropy(source_logits, 1.0)
-                              + binary_cross_entropy(target_logits, 0.0))
-  mapping_loss = binary_cross_entropy(
-      disc(jax.lax.stop_gradient(disc_params), target_features), 1.0)
-  correct = jnp.concatenate([source_logits > 0, target_logits <= 0])
-  metrics = {"adaptation/discriminator_loss": discriminator_loss,
-             "adaptation/mapping_loss": mapping_loss,
-             "adaptation/discriminator_accuracy": jnp.mean(correct.astype(jnp.float32))}
-  return discriminator_loss + mapping_loss, (batch_stats, metrics)
+  target: str
+  discriminator: nn.Module
+
+  def __call__(self, model, params, batch_stats, batch, rng):
+    del rng  # no dropout before the body features
+    sources, target_features, batch_stats = _features(model, params, batch_stats, batch,
+                                                      self.target, model.body_features)
+    disc = lambda p, x: self.discriminator.apply({"params": p}, x)
+    disc_params = params[OWN_PARAMS]
+    source_logits = disc(disc_params, jnp.concatenate(list(sources.values())))
+    target_logits = disc(disc_params, jax.lax.stop_gradient(target_features))
+    discriminator_loss = 0.5 * (binary_cross_entropy(source_logits, 1.0)
+                                + binary_cross_entropy(target_logits, 0.0))
+    mapping_loss = binary_cross_entropy(
+        disc(jax.lax.stop_gradient(disc_params), target_features), 1.0)
+    correct = jnp.concatenate([source_logits > 0, target_logits <= 0])
+    metrics = {"adaptation/discriminator_loss": discriminator_loss,
+               "adaptation/mapping_loss": mapping_loss,
+               "adaptation/discriminator_accuracy": jnp.mean(correct.astype(jnp.float32))}
+    return discriminator_loss + mapping_loss, (batch_stats, metrics)
 
 
 def moment_distance(source_features, target_features, orders=(1, 2)):
@@ -237,33 +249,39 @@ def classifier_discrepancy(logits_1, logits_2):
   return jnp.mean(jnp.abs(jax.nn.softmax(logits_1) - jax.nn.softmax(logits_2)))
 
 
-def moment_matching_loss(model, params, batch_stats, batch, rng, *, target, classifiers,
-                         moment_weight):
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, like functools.partial
+class MomentMatchingLoss:
   """Classifiers: source classification - target discrepancy; target: discrepancy + moment
   distance (see the module docstring)."""
-  del rng  # the embeddings are taken before the dropout
-  sources, target_embedding, batch_stats = _features(model, params, batch_stats, batch, target,
-                                                     model.embedding)
-  pair = lambda p, x: classifiers.apply({"params": p}, x)
-  pair_params = params[OWN_PARAMS]
-  classification = 0.0
-  for task, embedding in sources.items():
-    mask = batch[task]["mask"].astype(jnp.float32)
-    for logits in pair(pair_params, embedding):
-      classification += supervised.masked_mean(
-          optax.softmax_cross_entropy_with_integer_labels(logits, batch[task]["label"]), mask)
-  classification /= 2 * len(sources)
-  classifiers_discrepancy = classifier_discrepancy(
-      *pair(pair_params, jax.lax.stop_gradient(target_embedding)))
-  target_discrepancy = classifier_discrepancy(
-      *pair(jax.lax.stop_gradient(pair_params), target_embedding))
-  moments = moment_distance(list(sources.values()), target_embedding)
-  metrics = {"adaptation/source_classification_loss": classification,
-             "adaptation/classifier_discrepancy": target_discrepancy,
-             "adaptation/moment_distance": moments}
-  loss = (classification - classifiers_discrepancy + target_discrepancy
-          + moment_weight * moments)
-  return loss, (batch_stats, metrics)
+  target: str
+  classifiers: nn.Module
+  moment_weight: float
+
+  def __call__(self, model, params, batch_stats, batch, rng):
+    del rng  # the embeddings are taken before the dropout
+    sources, target_embedding, batch_stats = _features(model, params, batch_stats, batch,
+                                                       self.target, model.embedding)
+    pair = lambda p, x: self.classifiers.apply({"params": p}, x)
+    pair_params = params[OWN_PARAMS]
+    classification = 0.0
+    for task, embedding in sources.items():
+      mask = batch[task]["mask"].astype(jnp.float32)
+      for logits in pair(pair_params, embedding):
+        classification += supervised.masked_mean(
+            optax.softmax_cross_entropy_with_integer_labels(logits, batch[task]["label"]),
+            mask)
+    classification /= 2 * len(sources)
+    classifiers_discrepancy = classifier_discrepancy(
+        *pair(pair_params, jax.lax.stop_gradient(target_embedding)))
+    target_discrepancy = classifier_discrepancy(
+        *pair(jax.lax.stop_gradient(pair_params), target_embedding))
+    moments = moment_distance(list(sources.values()), target_embedding)
+    metrics = {"adaptation/source_classification_loss": classification,
+               "adaptation/classifier_discrepancy": target_discrepancy,
+               "adaptation/moment_distance": moments}
+    loss = (classification - classifiers_discrepancy + target_discrepancy
+            + self.moment_weight * moments)
+    return loss, (batch_stats, metrics)
 
 
 for _name in METHODS:

@@ -51,14 +51,15 @@ def init_template(key, shapes):
   return params
 
 
-def inverted_residual(x, skip_input, params, bn_params, bn_stats, *, train, activation, conv_impl,
-                      bn_eps):
+def inverted_residual(x, skip_input, layer, *, train, activation, conv_impl, bn_eps):
   """One block: 1x1 expand + BN + act, 3x3 depthwise + BN + act, [SE], 1x1 project + BN, add.
 
   skip_input: the input adapter's output when blocks also see it (paper Table 6), else None.
-  bn_params: {name: {"scale", "bias"}}; bn_stats: {name: {"mean", "var"}} (moving statistics).
+  layer: the layer's (params, bn_params, bn_stats), with bn_params {name: {"scale", "bias"}}
+  and bn_stats {name: {"mean", "var"}} (moving statistics).
   Returns the block output and, in training, the batch statistics of each BN (else None).
   """
+  params, bn_params, bn_stats = layer
   batch_stats = {}
 
   def norm_act(h, name, act=activation):

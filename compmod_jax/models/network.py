@@ -148,10 +148,9 @@ class CompositionalIsometricNet(nn.Module):
     stats = jax.tree.map(lambda s: s[task_index], self.bn_stats.value)
     skip = x if spec.input_skip else None
 
-    def block(h, per_layer):
-      params, bn_params, bn_stats = per_layer
+    def block(h, layer):
       return blocks.inverted_residual(
-          h, skip, params, bn_params, bn_stats, train=train,
+          h, skip, layer, train=train,
           activation=ops.ACTIVATIONS[spec.activation],
           conv_impl=ops.resolve_conv_impl(spec.conv_impl), bn_eps=spec.bn_eps)
 
