@@ -11,7 +11,8 @@ from flax import traverse_util
 
 from compmod_jax.analysis import tables
 from compmod_jax.methods import adaptation, registry, supervised
-from compmod_jax.train import context, defaults, loop, report, start, steps, validation
+from compmod_jax.train import context, defaults, loop, start, steps, validation
+from compmod_jax.workdir import Workdir
 from configs import digits_da, domainnet_da
 from mock_tfds import labelled_mock_dataset, write_mock_metadata
 from helpers import read_checkpoint
@@ -386,7 +387,7 @@ def test_domainnet_config_adapts_on_its_most_frequent_classes_under_mock_data(tm
 def test_digits_svhn_config_mixes_embedded_digits_and_svhn_under_mock_data(svhn_digits_run):
   workdir, config = svhn_digits_run
   kept = tuple(config.pretrain.tasks)
-  results = report.read_results(workdir)
+  results = Workdir(workdir).read_results()
   # Without init_from the run pretrains config.pretrain first: the compositional network, whose
   # shared input adapter then starts every domain's own; source-only evaluates it as it starts.
   pretrained_dir = workdir / "pretrained"
@@ -396,5 +397,5 @@ def test_digits_svhn_config_mixes_embedded_digits_and_svhn_under_mock_data(svhn_
   assert results["tasks"][TARGET]["test_accuracy"] == pytest.approx(
       results["tasks"][TARGET]["accuracy_before_finetune"], abs=0)
   assert set(results["init_from"]["new_tasks"][TARGET]["source_accuracy_on_train"]) == set(kept)
-  pretrained = report.read_results(pretrained_dir)
+  pretrained = Workdir(pretrained_dir).read_results()
   assert pretrained["step"] == 4 and set(pretrained["tasks"]) == set(kept)

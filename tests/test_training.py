@@ -14,6 +14,7 @@ from compmod_jax.data import datasets
 from compmod_jax.methods import registry, regularizers
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
+from compmod_jax.workdir import RunStart
 from compmod_jax.train import context, defaults, loop, optim, start, steps
 from configs import cifar100_signatures, imagenet_table1
 from helpers import built_once_per_run, mock_datasets, read_checkpoint, run_main, tiny_digits
@@ -336,3 +337,18 @@ def test_each_optimizer_descends_a_quadratic(name):
     updates, state = tx.update(jax.grad(loss)(params), state, params)
     params = optax.apply_updates(params, updates)
   assert float(loss(params)) < 0.5 * 13.0
+
+
+def test_the_run_record_reads_what_checkpoints_hold_and_refuses_unknown_fields():
+  written = {"checkpoint": "/w/checkpoints/8", "step": 8, "source_tasks": {"a": 10},
+             "xi_init": "best_source", "trainable": "xi_head_bn", "trainable_parameters": 7594,
+             "new_tasks": {"b": {"xi_init": "best_source", "accuracy_before_finetune": 0.5}},
+             "added_templates": None}  # a transfer run's "run_info", as checkpoints hold it
+  start = RunStart.from_dict(written)
+  assert start and start.new_tasks["b"]["accuracy_before_finetune"] == 0.5
+  assert start.to_dict() == {**written, "surgery": None}
+  assert not RunStart.from_dict({}) and RunStart.from_dict(None).to_dict() == {}
+  surgery = RunStart.from_dict({"surgery": {"operation": "prune"}, "source_tasks": {}})
+  assert surgery and surgery.to_dict()["surgery"] == {"operation": "prune"}
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['new_field'\]"):
+    RunStart.from_dict({**written, "new_field": 1})

@@ -22,12 +22,12 @@ data, evaluation).
 import json
 
 from absl import flags, logging
-from etils import epath
 
 from compmod_jax import cli
 from compmod_jax.analysis import figures
 from compmod_jax.analysis.perturbation import markdown_table, perturbations
 from compmod_jax.finetune import surgery
+from compmod_jax.workdir import Workdir
 
 FLAGS = flags.FLAGS
 
@@ -43,10 +43,10 @@ def perturb_workdir(workdir, *, permutations=5, seed=0, max_examples=0, data_dir
                    perturbations(evaluate.mixture_logits(task), permutations, seed).items()}
     logging.info("%s: trained %.4f, hardened %.4f", task, table[task]["trained"],
                  table[task]["hardened"])
-  out = epath.Path(workdir)
-  (out / "perturbation.json").write_text(json.dumps(table, indent=2))
-  (out / "perturbation.md").write_text(markdown_table(table))
-  figures.perturbation_figure(table, run.config.model.num_layers, out / "perturbation.png")
+  out = Workdir(workdir)
+  out.perturbation("json").write_text(json.dumps(table, indent=2))
+  out.perturbation("md").write_text(markdown_table(table))
+  figures.perturbation_figure(table, run.config.model.num_layers, out.perturbation("png"))
   return table
 
 

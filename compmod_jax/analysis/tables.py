@@ -34,6 +34,7 @@ from etils import epath
 from compmod_jax import cli
 from compmod_jax.analysis import signatures
 from compmod_jax.methods import adaptation as adaptation_methods
+from compmod_jax.workdir import RunStart, Workdir
 
 flags.DEFINE_string("task", None, "The new task to tabulate (default: each run's only one).")
 flags.DEFINE_string("out", None, "da, domains, signatures: directory to write the table into "
@@ -43,12 +44,17 @@ FLAGS = flags.FLAGS
 
 
 def read_results(workdir):
-  return _read_json(epath.Path(workdir) / "results.json",
-                    f"has the run in {workdir} evaluated yet?")
+  return _read_json(Workdir(workdir).results_json, f"has the run in {workdir} evaluated yet?")
 
 
 def read_config(workdir):
-  return _read_json(epath.Path(workdir) / "config.json", f"{workdir} is not a run's workdir.")
+  return _read_json(Workdir(workdir).config_json, f"{workdir} is not a run's workdir.")
+
+
+def run_start(results):
+  """How the run whose results.json is `results` started (workdir.RunStart; empty when from
+  scratch)."""
+  return RunStart.from_dict(results.get("init_from"))
 
 
 def _read_json(path, missing_hint):
@@ -67,18 +73,18 @@ def transfer_rows(workdirs, task=None):
   rows = []
   for workdir in workdirs:
     results = read_results(workdir)
-    info = results.get("init_from")
-    if not info:
+    start = run_start(results)
+    if not start.checkpoint:
       raise ValueError(f"{workdir} was not started from a pretrained checkpoint (its "
                        f"results.json has no 'init_from').")
-    new_tasks = sorted(info["new_tasks"])
+    new_tasks = sorted(start.new_tasks)
     name = task or (new_tasks[0] if len(new_tasks) == 1 else None)
-    if name not in info["new_tasks"]:
+    if name not in start.new_tasks:
       raise ValueError(f"{workdir}: pass --task, one of its new tasks {new_tasks}")
     result = results["tasks"][name]
-    rows.append((str(workdir), info["xi_init"], info["trainable"],
+    rows.append((str(workdir), start.xi_init, start.trainable,
                  result["accuracy_before_finetune"], result["test_accuracy"],
-                 result["added_parameters"], info["trainable_parameters"]))
+                 result["added_parameters"], start.trainable_parameters))
   return rows
 
 
@@ -112,7 +118,7 @@ def da_results(workdirs):
       method += f" ({config['trainable']})"
     _add_seed(table, method, model, config["seed"],
               results["tasks"][adaptation["target"]]["test_accuracy"], workdir)
-    start = (results.get("init_from") or {}).get("new_tasks", {}).get(adaptation["target"], {})
+    start = run_start(results).new_tasks.get(adaptation["target"], {})
     # The source whose variables were copied has coefficient 1 (a best_source or
     # min_entropy_source start names no domain in config.xi_init).
     copied.setdefault(model, set()).update(
@@ -196,17 +202,17 @@ def domains_results(workdirs):
   cells, picked = {}, {}
   for workdir in workdirs:
     results, config = read_results(workdir), read_config(workdir)
-    start = results.get("init_from")
-    if not start:
+    start = run_start(results)
+    if not start.checkpoint:
       column, seed = model_name(config["model"]), config["seed"]
       for task, values in results["tasks"].items():
         _add_seed(cells, task, column, seed, values["test_accuracy"], workdir)
       continue
-    pretraining = read_config(epath.Path(start["checkpoint"]).parent.parent)
+    pretraining = read_config(epath.Path(start.checkpoint).parent.parent)
     column, seed = model_name(pretraining["model"]), pretraining["seed"]
     how = ("source-only" if results["step"] == 0 else
-           f"{results['step']} steps of {start['trainable']}")
-    for task, info in start["new_tasks"].items():
+           f"{results['step']} steps of {start.trainable}")
+    for task, info in start.new_tasks.items():
       row = f"{task} {how}, variables from {info['xi_init']}"
       _add_seed(cells, row, column, seed, results["tasks"][task]["test_accuracy"], workdir)
       chosen = [source for source, weight in info["coefficients"].items() if weight == 1.0]

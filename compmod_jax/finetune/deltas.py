@@ -31,9 +31,9 @@ from flax import traverse_util
 
 from compmod_jax.finetune import growth, pretrained
 from compmod_jax.models import network_spec, templates
-from compmod_jax.train import checkpoint, workdir as workdir_io
+from compmod_jax.train import checkpoint
+from compmod_jax.workdir import Workdir, write_json
 
-DELTA_DIR = "delta"
 MIXTURE_PATHS = tuple(f"params/{name}" for name in templates.MIXTURE_PARAMS)
 
 
@@ -67,13 +67,13 @@ def fingerprint(checksums):
 
 def written(workdir):
   """Whether the run in `workdir` has written its delta."""
-  return (epath.Path(workdir) / DELTA_DIR / "delta.json").exists()
+  return (Workdir(workdir).delta / "delta.json").exists()
 
 
 def save(ctx, state, base):
   """Writes ctx.workdir/delta for the finished run's `state` against `base` (the
   pretrained.Pretrained it started from); process 0 writes, the others return."""
-  out = epath.Path(ctx.workdir) / DELTA_DIR
+  out = Workdir(ctx.workdir).delta
   if jax.process_index() != 0:
     return
   own = ctx.method.own_params
@@ -100,7 +100,7 @@ def save(ctx, state, base):
     temporary.rmtree()
   temporary.mkdir(parents=True)
   (temporary / "delta.npz").write_bytes(payload)
-  workdir_io.write_json(temporary / "delta.json", info)
+  write_json(temporary / "delta.json", info)
   temporary.rename(out)
 
 

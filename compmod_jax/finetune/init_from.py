@@ -11,6 +11,7 @@ from flax import traverse_util
 from compmod_jax.finetune import deltas, growth, pretrained, transfer
 from compmod_jax.models import network_spec
 from compmod_jax.train import optim
+from compmod_jax.workdir import RunStart
 
 
 def pretrained_source(config):
@@ -28,7 +29,7 @@ def pretrained_source(config):
 def from_pretrained(ctx, state, source, trainable):
   """Loads the pretrained checkpoint into the fresh state (strictly: pretrained.merge), builds
   each new task's variables from the source tasks (transfer.py) and evaluates the
-  result. Sets ctx.run_info (what every checkpoint and results.json of the run carry) and
+  result. Sets ctx.run_start (what every checkpoint and results.json of the run carry) and
   returns the state and that evaluation."""
   config, spec, own = ctx.config, ctx.model.spec, ctx.method.own_params
   sources = sorted(source.tasks)
@@ -44,14 +45,14 @@ def from_pretrained(ctx, state, source, trainable):
   logging.info("From %s: loaded %d variables; new-task rows or heads in %d; kept fresh by "
                "config.transfer.dont_load: %s", source.step_dir, len(report.loaded),
                len(report.new), report.not_loaded or "none")
-  ctx.run_info = {"checkpoint": str(source.step_dir), "step": source.step,
-                  "source_tasks": source.tasks, "xi_init": config.xi_init,
-                  "trainable": config.trainable or "lr_multipliers",
-                  "trainable_parameters": optim.count_trainable(trainable, state.params),
-                  "new_tasks": {}, "added_templates": added_templates}
+  ctx.run_start = RunStart(
+      checkpoint=str(source.step_dir), step=source.step, source_tasks=source.tasks,
+      xi_init=config.xi_init, trainable=config.trainable or "lr_multipliers",
+      trainable_parameters=optim.count_trainable(trainable, state.params),
+      added_templates=added_templates)
   new_tasks = sorted(set(config.tasks) - set(sources))
   for task in new_tasks:
-    variables, ctx.run_info["new_tasks"][task] = transfer.initialise_new_task(
+    variables, ctx.run_start.new_tasks[task] = transfer.initialise_new_task(
         ctx, variables, task, source.tasks)
   if config.transfer.target_bn_batches:
     variables = transfer.precise_bn_statistics(ctx, variables, new_tasks,
@@ -65,7 +66,7 @@ def from_pretrained(ctx, state, source, trainable):
                         ema_params=ctx.replicated(variables["params"]),
                         batch_stats=ctx.replicated(variables["batch_stats"]))
   results = ctx.evaluate(state)
-  for task, info in ctx.run_info["new_tasks"].items():
+  for task, info in ctx.run_start.new_tasks.items():
     info["accuracy_before_finetune"] = results[task]["test_accuracy"]
     logging.info("Task %s before fine-tuning: test accuracy %.4f; it adds %s parameters.",
                  task, results[task]["test_accuracy"], info["added_parameters"])

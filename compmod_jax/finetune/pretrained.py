@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from compmod_jax.models import network_spec
 from compmod_jax.train import checkpoint
+from compmod_jax.workdir import Workdir
 
 LOADED_COLLECTIONS = {"params": "ema_params", "batch_stats": "batch_stats"}
 
@@ -52,9 +53,10 @@ class Pretrained:
 def load(init_from):
   """The checkpoint `init_from` names, read and verified."""
   path = epath.Path(init_from).absolute()
-  if (path / "checkpoints").is_dir():
-    checkpoints_dir, step = path / "checkpoints", None
-  elif path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir():
+  if Workdir(path).checkpoints.is_dir():
+    checkpoints_dir, step = Workdir(path).checkpoints, None
+  elif path.name.isdigit() and Workdir(path.parent.parent).checkpoints == path.parent and (
+      path.is_dir()):
     checkpoints_dir, step = path.parent, int(path.name)
   else:
     raise PretrainedCheckpointError(

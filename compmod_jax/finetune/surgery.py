@@ -16,7 +16,7 @@ from compmod_jax.finetune import pretrained, transfer
 from compmod_jax.methods import registry
 from compmod_jax.models import bank, templates
 from compmod_jax.train import checkpoint, context, loop, start, steps
-from compmod_jax.train import workdir as workdir_io
+from compmod_jax.workdir import RunStart, Workdir, prepare
 
 
 class SurgeryError(ValueError):
@@ -37,7 +37,7 @@ class TrainedRun:
 def load_run(workdir, data_dir=None):
   """The newest intact checkpoint of `workdir` (read-only), with the model's own variables
   only (a method's training-time variables, e.g. a discriminator, are left out)."""
-  if not (epath.Path(workdir) / "checkpoints").is_dir():
+  if not Workdir(workdir).checkpoints.is_dir():
     raise SurgeryError(f"{workdir} holds no checkpoints/ directory: pass the --workdir of a "
                        f"training run.")
   loaded = pretrained.load(workdir)
@@ -63,7 +63,7 @@ def prepare_out(out):
   if path.exists() and any(path.iterdir()):
     raise SurgeryError(f"--out={out} is not empty; surgery never overwrites. Pass a new "
                        f"directory.")
-  return workdir_io.prepare(out)
+  return prepare(out)
 
 
 def standalone_config(config, **model_fields):
@@ -234,13 +234,13 @@ def prune(workdir, out, *, keep, reestimate=False, bn_batches=50, data_dir=None,
   }
   _write_workdir(ctx, variables, run.step, results)
   if refit_steps:
-    refit = loop.train_and_evaluate(refit_config(ctx.config, out, refit_steps),
-                                    str(epath.Path(out) / "refit"))
+    refit_dir = str(Workdir(out).refit)
+    refit = loop.train_and_evaluate(refit_config(ctx.config, out, refit_steps), refit_dir)
     results["refit"] = {"steps": refit_steps, "trainable": "xi_bn",
-                        "workdir": str(epath.Path(out) / "refit"),
+                        "workdir": refit_dir,
                         "tasks": {task: {"test_accuracy": values["test_accuracy"]}
                                   for task, values in refit["tasks"].items()}}
-    workdir_io.write_json(epath.Path(out, "results.json"), results)
+    Workdir(out).write_results(results)
   return results
 
 
@@ -268,14 +268,14 @@ def _write_workdir(ctx, variables, step, results):
                         params=ctx.replicated(variables["params"]),
                         ema_params=ctx.replicated(variables["params"]),
                         batch_stats=ctx.replicated(variables["batch_stats"]))
-  epath.Path(ctx.workdir, "config.json").write_text(
-      ctx.config.to_json_best_effort(indent=2, sort_keys=True))
+  Workdir(ctx.workdir).write_config(ctx.config)
   checkpointer = checkpoint.Checkpointer(ctx.workdir, ctx.config.keep_checkpoints)
   try:
     checkpointer.save(step, state, {"config": ctx.config.to_dict(), "step": step,
-                                    "run_info": {"surgery": results["surgery"],
-                                                 "source_tasks": source_tasks},
+                                    "run_info": RunStart(
+                                        surgery=results["surgery"],
+                                        source_tasks=source_tasks).to_dict(),
                                     "wall_time_s": 0.0}, ctx.train_streams)
   finally:
     checkpointer.close()
-  workdir_io.write_json(epath.Path(ctx.workdir, "results.json"), results)
+  Workdir(ctx.workdir).write_results(results)

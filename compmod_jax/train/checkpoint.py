@@ -24,6 +24,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from compmod_jax.train import nonfinite
+from compmod_jax.workdir import Workdir
 
 # Keys that only change how a run reports, saves, compiles or guards itself, or the precision
 # and memory of its step, not the model it learns: a resumed run may change them (in a
@@ -47,10 +48,11 @@ class Checkpointer:
 
   def __init__(self, workdir, keep):
     self.workdir = epath.Path(workdir)
+    self.files = Workdir(workdir)
     self.keep = keep
     self._report_half_written()
     self.manager = ocp.CheckpointManager(
-        self.workdir / "checkpoints",
+        self.files.checkpoints,
         # No max_to_keep: orbax would delete old steps right after a save, before the new one
         # is verified. _prune deletes them later.
         options=ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True))
@@ -186,7 +188,7 @@ class Checkpointer:
     if not bad_steps:
       return
     if jax.process_index() == 0:
-      corrupt_dir = self.workdir / "corrupt_checkpoints"
+      corrupt_dir = self.files.corrupt_checkpoints
       corrupt_dir.mkdir(parents=True, exist_ok=True)
       for step in bad_steps:
         target = corrupt_dir / str(step)
@@ -201,7 +203,7 @@ class Checkpointer:
     self.manager.reload()
 
   def _report_half_written(self):
-    checkpoints = self.workdir / "checkpoints"
+    checkpoints = self.files.checkpoints
     half_written = sorted(p.name for p in checkpoints.iterdir()
                           if HALF_WRITTEN_MARK in p.name) if checkpoints.exists() else []
     if half_written:
@@ -211,7 +213,7 @@ class Checkpointer:
   def _remove_data_state(self, should_remove):
     """Removes data_state/<step> for the steps `should_remove` picks (process 0 only: the
     directories are shared)."""
-    root = self.workdir / "data_state"
+    root = self.files.data_state
     if jax.process_index() != 0 or not root.exists():
       return
     for step_dir in root.iterdir():
@@ -219,10 +221,10 @@ class Checkpointer:
         step_dir.rmtree(missing_ok=True)
 
   def _step_dir(self, step):
-    return self.workdir / "checkpoints" / str(step)
+    return self.files.checkpoint(step)
 
   def _data_prefix(self, step, task):
-    return (self.workdir / "data_state" / str(step) / task / f"process_{jax.process_index()}"
+    return (self.files.data_state / str(step) / task / f"process_{jax.process_index()}"
             / "position")
 
 

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from compmod_jax.data import datasets, streams
 from compmod_jax.methods import multitask
 from compmod_jax.train import steps
+from compmod_jax.workdir import RunStart
 
 
 def make_mesh(config):
@@ -91,8 +92,8 @@ def global_batch(mesh, local_batch):
 class RunContext:
   """One run: its config, workdir, mesh, model, method and data.
 
-  eval_steps: {task: jitted eval step}; run_info: what every checkpoint and results.json of the
-  run carry about how it started (a pretrained checkpoint, new tasks' initialisation).
+  eval_steps: {task: jitted eval step}; run_start: how the run started (workdir.RunStart: a
+  pretrained checkpoint, new tasks' initialisation), carried by every checkpoint and results.json.
   """
   config: Any
   workdir: str
@@ -102,7 +103,7 @@ class RunContext:
   train_streams: dict
   eval_streams: dict
   eval_steps: dict
-  run_info: dict = dataclasses.field(default_factory=dict)
+  run_start: RunStart = dataclasses.field(default_factory=RunStart)
 
   def replicated(self, host_tree):
     return replicated(self.mesh, host_tree)

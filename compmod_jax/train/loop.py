@@ -15,12 +15,12 @@ import jax
 import ml_collections
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
-from etils import epath
 
 from compmod_jax.analysis import accounting
 from compmod_jax.finetune import deltas, init_from
 from compmod_jax.train import checkpoint, context, nonfinite, preemption, report, start, steps
-from compmod_jax.train import validation, workdir as workdir_io
+from compmod_jax.train import validation
+from compmod_jax.workdir import RunStart, Workdir, prepare
 
 
 def stop_requested(watcher, step):
@@ -36,7 +36,7 @@ def train_and_evaluate(config, workdir):
   results.json payload.
   """
   validation.validate(config)
-  workdir = workdir_io.prepare(workdir)
+  workdir = prepare(workdir)
   if config.get("pretrain") and not config.init_from:
     config = _after_pretraining(config, workdir)
   checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
@@ -48,16 +48,15 @@ def train_and_evaluate(config, workdir):
     # Written once the run has decided to use the workdir: a run that fails on its data leaves
     # a finished run's config.json as it was.
     if jax.process_index() == 0:  # one writer: processes share the workdir
-      (epath.Path(workdir) / "config.json").write_text(
-          config.to_json_best_effort(indent=2, sort_keys=True))
+      Workdir(workdir).write_config(config)
     # From here on SIGTERM means: save at the next step boundary and exit cleanly.
     with preemption.PreemptionWatcher() as watcher:
       source_tasks = (source.tasks if source else
-                      (own_meta or {}).get("run_info", {}).get("source_tasks", {}))
+                      RunStart.from_dict((own_meta or {}).get("run_info")).source_tasks)
       ctx = start.make_context(config, workdir, source_tasks)
       state, optimization = start.create_train_state(ctx, start.example_images(ctx))
       state, meta = start.resume(ctx, checkpointer, state)
-      ctx.run_info, start_results = meta.get("run_info", {}), None
+      ctx.run_start, start_results = RunStart.from_dict(meta.get("run_info")), None
       if source:
         state, start_results = init_from.from_pretrained(ctx, state, source,
                                                      optimization.trainable)
@@ -66,9 +65,10 @@ def train_and_evaluate(config, workdir):
                      workdir, int(state.step), config.total_steps)
         if source:  # the started model (e.g. a source-only target) as a checkpoint to go on from
           checkpointer.save(int(state.step), state, {
-              "config": config.to_dict(), "step": int(state.step), "run_info": ctx.run_info,
+              "config": config.to_dict(), "step": int(state.step),
+              "run_info": ctx.run_start.to_dict(),
               "wall_time_s": 0.0}, ctx.train_streams)
-        results = report.read_results(workdir) or report.write_results(
+        results = Workdir(workdir).read_results() or report.write_results(
             ctx, start_results or ctx.evaluate(state), int(state.step),
             meta.get("wall_time_s", 0.0))
       else:
@@ -85,7 +85,7 @@ def train_and_evaluate(config, workdir):
 def _after_pretraining(config, workdir):
   """Runs (or resumes, or finds finished) config.pretrain in <workdir>/pretrained and returns
   a copy of `config` that starts from it."""
-  pretrain_dir = epath.Path(workdir) / "pretrained"
+  pretrain_dir = Workdir(workdir).pretrained
   logging.info("No config.init_from: pretraining config.pretrain in %s first.", pretrain_dir)
   config = ml_collections.ConfigDict(config.to_dict())
   config.pretrain.data.data_dir = config.data.data_dir  # the same datasets
@@ -111,7 +111,7 @@ def _train(ctx, state, optimization, checkpointer, watcher, wall_time_before):
   started = time.time()
   wall_time = lambda: wall_time_before + time.time() - started
   pending_metrics = []
-  results = report.read_results(ctx.workdir)
+  results = Workdir(ctx.workdir).read_results()
   train_iterators = {task: iter(stream) for task, stream in ctx.train_streams.items()}
   nonfinite_guard = nonfinite.NonFiniteGuard(config.max_nonfinite_skips)
   first_step = int(state.step) + 1
@@ -137,7 +137,7 @@ def _train(ctx, state, optimization, checkpointer, watcher, wall_time_before):
     stopping = stop_requested(watcher, step)
     if step % config.checkpoint_every == 0 or last or stopping:
       nonfinite_guard.flush()  # past the allowed skips, stop before saving
-      meta = {"config": config.to_dict(), "step": step, "run_info": ctx.run_info,
+      meta = {"config": config.to_dict(), "step": step, "run_info": ctx.run_start.to_dict(),
               "wall_time_s": wall_time()}
       checkpointer.save(step, state, meta, ctx.train_streams)
     if stopping:

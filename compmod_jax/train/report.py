@@ -5,12 +5,11 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 
 from compmod_jax.analysis import figures, similarity
 from compmod_jax.methods import regularizers
 from compmod_jax.models import templates
-from compmod_jax.train import workdir as workdir_io
+from compmod_jax.workdir import Workdir
 
 
 def mixture_weights_by_task(model, params):
@@ -51,27 +50,23 @@ def write_results(ctx, results, step, wall_time_s):
   """results.json, rewritten at each evaluation. A run started from a pretrained checkpoint
   adds, per new task, `accuracy_before_finetune` and `added_parameters`, and the details of
   its initialisation under "init_from"; the method adds its own fields (Method.results)."""
-  run_info = ctx.run_info
-  results = {task: dict(r, **_new_task_summary(run_info, task)) for task, r in results.items()}
+  run_start = ctx.run_start
+  results = {task: dict(r, **_new_task_summary(run_start, task)) for task, r in results.items()}
   payload = {"tasks": results, "step": int(step), "wall_time_s": float(wall_time_s)}
   payload.update(ctx.method.results(ctx.config, results))
-  if run_info:
-    payload["init_from"] = run_info
+  if run_start:
+    payload["init_from"] = run_start.to_dict()
   if jax.process_index() == 0:  # one writer: processes share the workdir
-    workdir_io.write_json(epath.Path(ctx.workdir) / "results.json", payload)
+    Workdir(ctx.workdir).write_results(payload)
   return payload
 
 
-def _new_task_summary(run_info, task):
-  info = run_info.get("new_tasks", {}).get(task)
+def _new_task_summary(run_start, task):
+  info = run_start.new_tasks.get(task)
   if not info:
     return {}
   return {"accuracy_before_finetune": info["accuracy_before_finetune"],
           "added_parameters": sum(info["added_parameters"].values())}
-
-
-def read_results(workdir):
-  return workdir_io.read_json(epath.Path(workdir) / "results.json")
 
 
 def evaluate_and_report(ctx, writer, step, state, wall_time):
@@ -88,10 +83,10 @@ def evaluate_and_report(ctx, writer, step, state, wall_time):
   writer.write_images(step, {name: rgb[None] for name, rgb in pictures.items()})
   payload = write_results(ctx, results, step, wall_time)
   if jax.process_index() == 0:
+    workdir = Workdir(ctx.workdir)
     for name, rgb in pictures.items():
-      (epath.Path(ctx.workdir) / f"{name}.png").write_bytes(figures.png_bytes(rgb))
-    (epath.Path(ctx.workdir) / "accuracy_table.md").write_text(
-        accuracy_table(payload["tasks"], step))
+      workdir.picture(name).write_bytes(figures.png_bytes(rgb))
+    workdir.accuracy_table.write_text(accuracy_table(payload["tasks"], step))
   logging.info("step %d (evaluated in %.1f s): %s", step, eval_seconds, ", ".join(
       f"{task} test accuracy {r['test_accuracy']:.4f}" for task, r in results.items()))
   return payload
@@ -101,8 +96,8 @@ def _pictures(ctx, step, xi_by_task):
   """{name: RGB array}: xi heatmaps, each new task's xi at the start and now, and with several
   tasks their similarity per layer."""
   pictures = {"mixture_weights": figures.mixture_heatmaps(xi_by_task, step)}
-  new_tasks = {task: info["initial_xi"] for task, info in
-               ctx.run_info.get("new_tasks", {}).items() if info.get("initial_xi")}
+  new_tasks = {task: info["initial_xi"] for task, info in ctx.run_start.new_tasks.items()
+               if info.get("initial_xi")}
   if new_tasks:  # a new task's (a target domain's) xi at the start and now
     pictures["new_task_xi"] = figures.mixture_heatmaps(
         {name: xi for task, start in sorted(new_tasks.items()) for name, xi in
