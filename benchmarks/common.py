@@ -148,6 +148,13 @@ def argument_parser(doc, rounds, steps):
   return parser
 
 
+def add_step_arguments(parser):
+  """How the benchmarked step iterates over layers and runs its depthwise convolutions."""
+  parser.add_argument("--layer-iteration", default="auto", choices=["auto", "loop", "scan"])
+  parser.add_argument("--conv-impl", default="auto",
+                      choices=["auto", "shifted", "cpu_kernel", "native"])
+
+
 def print_header(extra=""):
   """Prints the machine line (and `extra`), then the allocator warning when there is one."""
   print(machine_header() + extra)

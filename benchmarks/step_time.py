@@ -18,9 +18,7 @@ def parse_args(argv=None):
   ap.add_argument("--templates", default="1,4,16,32", help="comma-separated K values")
   ap.add_argument("--layers", type=int, default=16)
   ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--layer-iteration", default="auto", choices=["auto", "loop", "scan"])
-  ap.add_argument("--conv-impl", default="auto",
-                  choices=["auto", "shifted", "cpu_kernel", "native"])
+  common.add_step_arguments(ap)
   ap.add_argument("--quick", action="store_true",
                   help="K in {1, 4}, L=4, 3 rounds of 2 steps (< 1 minute)")
   args = ap.parse_args(argv)

@@ -28,9 +28,7 @@ def parse_args(argv=None):
   ap.add_argument("--depth-multiplier", type=float, default=0.6, help="0.6 -> 24 channels")
   ap.add_argument("--plain", action="store_true", help="race the plain (per-layer) networks")
   ap.add_argument("--no-torch-compile", action="store_true", help="race torch eager only")
-  ap.add_argument("--layer-iteration", default="auto", choices=["auto", "loop", "scan"])
-  ap.add_argument("--conv-impl", default="auto",
-                  choices=["auto", "shifted", "cpu_kernel", "native"])
+  common.add_step_arguments(ap)
   ap.add_argument("--quick", action="store_true",
                   help="the digits shape, eager only, 3 rounds of 2 steps (< 1 minute)")
   args = ap.parse_args(argv)

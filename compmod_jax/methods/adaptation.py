@@ -41,6 +41,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
+from compmod_jax import ranges
 from compmod_jax.methods import registry, supervised
 
 METHODS = ("adversarial", "moment_matching")
@@ -84,9 +85,8 @@ def check_config(config):
     raise ValueError(f"config.adaptation.joint trains the target's rows of "
                      f"config.adaptation.target_params alone; give a tuple of parameter names, "
                      f"e.g. ('mixture_logits',), got {adaptation.target_params!r}")
-  if adaptation.discriminator_channels < 1:
-    raise ValueError(f"config.adaptation.discriminator_channels must be a positive integer, got "
-                     f"{adaptation.discriminator_channels}")
+  ranges.check_positive_integer("config.adaptation.discriminator_channels",
+                                adaptation.discriminator_channels)
 
 
 def trained_tasks(config):
