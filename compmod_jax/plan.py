@@ -56,8 +56,8 @@ from ml_collections import config_flags
 from compmod_jax import cli
 from compmod_jax.data import classes, datasets
 from compmod_jax.finetune import init_from
-from compmod_jax.methods import multitask, registry
-from compmod_jax.train import context, optim, start, steps, validation
+from compmod_jax.methods import registry
+from compmod_jax.train import context, multitask, optim, start, steps, validation
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                 lock_config=True)

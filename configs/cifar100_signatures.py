@@ -15,15 +15,15 @@ cyclic 63.3, random 65.1. "tiny" (e.g. `:K=2,L=4,signature=cyclic,tiny=1`) runs 
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 0.69 GiB per
 device in float32 (K=4,L=16,signature=mixture): it fits 16 GiB as it is.
 """
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 ARGUMENTS = {"K": 4, "L": 16, "signature": "mixture", "input_skip": 0, "tiny": 0}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
-  config = defaults.base_config()
-  config.tasks = {"cifar100": defaults.task("cifar100")}
+  args = experiments.parse_argument(arg, ARGUMENTS)
+  config = experiments.base_config()
+  config.tasks = {"cifar100": experiments.task("cifar100")}
   config.data.image_size = 32
   config.data.channels = 3
   config.data.normalization = "standard"
@@ -40,6 +40,6 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 0.02
   config.optimizer.warmup_steps = 1_000
   if args["tiny"]:
-    defaults.make_tiny(config, total_steps=6, batch_size=16, eval_batch_size=16)
+    experiments.make_tiny(config, total_steps=6, batch_size=16, eval_batch_size=16)
     config.model.patch_size = 8
   return config

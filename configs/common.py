@@ -5,8 +5,9 @@ result in its docstring.
 """
 import ml_collections
 
-from compmod_jax.methods import adaptation, multitask
-from compmod_jax.train import defaults, optim
+from compmod_jax import experiments
+from compmod_jax.methods import adaptation
+from compmod_jax.train import optim
 
 # The embedded digit domains of the multi-domain configs: MNIST and five renderings of it.
 MNIST_DOMAINS = ("mnist", "mnist_shear", "mnist_scale", "mnist_shot_noise", "mnist_blur",
@@ -16,7 +17,7 @@ MNIST_DOMAINS = ("mnist", "mnist_shear", "mnist_scale", "mnist_shot_noise", "mni
 def digits_multitask(tasks, tiny):
   """The recipe shared by the embedded-digits multi-task configs: 8 layers, 4 templates, 4x4
   input patches (7x7x24 activations), random translations, 32 examples per task and step."""
-  config = defaults.base_config()
+  config = experiments.base_config()
   config.tasks = tasks
   config.data.augment = "crop"
   config.batch_size = 32 * len(tasks)
@@ -29,7 +30,7 @@ def digits_multitask(tasks, tiny):
   config.model.patch_size = 4
   config.optimizer.learning_rate = 0.005  # 0.02 stalls at these batch sizes (configs/digits.py)
   if tiny:
-    defaults.make_tiny(config, total_steps=4, batch_size=8 * len(tasks))
+    experiments.make_tiny(config, total_steps=4, batch_size=8 * len(tasks))
     config.optimizer.learning_rate = 0.02
     config.model.num_layers = 3
     config.model.num_templates = 2
@@ -39,9 +40,9 @@ def digits_multitask(tasks, tiny):
 def digits_multidomain(setup, tiny, domains=MNIST_DOMAINS):
   """Every MNIST domain of `domains` a task with its own xi (configs/digits_multidomain.py),
   with the model fields of one of the App. C set-ups."""
-  tasks = {domain: defaults.task(f"embedded_digits/{domain}") for domain in domains}
+  tasks = {domain: experiments.task(f"embedded_digits/{domain}") for domain in domains}
   config = digits_multitask(tasks, tiny)
-  multitask.apply_setup(config.model, setup)
+  experiments.apply_setup(config.model, setup)
   return config
 
 
@@ -52,7 +53,7 @@ def natural_domains(tasks, setup, tiny, *, batch_size, total_steps, every, warmu
   activations), dropout 0.3, a learning rate decaying linearly from 2e-3 to 2e-5, the set-up
   `setup`. `every`: steps between evaluations and checkpoints. `tiny`: a CPU smoke test with 8
   images per domain and step."""
-  config = defaults.base_config()
+  config = experiments.base_config()
   config.tasks = tasks
   config.data.update(image_size=128, channels=3, normalization="standard", augment="crop_flip")
   config.model.update(num_layers=16, num_templates=12, depth_multiplier=1.0, patch_size=8,
@@ -63,11 +64,11 @@ def natural_domains(tasks, setup, tiny, *, batch_size, total_steps, every, warmu
   config.total_steps = total_steps
   config.eval_every = config.checkpoint_every = every
   config.log_every = 100
-  multitask.apply_setup(config.model, setup)
+  experiments.apply_setup(config.model, setup)
   if tiny:
     config.data.update(image_size=32, shuffle_buffer=64)
     config.model.update(num_layers=3, num_templates=2, depth_multiplier=0.2, patch_size=4)
-    defaults.make_tiny(config, total_steps=4, batch_size=8 * len(tasks),
+    experiments.make_tiny(config, total_steps=4, batch_size=8 * len(tasks),
                        eval_batch_size=8 * len(tasks))
     for task in config.tasks.values():
       task.batch_size = 8
@@ -93,7 +94,7 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
                       total_steps):
   """A domain adaptation run of the `target` domain (`target_task`, a task config) from a model
   pretrained on source domains: `pretrain_for(setup)` returns that multi-domain pretraining
-  config with one of the multi-task set-ups (multitask.SETUPS). args: method (a row of Table 3:
+  config with one of the multi-task set-ups (experiments.SETUPS). args: method (a row of Table 3:
   adaptation.TABLE3_METHODS), model (a column: adaptation.TABLE3_MODELS), source (a source task,
   "best_source", App. D.2's choice by target labels, or "auto" = "min_entropy_source", the
   label-free choice), trainable ("" = the model's default),

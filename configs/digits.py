@@ -12,15 +12,15 @@ Expected on a 2-core CPU (docs/main_job.md has the measured run): test accuracy 
 10 minutes. The paper's learning rate (0.02) stalls this batch size for ~1000 steps, so the
 digits configs use 0.005. "tiny" (or tiny=1) runs in seconds, for debugging only.
 """
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 
 ARGUMENTS = {"tiny": 0}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
-  config = defaults.base_config()
+  args = experiments.parse_argument(arg, ARGUMENTS)
+  config = experiments.base_config()
   config.total_steps = 2500
   config.eval_every = 500
   config.checkpoint_every = 500
@@ -31,7 +31,7 @@ def get_config(arg=None):
   config.model.patch_size = 4
   config.optimizer.learning_rate = 0.005
   if args["tiny"]:
-    defaults.make_tiny(config, total_steps=60, batch_size=32, eval_batch_size=200)
+    experiments.make_tiny(config, total_steps=60, batch_size=32, eval_batch_size=200)
     config.data.augment = "none"
     config.optimizer.learning_rate = 0.02
     config.model.num_layers = 4

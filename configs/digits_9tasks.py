@@ -7,8 +7,7 @@ extraction, blur), 9 templates, every task its own mixture weights.
 Look at task_similarity.png: tasks on the same rendering should share early layers, tasks with
 the same labeling late ones. `:tiny=1` runs in seconds; `:setup=...` as in digits_multidomain.
 """
-from compmod_jax.methods import multitask
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 from configs import common
 
@@ -18,12 +17,12 @@ ARGUMENTS = {"setup": "mixture", "tiny": 0}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
-  tasks = {f"{rendering}_{labeling}": defaults.task(f"embedded_digits/{domain}",
+  args = experiments.parse_argument(arg, ARGUMENTS)
+  tasks = {f"{rendering}_{labeling}": experiments.task(f"embedded_digits/{domain}",
                                                     label_map=label_map)
            for rendering, domain in RENDERINGS.items()
            for labeling, label_map in LABELINGS.items()}
   config = common.digits_multitask(tasks, args["tiny"])
   config.model.num_templates = 9 if not args["tiny"] else 3
-  multitask.apply_setup(config.model, args["setup"])
+  experiments.apply_setup(config.model, args["setup"])
   return config

@@ -69,7 +69,7 @@ supervised 88.21 +- 0.16 / 95.54 +- 0.48.
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 0.02 GiB per
 device in float32 (the adversarial step).
 """
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 from configs import common
 
@@ -79,10 +79,10 @@ ADAPTATION_STEPS = 225
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
+  args = experiments.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   config = common.domain_adaptation(
       lambda setup: common.digits_multidomain(setup, args["tiny"]), TARGET,
-      defaults.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,
+      experiments.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,
       total_steps=ADAPTATION_STEPS)
   if not args["tiny"]:
     config.eval_every = config.checkpoint_every = ADAPTATION_STEPS

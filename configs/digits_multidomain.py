@@ -15,7 +15,7 @@ debug run. The workdir gets
 results.json, accuracy_table.md, mixture_weights.png and task_similarity.png.
 Expected (2-core CPU, docs/digits_results.md): >= 95% test accuracy on every domain.
 """
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 from configs import common
 
@@ -25,7 +25,7 @@ DOMAINS = {"all": common.MNIST_DOMAINS,
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS, {"domains": DOMAINS})
+  args = experiments.parse_argument(arg, ARGUMENTS, {"domains": DOMAINS})
   config = common.digits_multidomain(args["setup"], args["tiny"], DOMAINS[args["domains"]])
   config.model.shared_mixture_layers = args["shared_mixture_layers"]
   return config

@@ -19,8 +19,7 @@ adversarial 98.12 / 98.33; moment matching 96.93 / 96.85; comp. supervised 98.25
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 0.05 GiB per
 device in float32 (the adversarial step).
 """
-from compmod_jax.methods import multitask
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 from configs import common
 
@@ -31,8 +30,8 @@ TARGET = "uci_digits"
 
 def pretraining(setup, tiny):
   config = common.digits_multitask(
-      {name: defaults.task(dataset) for name, dataset in SOURCES.items()}, tiny)
-  multitask.apply_setup(config.model, setup)
+      {name: experiments.task(dataset) for name, dataset in SOURCES.items()}, tiny)
+  experiments.apply_setup(config.model, setup)
   config.data.update(image_size=32, channels=3)
   if not tiny:
     config.model.update(num_layers=16, num_templates=4, dropout_rate=0.3)
@@ -42,9 +41,9 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
+  args = experiments.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   # ~10 epochs of the target's 1,438 training digits at 64 per step.
   return common.domain_adaptation(
       lambda setup: pretraining(setup, args["tiny"]), TARGET,
-      defaults.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,
+      experiments.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,
       total_steps=250)

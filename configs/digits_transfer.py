@@ -32,8 +32,7 @@ pretrained tasks): pass --config.trainable=head (or xi). `tiny=1` is a seconds-l
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 0.01 GiB per
 device in float32 (the new task's part).
 """
-from compmod_jax.methods import multitask
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 from configs import common
 
@@ -41,10 +40,10 @@ ARGUMENTS = {"setup": "mixture_patches", "tiny": 0}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
-  tasks = {"uci_digits": defaults.task("embedded_digits/uci_digits")}
+  args = experiments.parse_argument(arg, ARGUMENTS)
+  tasks = {"uci_digits": experiments.task("embedded_digits/uci_digits")}
   config = common.digits_multitask(tasks, args["tiny"])
-  multitask.apply_setup(config.model, args["setup"])
+  experiments.apply_setup(config.model, args["setup"])
   config.xi_init = "best_source"
   config.trainable = "xi_head_bn"
   if not args["tiny"]:

@@ -27,7 +27,7 @@ Expected (Table 3, sketch): source-only 24.75 (plain) / 11.61 (comp.); adversari
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 0.30 GiB per
 device in float32 (the adversarial step): it fits 16 GiB as it is.
 """
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 from configs import common
 
@@ -38,7 +38,7 @@ TARGET = "sketch"
 def pretraining(setup, tiny):
   """Every source domain a task (with per-domain xi for the compositional set-up)."""
   config = common.natural_domains(
-      {d: defaults.task(f"domainnet/{d}", batch_size=64) for d in SOURCES}, setup, tiny,
+      {d: experiments.task(f"domainnet/{d}", batch_size=64) for d in SOURCES}, setup, tiny,
       batch_size=320, total_steps=60_000, every=5_000, warmup_steps=1000)
   config.data.update(most_frequent_classes=100,
                      class_frequency_datasets=tuple(f"domainnet/{d}"
@@ -49,8 +49,8 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
+  args = experiments.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   return common.domain_adaptation(
       lambda setup: pretraining(setup, args["tiny"]), TARGET,
-      defaults.task(f"domainnet/{TARGET}", batch_size=64), args, source_batch_size=32,
+      experiments.task(f"domainnet/{TARGET}", batch_size=64), args, source_batch_size=32,
       total_steps=40_000)

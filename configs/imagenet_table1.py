@@ -27,15 +27,15 @@ precision and remat chosen below, per device at 128 images each: K=8,L=8 6.1 GiB
 layer's matmul outputs kept, +6% FLOPs). In float32 without remat the deep two need 22.4 and
 32.9 GiB: more than a v5e or v3 chip holds (16 GiB), and the second more than a v4's 32 GiB.
 """
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 ARGUMENTS = {"K": 8, "L": 32, "signature": "progressive", "tiny": 0}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
-  config = defaults.base_config()
-  config.tasks = {"imagenet2012": defaults.task("imagenet2012")}
+  args = experiments.parse_argument(arg, ARGUMENTS)
+  config = experiments.base_config()
+  config.tasks = {"imagenet2012": experiments.task("imagenet2012")}
   config.data.update(image_size=224, channels=3, normalization="standard",
                      augment="crop_flip", eval_split="validation")
   config.batch_size = config.eval_batch_size = 1024
@@ -51,5 +51,5 @@ def get_config(arg=None):
     config.data.update(image_size=32, shuffle_buffer=64)
     config.model.update(design="small", depth_multiplier=0.2, patch_size=8,
                         num_templates=2, num_layers=2 if args["K"] == args["L"] else 4)
-    defaults.make_tiny(config, total_steps=2, batch_size=16, eval_batch_size=16)
+    experiments.make_tiny(config, total_steps=2, batch_size=16, eval_batch_size=16)
   return config

@@ -21,8 +21,7 @@ splits; the tests refuse a config that reads one a dataset lacks).
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 4.7 GiB per
 device in float32 (setup=mixture): it fits 16 GiB as it is.
 """
-from compmod_jax.methods import multitask
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 DATASETS = ("imagenet2012", "cifar100", "places365_small", "sun397/tfds", "food101")
 TASKS = {dataset.split("/")[0]: dataset for dataset in DATASETS}  # sun397's task: "sun397"
@@ -30,9 +29,9 @@ ARGUMENTS = {"setup": "mixture", "K": 32, "diag": 0, "tiny": 0}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS)
-  config = defaults.base_config()
-  config.tasks = {task: defaults.task(dataset) for task, dataset in TASKS.items()}
+  args = experiments.parse_argument(arg, ARGUMENTS)
+  config = experiments.base_config()
+  config.tasks = {task: experiments.task(dataset) for task, dataset in TASKS.items()}
   config.data.eval_split = "validation"
   config.tasks.cifar100.eval_split = "test"  # it has no validation split
   config.data.image_size = 224
@@ -51,14 +50,14 @@ def get_config(arg=None):
   config.model.patch_size = 8
   config.optimizer.learning_rate = 0.04
   config.optimizer.warmup_steps = 5_000
-  multitask.apply_setup(config.model, args["setup"])
+  experiments.apply_setup(config.model, args["setup"])
   if args["diag"]:
     config.model.mixture_init = "diagonal"
     config.model.mixture_init_scale = 4.0
   if args["tiny"]:
     config.data.image_size = 32
     config.data.shuffle_buffer = 64
-    defaults.make_tiny(config, total_steps=2, batch_size=40, eval_batch_size=40)
+    experiments.make_tiny(config, total_steps=2, batch_size=40, eval_batch_size=40)
     config.model.num_layers = 2
     config.model.num_templates = 2
     config.model.depth_multiplier = 0.2

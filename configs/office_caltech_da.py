@@ -26,8 +26,8 @@ Expected (Table 3, webcam): source-only 42.96 (plain) / 41.89 (comp.); adversari
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 0.16 GiB per
 device in float32 (the adversarial step).
 """
+from compmod_jax import experiments
 from compmod_jax.data import image_folder
-from compmod_jax.train import defaults
 
 from configs import common
 
@@ -38,7 +38,7 @@ ARGUMENTS = {**common.DA_ARGUMENTS, "folder": "office_caltech10"}
 
 
 def domain_task(folder, domain, batch_size):
-  return defaults.task(f"{image_folder.PREFIX}{folder}/{domain}", batch_size=batch_size,
+  return experiments.task(f"{image_folder.PREFIX}{folder}/{domain}", batch_size=batch_size,
                        train_split=TRAIN_SPLIT, eval_split=EVAL_SPLIT)
 
 
@@ -49,7 +49,7 @@ def pretraining(setup, folder, tiny):
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS, common.DA_CHOICES)
+  args = experiments.parse_argument(arg, ARGUMENTS, common.DA_CHOICES)
   folder = args.pop("folder").rstrip("/")
   return common.domain_adaptation(
       lambda setup: pretraining(setup, folder, args["tiny"]), TARGET,

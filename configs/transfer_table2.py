@@ -36,8 +36,8 @@ Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03
 device in float32 (the new task's part; the checkpoint's tasks add their rows and heads): it
 fits 16 GiB as it is.
 """
+from compmod_jax import experiments
 from compmod_jax.data import image_folder
-from compmod_jax.train import defaults
 
 from configs import natural5
 
@@ -56,7 +56,7 @@ ARGUMENTS = {"target": "stanford_dogs", "folder": "", "source": "imagenet2012",
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS, {"target": TARGETS, "model": MODELS,
+  args = experiments.parse_argument(arg, ARGUMENTS, {"target": TARGETS, "model": MODELS,
                                                    "source": natural5.DATASETS})
   dataset, train_split, eval_split = TARGETS[args["target"]]
   if args["target"] == "aircraft":
@@ -66,7 +66,7 @@ def get_config(arg=None):
     dataset = image_folder.PREFIX + args["folder"]
   setup, trainable = MODELS[args["model"]]
   config = natural5.get_config(f"setup={setup},K={args['K']},tiny={args['tiny']}")
-  config.tasks = {args["target"]: defaults.task(
+  config.tasks = {args["target"]: experiments.task(
       dataset, train_split=train_split, eval_split=eval_split,
       augment="crop" if args["target"] == "emnist" else "")}  # mirrored letters are others
   config.xi_init = f"source:{args['source']}"

@@ -29,7 +29,7 @@ Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03
 """
 import ml_collections
 
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 
 from configs import digits_svhn_da, domainnet_da
 
@@ -40,13 +40,13 @@ ARGUMENTS = {"data": "digits", "xi_init": "learned", "tiny": 0}
 
 def digits(tiny):
   pretrain = digits_svhn_da.pretraining(SETUP, tiny)
-  target = defaults.task(f"embedded_digits/{digits_svhn_da.TARGET}", batch_size=8 if tiny else 32)
+  target = experiments.task(f"embedded_digits/{digits_svhn_da.TARGET}", batch_size=8 if tiny else 32)
   return pretrain, digits_svhn_da.TARGET, target, 1_000  # ~22 epochs of 1,438 digits at 32
 
 
 def domainnet(tiny):
   pretrain = domainnet_da.pretraining(SETUP, tiny)
-  target = defaults.task(f"domainnet/{domainnet_da.TARGET}", batch_size=8 if tiny else 64)
+  target = experiments.task(f"domainnet/{domainnet_da.TARGET}", batch_size=8 if tiny else 64)
   return pretrain, domainnet_da.TARGET, target, 20_000  # ~26 epochs of sketch's 100 classes
 
 
@@ -54,7 +54,7 @@ DATA = {"digits": digits, "domainnet": domainnet}
 
 
 def get_config(arg=None):
-  args = defaults.parse_argument(arg, ARGUMENTS, {"data": DATA, "xi_init": XI_INITS})
+  args = experiments.parse_argument(arg, ARGUMENTS, {"data": DATA, "xi_init": XI_INITS})
   pretrain, target, target_task, total_steps = DATA[args["data"]](args["tiny"])
   config = ml_collections.ConfigDict(pretrain.to_dict())
   config.pretrain = pretrain

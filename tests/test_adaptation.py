@@ -9,9 +9,10 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
+from compmod_jax import experiments
 from compmod_jax.analysis import tables
 from compmod_jax.methods import adaptation, registry, supervised
-from compmod_jax.train import context, defaults, loop, start, steps, validation
+from compmod_jax.train import context, loop, start, steps, validation
 from compmod_jax.workdir import Workdir
 from configs import digits_da, domainnet_da
 from mock_tfds import labelled_mock_dataset, write_mock_metadata
@@ -51,7 +52,7 @@ def test_discriminator_loss_falls_when_trained_alone_on_separable_features():
 def adaptation_setup(method="adversarial", model="compositional", trainable="", joint=0):
   config = digits_da.get_config(
       f"method={method},model={model},trainable={trainable},joint={joint},tiny=1")
-  config.tasks = {t: defaults.task(f"embedded_digits/{t}", batch_size=8)
+  config.tasks = {t: experiments.task(f"embedded_digits/{t}", batch_size=8)
                   for t in SOURCES + (TARGET,)}
   model = start.model_for(config, {t: 10 for t in config.tasks})
   ctx = context.RunContext(config=config, workdir="", mesh=context.make_mesh(config),
@@ -136,7 +137,7 @@ def test_in_a_joint_loss_each_loss_reaches_only_what_the_paper_says():
   there the joint gradient is the classification gradient (to float rounding: two programs)."""
   model, _, state, _, batch = adaptation_setup("adversarial", joint=1)
   config = digits_da.get_config("method=adversarial,joint=1,tiny=1")
-  config.tasks = {t: defaults.task(f"embedded_digits/{t}") for t in SOURCES + (TARGET,)}
+  config.tasks = {t: experiments.task(f"embedded_digits/{t}") for t in SOURCES + (TARGET,)}
   joint = registry.get("adversarial").make_loss(config, model.spec)
   weights = {t: 1.0 for t in SOURCES}
   sources = {t: batch[t] for t in SOURCES}
@@ -340,7 +341,7 @@ def test_bad_adaptation_configs_fail_with_clear_errors(embedded_dir, source_work
   with pytest.raises(ValueError, match=r"config.method='moment_matching' needs "
                                        r"config.adaptation.target to name one of config.tasks"):
     config = tiny_da(embedded_dir, source_workdir, "moment_matching")
-    config.tasks = {TARGET: defaults.task(f"embedded_digits/{TARGET}", batch_size=8)}
+    config.tasks = {TARGET: experiments.task(f"embedded_digits/{TARGET}", batch_size=8)}
     loop.train_and_evaluate(config, str(tmp_path / "run"))
   with pytest.raises(ValueError, match=r"Config argument method='mmd' must be one of "
                                        r"\('source_only', 'bn_stats', 'adversarial', "

@@ -3,8 +3,9 @@ datasets have, with labels; the catalog agrees with the installed TFDS builders.
 import pytest
 import tensorflow_datasets as tfds
 
+from compmod_jax import experiments
 from compmod_jax.data import catalog, datasets, image_folder
-from compmod_jax.train import context, defaults, validation
+from compmod_jax.train import context, validation
 from helpers import configs_to_check
 
 EMBEDDED = "embedded_digits/"
@@ -39,14 +40,14 @@ def test_every_config_reads_splits_its_datasets_have(label, config):
 
 
 def test_a_split_the_dataset_lacks_is_refused_naming_the_splits_it_has():
-  config = defaults.base_config()
-  config.tasks = {"food101": defaults.task("food101", eval_split="test")}
+  config = experiments.base_config()
+  config.tasks = {"food101": experiments.task("food101", eval_split="test")}
   with pytest.raises(ValueError, match=r"Task 'food101' reads eval_split='test' "
                                        r"\(config.tasks.food101.eval_split, else "
                                        r"config.data.eval_split\), but 'food101' has no split "
                                        r"'test'; its splits are \['train', 'validation'\]"):
     validation.validate(config)
-  config.tasks = {"imagenet": defaults.task("imagenet2012", train_split="train[:90%]")}
+  config.tasks = {"imagenet": experiments.task("imagenet2012", train_split="train[:90%]")}
   config.data.eval_split = "test"
   with pytest.raises(ValueError, match=r"the 'test' split of 'imagenet2012' has no labels"):
     validation.validate(config)

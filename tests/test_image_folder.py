@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from compmod_jax import experiments
 from compmod_jax.data import datasets, fields, image_folder, streams
-from compmod_jax.train import defaults, loop
+from compmod_jax.train import loop
 from helpers import read_checkpoint, tiny_digits
 
 CLASSES = tuple(f"class_{c}" for c in range(10))  # the digits' 10: tiny_digits' shapes
@@ -48,7 +49,7 @@ def images(tmp_path_factory):
 def folder_config(images, data_dir, **overrides):
   """configs/digits.py:tiny (grayscale, 28 px) with one task that reads the image folder."""
   config = tiny_digits(data_dir, **overrides)
-  config.tasks = {"planes": defaults.task(f"folder:{images}")}
+  config.tasks = {"planes": experiments.task(f"folder:{images}")}
   return config
 
 

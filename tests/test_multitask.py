@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compmod_jax import experiments
 from compmod_jax.analysis import similarity
 from compmod_jax.data import classes, streams
-from compmod_jax.methods import multitask, supervised
+from compmod_jax.methods import supervised
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
-from compmod_jax.train import context, defaults, loop, validation
+from compmod_jax.train import context, loop, multitask, validation
 from configs import digits_9tasks, natural5, transfer_table2
 from helpers import mock_datasets
 
@@ -19,7 +20,7 @@ TASKS = (("a", 10), ("b", 2), ("c", 5))
 
 
 def setup_spec(setup):
-  fields = dict(multitask.SETUPS[setup])
+  fields = dict(experiments.SETUPS[setup])
   return NetworkSpec(tasks=TASKS, input_channels=1, num_layers=3, num_templates=2,
                      depth_multiplier=0.2, patch_size=4, **fields)
 
@@ -30,7 +31,7 @@ def init(spec):
 
 def test_four_setups_create_exactly_their_parameters():
   shapes = {setup: jax.eval_shape(lambda s=setup: init(setup_spec(s)))
-            for setup in multitask.SETUPS}
+            for setup in experiments.SETUPS}
   for setup, variables in shapes.items():
     params = variables["params"]
     has_mixture = "mixture_logits" in params
@@ -80,11 +81,11 @@ def test_only_a_tasks_own_loss_moves_its_private_parameters(setup):
 
 
 def test_task_sampling_gives_every_task_its_share():
-  config = defaults.base_config()
+  config = experiments.base_config()
   config.batch_size = 96
-  config.tasks = {"a": defaults.task("x", sampling_weight=2.0),
-                  "b": defaults.task("x", sampling_weight=1.0),
-                  "c": defaults.task("x", batch_size=16)}
+  config.tasks = {"a": experiments.task("x", sampling_weight=2.0),
+                  "b": experiments.task("x", sampling_weight=1.0),
+                  "c": experiments.task("x", batch_size=16)}
   assert multitask.task_batch_sizes(config, device_count=8) == {"a": 64, "b": 32, "c": 16}
   config.tasks.b.sampling_weight = 0.01
   assert multitask.task_batch_sizes(config, device_count=8)["b"] == 8  # never starved

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from compmod_jax import cli, fast_malloc
-from compmod_jax.train import defaults
+from compmod_jax import experiments
 from helpers import REPO, subprocess_env
 
 TUNED = ":".join(fast_malloc.TUNABLES)
@@ -56,10 +56,10 @@ def test_a_command_starts_itself_again_once_with_the_settings_and_its_arguments(
 
 def test_the_cache_directory_defaults_to_jax_s_variable_else_a_per_user_folder(monkeypatch):
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/jax")
-  assert defaults.base_config().compilation_cache_dir == "/somewhere/jax"
+  assert experiments.base_config().compilation_cache_dir == "/somewhere/jax"
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", "/home/me/.cache")
-  assert defaults.base_config().compilation_cache_dir == (
+  assert experiments.base_config().compilation_cache_dir == (
       "/home/me/.cache/compmod_jax/compilation_cache")
 
 

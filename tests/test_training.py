@@ -10,12 +10,13 @@ import numpy as np
 import optax
 import pytest
 
+from compmod_jax import experiments
 from compmod_jax.data import datasets
-from compmod_jax.methods import registry, regularizers
+from compmod_jax.methods import registry
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
+from compmod_jax.train import context, loop, optim, regularizers, start, steps
 from compmod_jax.workdir import RunStart
-from compmod_jax.train import context, defaults, loop, optim, start, steps
 from configs import cifar100_signatures, imagenet_table1
 from helpers import built_once_per_run, mock_datasets, read_checkpoint, run_main, tiny_digits
 
@@ -105,7 +106,7 @@ def test_every_parameter_is_in_exactly_one_group():
 
 
 def test_frozen_groups_get_exactly_zero_updates():
-  config = defaults.base_config()
+  config = experiments.base_config()
   config.optimizer.lr_multipliers.templates = 0.0
   config.optimizer.lr_multipliers.heads = 0.5
   params = {"templates": {"expand_kernel": jnp.ones((2, 3))},
@@ -152,7 +153,7 @@ def test_entropy_regulariser_matches_definition():
   np.testing.assert_allclose(regularizers.mixture_entropy(logits),
                              -jnp.sum(xi * jnp.log(xi), -1), rtol=1e-6)
   np.testing.assert_allclose(regularizers.mixture_entropy(logits)[0, 1], np.log(3), rtol=1e-6)
-  config = defaults.base_config()
+  config = experiments.base_config()
   config.regularizers.entropy_weight = 0.1
   config.regularizers.clustering_weight = 0.01
   losses = regularizers.regularization_losses(
@@ -289,7 +290,7 @@ def test_ema_follows_tf_warmup_and_evaluation_reads_only_the_ema_weights():
 
 
 def test_weight_decay_shrinks_kernels_only():
-  config = defaults.base_config()
+  config = experiments.base_config()
   config.optimizer.update(name="sgd", momentum=0.0, schedule="constant", warmup_steps=0,
                           learning_rate=1.0, weight_decay=0.1)
   params = {"templates": {"expand_kernel": jnp.full((2, 3), 2.0), "se_reduce_bias": jnp.ones(3)},
@@ -315,7 +316,7 @@ def test_weight_decay_shrinks_kernels_only():
     ("exponential", (0.1, 0.1 * 0.5 ** (45 / 30), 0.1 * 0.5 ** 3)),
 ])
 def test_schedules_warm_up_linearly_then_follow_their_formula(schedule, after_warmup):
-  config = defaults.base_config()
+  config = experiments.base_config()
   config.total_steps = 100
   config.optimizer.update(schedule=schedule, learning_rate=0.1, warmup_steps=10,
                           final_lr_fraction=0.1, decay_steps=30, decay_rate=0.5)
@@ -326,7 +327,7 @@ def test_schedules_warm_up_linearly_then_follow_their_formula(schedule, after_wa
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_each_optimizer_descends_a_quadratic(name):
-  config = defaults.base_config()
+  config = experiments.base_config()
   config.optimizer.update(name=name, schedule="constant", warmup_steps=0, learning_rate=0.05,
                           weight_decay=0.0)
   params = {"heads": {"a": {"bias": jnp.array([3.0, -2.0])}}}

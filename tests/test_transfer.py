@@ -14,13 +14,14 @@ import optax
 import pytest
 from flax import traverse_util
 
+from compmod_jax import experiments
 from compmod_jax.analysis import tables
 from compmod_jax.finetune import init_from, pretrained, transfer
-from compmod_jax.methods import multitask, registry
+from compmod_jax.methods import registry
 from compmod_jax.models import network_spec, templates
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
-from compmod_jax.train import context, defaults, loop, optim, steps
+from compmod_jax.train import context, loop, optim, steps
 from configs import digits_transfer, transfer_table9
 from helpers import REPO, mock_datasets, subprocess_env
 
@@ -31,7 +32,7 @@ NEW = "uci_digits"
 # --- strict loading ---------------------------------------------------------------------------
 
 def tiny_spec(tasks, **fields):
-  fields = {**multitask.SETUPS["mixture_patches"], **fields}
+  fields = {**experiments.SETUPS["mixture_patches"], **fields}
   return NetworkSpec(tasks=tuple((t, 10) for t in tasks), input_channels=1, num_layers=3,
                      num_templates=2, depth_multiplier=0.2, patch_size=4, **fields)
 
@@ -208,8 +209,8 @@ def test_strategies_that_evaluate_source_heads_are_refused_for_another_label_set
              "output_adapter"})])
 def test_trainable_presets_train_their_groups_and_only_the_new_tasks_rows(preset, groups):
   spec = tiny_spec(SOURCES + (NEW,))
-  config = defaults.base_config()
-  config.tasks = {NEW: defaults.task("embedded_digits/uci_digits")}
+  config = experiments.base_config()
+  config.tasks = {NEW: experiments.task("embedded_digits/uci_digits")}
   config.trainable = preset
   params = host_variables(spec)["params"]
   mask = flat(optim.trainable_mask(params, config, spec, registry.get("supervised")))
@@ -248,12 +249,12 @@ SETUP_PRESETS_KEEPING_SOURCES = {  # with the shared input adapter of digits_tra
 }
 
 
-@pytest.mark.parametrize("setup", sorted(multitask.SETUPS))
+@pytest.mark.parametrize("setup", sorted(experiments.SETUPS))
 def test_every_preset_keeps_the_checkpoints_other_tasks_or_is_refused(setup):
   """A preset either leaves every entry a kept task reads frozen (the step then keeps their
   predictions bit-identical: test_training's frozen-rows test), or kept_tasks_problem refuses
   it, naming the presets that would keep them."""
-  spec = tiny_spec(SOURCES + (NEW,), **multitask.SETUPS[setup])
+  spec = tiny_spec(SOURCES + (NEW,), **experiments.SETUPS[setup])
   params = host_variables(spec)["params"]
   config = digits_transfer.get_config(f"setup={setup},tiny=1")
   method = registry.get("supervised")

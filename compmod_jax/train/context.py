@@ -17,8 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compmod_jax.data import datasets, streams
-from compmod_jax.methods import multitask
-from compmod_jax.train import steps
+from compmod_jax.train import multitask, steps
 from compmod_jax.workdir import RunStart
 
 

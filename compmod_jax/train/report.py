@@ -7,8 +7,8 @@ import numpy as np
 from absl import logging
 
 from compmod_jax.analysis import figures, similarity
-from compmod_jax.methods import regularizers
 from compmod_jax.models import templates
+from compmod_jax.train import regularizers
 from compmod_jax.workdir import Workdir
 
 

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from compmod_jax.methods import regularizers
-from compmod_jax.train import optim
+from compmod_jax.train import optim, regularizers
 
 
 @flax.struct.dataclass

@@ -11,9 +11,9 @@ from etils import epath
 from compmod_jax import ranges
 from compmod_jax.data import catalog, datasets, fields, image_folder
 from compmod_jax.finetune import deltas, growth, transfer
-from compmod_jax.methods import multitask, registry, regularizers
+from compmod_jax.methods import registry
 from compmod_jax.ranges import INF
-from compmod_jax.train import context, optim, start
+from compmod_jax.train import context, multitask, optim, regularizers, start
 
 ON_CORRUPT_CHECKPOINT = ("fall_back", "refuse")
 POSITIVE_INTEGERS = ("batch_size", "eval_batch_size", "log_every", "eval_every",

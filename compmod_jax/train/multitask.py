@@ -1,27 +1,5 @@
-"""Multi-task set-ups of App. C and how each step's batch is shared among the tasks.
-
-Every task always has its own head and its own BN moving statistics; the set-ups differ in
-what else is private to a task (Table 8):
-
-  simple_baseline   one shared body (plain isometric network, no templates)
-  baseline_patches  shared body, per-task BN scale/bias ("linear patches", Mudrakarta et al.)
-  mixture           per-task mixture weights; BN scale/bias mixed with the same xi
-  mixture_patches   per-task mixture weights and per-task BN scale/bias
-"""
-SETUPS = {
-    "simple_baseline": {"signature": "plain", "batch_norm": "per_layer"},
-    "baseline_patches": {"signature": "plain", "batch_norm": "per_task"},
-    "mixture": {"signature": "mixture", "batch_norm": "mixed"},
-    "mixture_patches": {"signature": "mixture", "batch_norm": "per_task"},
-}
-
-
-def apply_setup(model_config, setup):
-  """Sets the model fields that define one of the paper's multi-task set-ups."""
-  if setup not in SETUPS:
-    raise ValueError(f"Multi-task set-up must be one of {tuple(SETUPS)}, got {setup!r}")
-  model_config.update(SETUPS[setup])
-  return model_config
+"""How each step's batch is shared among the tasks (config.tasks.<task>.batch_size and
+sampling_weight)."""
 
 
 def task_batch_sizes(config, device_count):

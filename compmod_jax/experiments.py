@@ -1,4 +1,6 @@
-"""The base config every experiment starts from, and the helpers config files use.
+"""The base config every experiment starts from, and the helpers config files use: a task
+(`task`), the config file's argument (`parse_argument`), a seconds-long version (`make_tiny`)
+and the multi-task set-ups of App. C (`apply_setup`).
 
 configs/<experiment>.py override what they change; configs/common.py holds the recipes several
 of them share. The paper's training recipe (App. A.2): RMSProp, learning rate 0.02-0.04, dropout
@@ -162,3 +164,25 @@ def make_tiny(config, *, total_steps, batch_size, eval_batch_size=None):
   config.checkpoint_every = max(1, total_steps // 2)
   config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, max(1, total_steps // 10))
   return config
+
+
+# The multi-task set-ups of App. C. Every task always has its own head and its own BN moving
+# statistics; the set-ups differ in what else is private to a task (Table 8):
+#   simple_baseline   one shared body (plain isometric network, no templates)
+#   baseline_patches  shared body, per-task BN scale/bias ("linear patches", Mudrakarta et al.)
+#   mixture           per-task mixture weights; BN scale/bias mixed with the same xi
+#   mixture_patches   per-task mixture weights and per-task BN scale/bias
+SETUPS = {
+    "simple_baseline": {"signature": "plain", "batch_norm": "per_layer"},
+    "baseline_patches": {"signature": "plain", "batch_norm": "per_task"},
+    "mixture": {"signature": "mixture", "batch_norm": "mixed"},
+    "mixture_patches": {"signature": "mixture", "batch_norm": "per_task"},
+}
+
+
+def apply_setup(model_config, setup):
+  """Sets the model fields that define one of the paper's multi-task set-ups."""
+  if setup not in SETUPS:
+    raise ValueError(f"Multi-task set-up must be one of {tuple(SETUPS)}, got {setup!r}")
+  model_config.update(SETUPS[setup])
+  return model_config
