@@ -51,15 +51,13 @@ def child(args):
   import jax
   from benchmarks import common
   from compmod_jax import cli
-  from compmod_jax.train import context, start, steps
+  from compmod_jax.train import context, start
   config = common.load_config(args.config)
   cli.use_compilation_cache(config.compilation_cache_dir)
   context.check_and_prepare_datasets(config)
   ctx = start.make_context(config, "/nonexistent", {})
-  state, optimization = start.create_train_state(ctx, start.example_images(ctx))
-  train_step = steps.jit_train_step(
-      jax.tree.map(lambda a: a.sharding, state), model=ctx.model, optimization=optimization,
-      loss_fn=ctx.method.make_loss(config, ctx.model.spec), config=config)
+  state, optimization = start.create_train_state(ctx, start.example_images(config))
+  train_step = start.train_step(ctx, state, optimization)
   iterators = {task: iter(stream) for task, stream in ctx.train_streams.items()}
 
   def run(n):

@@ -54,10 +54,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from compmod_jax import cli
-from compmod_jax.data import classes, datasets
 from compmod_jax.finetune import init_from
 from compmod_jax.methods import registry
-from compmod_jax.train import context, multitask, optim, start, steps, validation
+from compmod_jax.train import context, multitask, optim, start, validation
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -74,16 +73,6 @@ class PlanError(ValueError):
   """The config cannot run as planned (batch, memory); the message says what to change."""
 
 
-def task_classes(config):
-  """{task: classes the model predicts}, from the builders' code: no data is read."""
-  counts = {}
-  for task in config.tasks:
-    data_config = context.task_data_config(config, task)
-    builder = datasets.dataset_builder(data_config.name, data_config.data_dir)
-    counts[task] = classes.num_classes(builder, data_config)
-  return counts
-
-
 def source_tasks(config):
   """{task: classes} of the checkpoint config.init_from names, when it exists here: a transfer
   run's model holds those tasks too (frozen). {} otherwise: the plan then covers the new
@@ -91,20 +80,6 @@ def source_tasks(config):
   if not config.init_from or not epath.Path(config.init_from).exists():
     return {}
   return init_from.pretrained_source(config).tasks  # with config.deltas, as the trainer reads it
-
-
-def image_shape(config):
-  """(side, side, channels) of the model's input: config.data.image_size, else the stored size
-  of the first task's images when it is fixed."""
-  side = config.data.image_size
-  if not side:
-    task = sorted(config.tasks)[0]
-    stored = datasets.dataset_builder(config.tasks[task].dataset).info.features["image"].shape
-    if stored[0] is None or stored[0] != stored[1]:
-      raise PlanError(f"Task {task!r} has images of varying or non-square size {stored}: set "
-                      f"config.data.image_size.")
-    side = stored[0]
-  return (side, side, config.data.channels)
 
 
 @dataclasses.dataclass
@@ -148,12 +123,12 @@ def planned_step(config):
     validation.validate(config, planning=True)
   except ValueError as error:
     raise PlanError(f"{error}") from error
-  model = start.model_for(config, {**source_tasks(config), **task_classes(config)})
+  model = start.model_for(config, {**source_tasks(config), **context.task_classes(config)})
   ctx = context.RunContext(config=config, workdir="", mesh=context.make_mesh(config),
                            model=model, method=registry.get(config.method), train_streams={},
                            eval_streams={}, eval_steps={})
-  shape = image_shape(config)
-  init, optimization = start.state_initializer(ctx, jnp.zeros((1,) + shape, jnp.float32))
+  shape = context.input_shape(config)
+  init, optimization = start.state_initializer(ctx, start.example_images(config))
   replicated, split = NamedSharding(ctx.mesh, P()), NamedSharding(ctx.mesh, P("data"))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                        jax.eval_shape(init, jax.random.key(0)))
@@ -161,10 +136,8 @@ def planned_step(config):
                   "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=split),
                   "mask": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=split)}
            for task, n in multitask.task_batch_sizes(config, jax.device_count()).items()}
-  loss_fn = ctx.method.make_loss(config, model.spec)
-  step = steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model,
-                              optimization=optimization, loss_fn=loss_fn, config=config)
-  return PlannedStep(step=step, state=state, batch=batch, loss_fn=loss_fn, ctx=ctx)
+  return PlannedStep(step=start.train_step(ctx, state, optimization), state=state, batch=batch,
+                     loss_fn=ctx.method.make_loss(config, model.spec), ctx=ctx)
 
 
 def step_cost(config):
@@ -200,7 +173,7 @@ def plan(config, device_memory_gb=None, variants=False):
                      "per_group": dict(sorted(per_group.items()))},
       "source_tasks": sorted(source_tasks(ctx.config)),
       "per_device_batch": per_device_batch(config),
-      "image_shape": list(image_shape(ctx.config)),
+      "image_shape": list(context.input_shape(ctx.config)),
       "flops_per_step_per_device": flops / devices,
       "flops_per_step": flops,
       "bytes_per_device": bytes_per_device,

@@ -12,7 +12,7 @@ from flax import traverse_util
 from compmod_jax import experiments
 from compmod_jax.analysis import tables
 from compmod_jax.methods import adaptation, registry, supervised
-from compmod_jax.train import context, loop, start, steps, validation
+from compmod_jax.train import context, loop, start, validation
 from compmod_jax.workdir import Workdir
 from configs import digits_da, domainnet_da
 from mock_tfds import labelled_mock_dataset, write_mock_metadata
@@ -59,9 +59,7 @@ def adaptation_setup(method="adversarial", model="compositional", trainable="", 
                            model=model, method=registry.get(config.method), train_streams={},
                            eval_streams={}, eval_steps={})
   state, optimization = start.create_train_state(ctx, jnp.zeros((1, 28, 28, 1)))
-  step = steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model,
-                              optimization=optimization,
-                              loss_fn=ctx.method.make_loss(config, model.spec), config=config)
+  step = start.train_step(ctx, state, optimization)
   keys = iter(jax.random.split(jax.random.key(3), 8))
   batch = {t: {"image": jax.random.uniform(next(keys), (8, 28, 28, 1)) + 0.3 * (t == TARGET),
                "label": jax.random.randint(next(keys), (8,), 0, 10), "mask": jnp.ones(8)}

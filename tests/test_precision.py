@@ -15,7 +15,7 @@ from compmod_jax.finetune import surgery
 from compmod_jax.models import blocks, templates
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
-from compmod_jax.train import loop, start, steps
+from compmod_jax.train import loop, start
 from helpers import read_checkpoint, tiny_digits
 
 
@@ -70,11 +70,8 @@ def test_after_a_bfloat16_train_step_every_state_leaf_is_float32(embedded_dir):
                                         "model.remat": "full",
                                         "optimizer.warmup_steps": 0})  # step 0 moves them
   ctx = start.make_context(config, "", {})
-  state, optimization = start.create_train_state(ctx, start.example_images(ctx))
-  step = steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=ctx.model,
-                              optimization=optimization,
-                              loss_fn=ctx.method.make_loss(config, ctx.model.spec),
-                              config=config)
+  state, optimization = start.create_train_state(ctx, start.example_images(config))
+  step = start.train_step(ctx, state, optimization)
   before = jax.device_get(state.params)
   state, metrics = step(state, ctx.global_batch({"mnist": next(iter(ctx.train_streams["mnist"]))}))
   for name in ("params", "ema_params", "batch_stats", "opt_state"):

@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 
-from compmod_jax import cli, fast_malloc
-from compmod_jax import experiments
-from helpers import REPO, subprocess_env
+from compmod_jax import cli, experiments, fast_malloc
+from compmod_jax.data import streams
+from compmod_jax.train import context, start
+from helpers import REPO, subprocess_env, tiny_digits
 
 TUNED = ":".join(fast_malloc.TUNABLES)
 
@@ -95,3 +96,21 @@ def test_a_second_process_reads_the_compiled_step_from_the_cache(tmp_path):
   assert (second_hits, second_misses) == (compiled, 0)  # every program read back
   assert (hits_without, misses_without) == (0, 0)  # no cache asked
   assert os.listdir(tmp_path / "cache")
+
+
+def test_the_model_s_input_and_classes_come_from_metadata_without_reading_a_batch(
+    embedded_dir, monkeypatch):
+  def no_batch(self):
+    raise AssertionError("a batch was read to learn a shape")
+
+  monkeypatch.setattr(streams.DataStream, "__next__", no_batch)
+  config = tiny_digits(embedded_dir)
+  config.data.image_size = None  # the stored size of the embedded digits: 28 x 28
+  config.data.channels = 3
+  assert context.input_shape(config) == (28, 28, 3)
+  assert context.task_classes(config) == {"mnist": 10}
+  config.data.image_size = 32
+  ctx = start.make_context(config, "", {})
+  state, _ = start.create_train_state(ctx, start.example_images(config))
+  assert start.example_images(config).shape == (1, 32, 32, 3)
+  assert state.params["input_adapter"]["kernel"].shape[2] == 3  # built for 3 channels

@@ -253,9 +253,7 @@ def test_eight_devices_give_the_loss_of_one_device(embedded_dir):
                              method=registry.get("supervised"), train_streams=streams,
                              eval_streams={}, eval_steps={})
     state, optimization = start.create_train_state(ctx, jnp.zeros((1, 28, 28, 1)))
-    step = steps.jit_train_step(jax.tree.map(lambda a: a.sharding, state), model=model,
-                                optimization=optimization,
-                                loss_fn=ctx.method.make_loss(config, None), config=config)
+    step = start.train_step(ctx, state, optimization)
     iterator = iter(streams["mnist"])
     losses[devices] = []
     for _ in range(3):

@@ -263,7 +263,7 @@ def _write_workdir(ctx, variables, step, results):
   the trainer rebuilds the same model from this workdir."""
   source_tasks = {task: classes for task, classes in ctx.model.spec.tasks
                   if task not in ctx.config.tasks}
-  state, _ = start.create_train_state(ctx, start.example_images(ctx))
+  state, _ = start.create_train_state(ctx, start.example_images(ctx.config))
   state = state.replace(step=ctx.replicated(np.int32(step)),
                         params=ctx.replicated(variables["params"]),
                         ema_params=ctx.replicated(variables["params"]),

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from compmod_jax.data import datasets, streams
+from compmod_jax.data import classes, datasets, streams
 from compmod_jax.train import multitask, steps
 from compmod_jax.workdir import RunStart
 
@@ -38,6 +38,37 @@ def task_data_config(config, task):
     if task_config.get(field):
       data_config[field] = task_config[field]
   return data_config
+
+
+def task_classes(config):
+  """{task: classes the model predicts} of config.tasks, from the datasets' metadata (the
+  builders' code): no data is read."""
+  counts = {}
+  for task in config.tasks:
+    data_config = task_data_config(config, task)
+    builder = datasets.dataset_builder(data_config.name, data_config.data_dir)
+    counts[task] = classes.num_classes(builder, data_config)
+  return counts
+
+
+def input_shape(config):
+  """(side, side, channels) of the model's input, from the config and the datasets' metadata:
+  config.data.image_size, else the stored size every task's images share (no data is read).
+  The one place the input shape is decided: start-up, `plan` and validation ask here."""
+  side = config.data.image_size
+  if side:
+    return (side, side, config.data.channels)
+  stored = {}
+  for task in sorted(config.tasks):
+    data_config = task_data_config(config, task)
+    shape = datasets.dataset_builder(data_config.name,
+                                     data_config.data_dir).info.features["image"].shape
+    stored[task] = tuple(shape[:2])
+  sizes = set(stored.values())
+  if len(sizes) != 1 or None in next(iter(sizes)) or len(set(next(iter(sizes)))) != 1:
+    raise ValueError(f"The tasks' images are stored at sizes {stored} (None: varying); the "
+                     f"model needs one square input: set config.data.image_size.")
+  return (next(iter(sizes))[0],) * 2 + (config.data.channels,)
 
 
 def check_and_prepare_datasets(config):

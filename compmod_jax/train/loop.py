@@ -18,7 +18,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 from compmod_jax.analysis import accounting
 from compmod_jax.finetune import deltas, init_from
-from compmod_jax.train import checkpoint, context, nonfinite, preemption, report, start, steps
+from compmod_jax.train import checkpoint, context, nonfinite, preemption, report, start
 from compmod_jax.train import validation
 from compmod_jax.workdir import RunStart, Workdir, prepare
 
@@ -54,7 +54,7 @@ def train_and_evaluate(config, workdir):
       source_tasks = (source.tasks if source else
                       RunStart.from_dict((own_meta or {}).get("run_info")).source_tasks)
       ctx = start.make_context(config, workdir, source_tasks)
-      state, optimization = start.create_train_state(ctx, start.example_images(ctx))
+      state, optimization = start.create_train_state(ctx, start.example_images(config))
       state, meta = start.resume(ctx, checkpointer, state)
       ctx.run_start, start_results = RunStart.from_dict(meta.get("run_info")), None
       if source:
@@ -104,9 +104,7 @@ def _train(ctx, state, optimization, checkpointer, watcher, wall_time_before):
     parameter_overview.log_parameter_overview(state.params)
     logging.info("Parameters per group:\n%s", accounting.format_model_summary(
         ctx.model.spec, state.params))
-  train_step = steps.jit_train_step(
-      jax.tree.map(lambda a: a.sharding, state), model=ctx.model, optimization=optimization,
-      loss_fn=ctx.method.make_loss(config, ctx.model.spec), config=config)
+  train_step = start.train_step(ctx, state, optimization)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   started = time.time()
   wall_time = lambda: wall_time_before + time.time() - started

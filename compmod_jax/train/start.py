@@ -7,7 +7,6 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from compmod_jax.data import classes
 from compmod_jax.methods import registry
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
@@ -27,10 +26,7 @@ def make_context(config, workdir, source_tasks):
   (their rows stay frozen: optim.trainable_mask), the method and the eval steps."""
   train_streams = context.make_streams(config, train=True)
   eval_streams = context.make_streams(config, train=False)
-  num_classes = dict(source_tasks)
-  num_classes.update({task: classes.num_classes(stream.builder, stream.data_config)
-                      for task, stream in train_streams.items()})
-  model = model_for(config, num_classes)
+  model = model_for(config, {**source_tasks, **context.task_classes(config)})
   return context.RunContext(
       config=config, workdir=workdir, mesh=context.make_mesh(config), model=model,
       method=registry.get(config.method), train_streams=train_streams,
@@ -38,12 +34,17 @@ def make_context(config, workdir, source_tasks):
       eval_steps={task: steps.jit_eval_step(model, task) for task in eval_streams})
 
 
-def example_images(ctx):
-  """One all-zero image batch shaped like the data (the first eval batch tells the shape)."""
-  stream = next(iter(ctx.eval_streams.values()))
-  shape = next(iter(stream))["image"].shape[1:]
-  iter(stream)  # restart the pass consumed for the shape
-  return jnp.zeros((1,) + tuple(shape), jnp.float32)
+def example_images(config):
+  """One all-zero image shaped like the model's input (context.input_shape: metadata only)."""
+  return jnp.zeros((1,) + context.input_shape(config), jnp.float32)
+
+
+def train_step(ctx, state, optimization):
+  """The run's jitted train step (steps.jit_train_step), sharded like `state` (concrete or
+  abstract arrays): the one way the loop, `plan`, the benchmarks and the tests build it."""
+  return steps.jit_train_step(
+      jax.tree.map(lambda a: a.sharding, state), model=ctx.model, optimization=optimization,
+      loss_fn=ctx.method.make_loss(ctx.config, ctx.model.spec), config=ctx.config)
 
 
 def create_train_state(ctx, images):

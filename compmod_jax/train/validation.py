@@ -5,7 +5,6 @@ shares, each task's data config and the model spec, then that something trains."
 import os
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 
 from compmod_jax import ranges
@@ -79,9 +78,7 @@ def validate(config, planning=False):
   # The model gets 2 classes per task as placeholders: the real counts come from the data, and
   # no check depends on them.
   model = start.model_for(config, {task: 2 for task in config.tasks})
-  side = config.data.image_size or 4 * config.model.patch_size
-  images = jnp.zeros((1, side, side, config.data.channels), jnp.float32)
-  params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+  params = jax.eval_shape(model.init, jax.random.key(0), start.example_images(config))["params"]
   optim.check_trainable(params, config, model.spec, method)
   if not planning:  # the plan's check is XLA's own estimate, for the target devices
     _check_memory(config, model.spec, params,
@@ -98,7 +95,7 @@ def memory_lower_bound(config, spec, params, examples):
   step, every task's together."""
   parameter_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
   copies = 3 + (config.ema_decay > 0)
-  side = -(-(config.data.image_size or 4 * spec.patch_size) // spec.patch_size)
+  side = -(-context.input_shape(config)[0] // spec.patch_size)
   per_example = side * side * (spec.width + 2 * spec.expanded) * spec.num_layers * 4
   parts = {"parameters": copies * parameter_bytes, "activations": examples * per_example}
   return sum(parts.values()), parts
