@@ -153,6 +153,14 @@ def _typed_argument(key, value, default):
                      f"{_TYPE_NAMES[type(default)]} (default {default!r}){hint}.") from None
 
 
+def natural_images(config, image_size):
+  """The input of the paper's natural-image experiments: RGB at `image_size` (the smaller side
+  resized, then centre-cropped), ImageNet's statistics, random crops and flips in training."""
+  config.data.update(image_size=image_size, channels=3, normalization="standard",
+                     augment="crop_flip")
+  return config
+
+
 def make_tiny(config, *, total_steps, batch_size, eval_batch_size=None):
   """Shortens a config to a debugging run of seconds: few steps, small batches, logging,
   evaluation and a checkpoint at the end (and halfway), almost no warmup."""

@@ -24,10 +24,7 @@ def get_config(arg=None):
   args = experiments.parse_argument(arg, ARGUMENTS)
   config = experiments.base_config()
   config.tasks = {"cifar100": experiments.task("cifar100")}
-  config.data.image_size = 32
-  config.data.channels = 3
-  config.data.normalization = "standard"
-  config.data.augment = "crop_flip"
+  experiments.natural_images(config, 32)
   config.batch_size = 256
   config.total_steps = 80_000
   config.eval_every = 5_000

@@ -55,7 +55,7 @@ def natural_domains(tasks, setup, tiny, *, batch_size, total_steps, every, warmu
   images per domain and step."""
   config = experiments.base_config()
   config.tasks = tasks
-  config.data.update(image_size=128, channels=3, normalization="standard", augment="crop_flip")
+  experiments.natural_images(config, 128)
   config.model.update(num_layers=16, num_templates=12, depth_multiplier=1.0, patch_size=8,
                       dropout_rate=0.3)
   config.optimizer.update(schedule="linear", learning_rate=2e-3, final_lr_fraction=0.01,

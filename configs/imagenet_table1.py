@@ -36,8 +36,8 @@ def get_config(arg=None):
   args = experiments.parse_argument(arg, ARGUMENTS)
   config = experiments.base_config()
   config.tasks = {"imagenet2012": experiments.task("imagenet2012")}
-  config.data.update(image_size=224, channels=3, normalization="standard",
-                     augment="crop_flip", eval_split="validation")
+  experiments.natural_images(config, 224)
+  config.data.eval_split = "validation"
   config.batch_size = config.eval_batch_size = 1024
   config.total_steps = 400_000
   config.eval_every = config.checkpoint_every = 10_000

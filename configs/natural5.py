@@ -34,10 +34,7 @@ def get_config(arg=None):
   config.tasks = {task: experiments.task(dataset) for task, dataset in TASKS.items()}
   config.data.eval_split = "validation"
   config.tasks.cifar100.eval_split = "test"  # it has no validation split
-  config.data.image_size = 224
-  config.data.channels = 3
-  config.data.normalization = "standard"
-  config.data.augment = "crop_flip"
+  experiments.natural_images(config, 224)
   config.batch_size = 1280
   config.eval_batch_size = 1280
   config.total_steps = 300_000
