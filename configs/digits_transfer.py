@@ -24,7 +24,7 @@ templates and adapters pretrained on the multi-domain digits, the UCI handwritte
 The new task trains for 600 steps of 32 examples on its 1,438 training digits and is tested on
 its 359 held-out ones; the pretrained tasks stay in the model with bit-identical predictions.
 results.json holds accuracy_before_finetune, test_accuracy and added_parameters for uci_digits.
-Expected (docs/fine_tuning.md, 2-core CPU, about 1 minute per run): best_source above random.
+Expected (docs/fine_tuning.md, 2-core CPU, a few minutes per run): best_source above random.
 The argument `setup` must match the pretraining run's; with `mixture` or `simple_baseline` the
 BN scale and bias are shared, so the default `xi_head_bn` is refused (it would change the
 pretrained tasks): pass --config.trainable=head (or xi). `tiny=1` is a seconds-long debug run.
