@@ -65,10 +65,11 @@ def input_shape(config):
                                      data_config.data_dir).info.features["image"].shape
     stored[task] = tuple(shape[:2])
   sizes = set(stored.values())
-  if len(sizes) != 1 or None in next(iter(sizes)) or len(set(next(iter(sizes)))) != 1:
+  height, width = sizes.pop() if len(sizes) == 1 else (None, None)
+  if height is None or height != width:
     raise ValueError(f"The tasks' images are stored at sizes {stored} (None: varying); the "
                      f"model needs one square input: set config.data.image_size.")
-  return (next(iter(sizes))[0],) * 2 + (config.data.channels,)
+  return (height, width, config.data.channels)
 
 
 def check_and_prepare_datasets(config):
