@@ -715,6 +715,9 @@ BAD_CONFIGS = {
                                     r"config\.model\.mixture_init_scale must be in \[0, "),
     "bn_momentum_of_one": ({"model.bn_momentum": 1.0}, ValueError,
                            r"config\.model\.bn_momentum must be in \(0, 1\)"),
+    "patch_that_does_not_tile_the_input": ({"model.patch_size": 3}, ValueError,
+                                           r"config\.model\.patch_size=3 does not divide the "
+                                           r"28-pixel input .* the last 1 rows and columns"),
     "negative_dropout": ({"model.dropout_rate": -0.1}, ValueError,
                          r"config\.model\.dropout_rate must be in \[0, 1\)"),
     "negative_entropy_weight": ({"regularizers.entropy_weight": -1.0}, ValueError,

@@ -78,11 +78,23 @@ def validate(config, planning=False):
   # The model gets 2 classes per task as placeholders: the real counts come from the data, and
   # no check depends on them.
   model = start.model_for(config, {task: 2 for task in config.tasks})
+  _check_patches_tile(config)
   params = jax.eval_shape(model.init, jax.random.key(0), start.example_images(config))["params"]
   optim.check_trainable(params, config, model.spec, method)
   if not planning:  # the plan's check is XLA's own estimate, for the target devices
     _check_memory(config, model.spec, params,
                   max(1, sum(batch_sizes.values()) // device_count))
+
+
+def _check_patches_tile(config):
+  """The input adapter cuts the image into patch_size x patch_size patches (stride = kernel):
+  a side it does not divide would lose its last rows and columns without a word."""
+  side, patch = context.input_shape(config)[0], config.model.patch_size
+  if side % patch:
+    raise ValueError(f"config.model.patch_size={patch} does not divide the {side}-pixel input "
+                     f"(config.data.image_size, else the stored size): the last {side % patch} "
+                     f"rows and columns would be dropped. Use a patch size that divides {side}, "
+                     f"or an image_size that is a multiple of {patch}.")
 
 
 def memory_lower_bound(config, spec, params, examples):
