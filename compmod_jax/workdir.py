@@ -100,15 +100,21 @@ class RunStart:
     """The JSON form; {} for a run started from scratch."""
     return dataclasses.asdict(self) if self else {}
 
+  # Keys older versions wrote that no longer mean anything (the target domain's name, written
+  # from 2026-11-22 to 11-30, is config.adaptation.target): read and dropped.
+  OBSOLETE_KEYS = ("adaptation_target",)
+
   @classmethod
   def from_dict(cls, record):
     """From the JSON form (any older checkpoint's "run_info"); an unknown key is an error."""
+    record = {key: value for key, value in (record or {}).items()
+              if key not in cls.OBSOLETE_KEYS}
     fields = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(record or {}) - fields)
+    unknown = sorted(set(record) - fields)
     if unknown:
       raise ValueError(f"A run record with unknown field(s) {unknown} (known: {sorted(fields)}); "
                        f"was the checkpoint written by a newer compmod_jax?")
-    return cls(**(record or {}))
+    return cls(**record)
 
 
 def prepare(workdir):

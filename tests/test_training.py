@@ -346,6 +346,8 @@ def test_the_run_record_reads_what_checkpoints_hold_and_refuses_unknown_fields()
   start = RunStart.from_dict(written)
   assert start and start.new_tasks["b"]["accuracy_before_finetune"] == 0.5
   assert start.to_dict() == {**written, "surgery": None}
+  older = RunStart.from_dict({**written, "adaptation_target": "uci_digits"})  # 2026-11-22..30
+  assert older == start
   assert not RunStart.from_dict({}) and RunStart.from_dict(None).to_dict() == {}
   surgery = RunStart.from_dict({"surgery": {"operation": "prune"}, "source_tasks": {}})
   assert surgery and surgery.to_dict()["surgery"] == {"operation": "prune"}
