@@ -15,48 +15,21 @@ class Workdir:
 
   def __init__(self, path):
     self.path = epath.Path(path)
-
-  @property
-  def config_json(self):
-    return self.path / "config.json"
-
-  @property
-  def results_json(self):
-    return self.path / "results.json"
-
-  @property
-  def accuracy_table(self):
-    return self.path / "accuracy_table.md"
-
-  @property
-  def checkpoints(self):
-    return self.path / "checkpoints"
+    self.config_json = self.path / "config.json"
+    self.results_json = self.path / "results.json"
+    self.accuracy_table = self.path / "accuracy_table.md"
+    self.checkpoints = self.path / "checkpoints"
+    # data_state/<step>/<task>/process_<i>/: each process's input position at a checkpoint.
+    self.data_state = self.path / "data_state"
+    self.corrupt_checkpoints = self.path / "corrupt_checkpoints"
+    self.delta = self.path / "delta"
+    # Where a config with a `pretrain` section and no init_from pretrains first.
+    self.pretrained = self.path / "pretrained"
+    # Where `surgery prune --refit_steps` re-fits the pruned model.
+    self.refit = self.path / "refit"
 
   def checkpoint(self, step):
     return self.checkpoints / str(step)
-
-  @property
-  def data_state(self):
-    """data_state/<step>/<task>/process_<i>/: each process's input position at a checkpoint."""
-    return self.path / "data_state"
-
-  @property
-  def corrupt_checkpoints(self):
-    return self.path / "corrupt_checkpoints"
-
-  @property
-  def delta(self):
-    return self.path / "delta"
-
-  @property
-  def pretrained(self):
-    """Where a config with a `pretrain` section and no init_from pretrains first."""
-    return self.path / "pretrained"
-
-  @property
-  def refit(self):
-    """Where `surgery prune --refit_steps` re-fits the pruned model."""
-    return self.path / "refit"
 
   def picture(self, name):
     return self.path / f"{name}.png"
