@@ -90,11 +90,18 @@ LABEL_FREE_SOURCE = "min_entropy_source"
 TARGET_BN_BATCHES = 50
 
 
-def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_size,
+def domain_adaptation_config(arg, pretraining, target, target_task, **sizes):
+  """`domain_adaptation` for a config whose arguments are DA_ARGUMENTS (`arg`, the string after
+  the config's name)."""
+  args = experiments.parse_argument(arg, DA_ARGUMENTS, DA_CHOICES)
+  return domain_adaptation(pretraining, target, target_task, args, **sizes)
+
+
+def domain_adaptation(pretraining, target, target_task, args, *, source_batch_size,
                       total_steps):
   """A domain adaptation run of the `target` domain (`target_task`, a task config) from a model
-  pretrained on source domains: `pretrain_for(setup)` returns that multi-domain pretraining
-  config with one of the multi-task set-ups (experiments.SETUPS). args: method (a row of Table 3:
+  pretrained on source domains: `pretraining(setup, tiny)` returns that multi-domain
+  pretraining config with one of the multi-task set-ups (experiments.SETUPS). args: method (a row of Table 3:
   adaptation.TABLE3_METHODS), model (a column: adaptation.TABLE3_MODELS), source (a source task,
   "best_source", App. D.2's choice by target labels, or "auto" = "min_entropy_source", the
   label-free choice), trainable ("" = the model's default),
@@ -112,7 +119,7 @@ def domain_adaptation(pretrain_for, target, target_task, args, *, source_batch_s
   # Jointly the sources train everything of theirs and the shared parameters; the target's
   # rows are restricted to config.adaptation.target_params by the method itself.
   trainable = args["trainable"] or ("all" if joint else default_trainable)
-  pretrain = pretrain_for(setup)
+  pretrain = pretraining(setup, args["tiny"])
   if model == "plain":
     # App. D.3: the baseline has as many layers as the compositional model has templates, so
     # both have about the same number of parameters.

@@ -81,7 +81,7 @@ ADAPTATION_STEPS = 225
 def get_config(arg=None):
   args = experiments.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   config = common.domain_adaptation(
-      lambda setup: common.digits_multidomain(setup, args["tiny"]), TARGET,
+      common.digits_multidomain, TARGET,
       experiments.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,
       total_steps=ADAPTATION_STEPS)
   if not args["tiny"]:

@@ -41,9 +41,7 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = experiments.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   # ~10 epochs of the target's 1,438 training digits at 64 per step.
-  return common.domain_adaptation(
-      lambda setup: pretraining(setup, args["tiny"]), TARGET,
-      experiments.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,
-      total_steps=250)
+  return common.domain_adaptation_config(
+      arg, pretraining, TARGET, experiments.task(f"embedded_digits/{TARGET}", batch_size=64),
+      source_batch_size=16, total_steps=250)

@@ -49,8 +49,6 @@ def pretraining(setup, tiny):
 
 
 def get_config(arg=None):
-  args = experiments.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
-  return common.domain_adaptation(
-      lambda setup: pretraining(setup, args["tiny"]), TARGET,
-      experiments.task(f"domainnet/{TARGET}", batch_size=64), args, source_batch_size=32,
-      total_steps=40_000)
+  return common.domain_adaptation_config(
+      arg, pretraining, TARGET, experiments.task(f"domainnet/{TARGET}", batch_size=64),
+      source_batch_size=32, total_steps=40_000)

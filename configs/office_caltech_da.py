@@ -52,5 +52,5 @@ def get_config(arg=None):
   args = experiments.parse_argument(arg, ARGUMENTS, common.DA_CHOICES)
   folder = args.pop("folder").rstrip("/")
   return common.domain_adaptation(
-      lambda setup: pretraining(setup, folder, args["tiny"]), TARGET,
+      lambda setup, tiny: pretraining(setup, folder, tiny), TARGET,
       domain_task(folder, TARGET, 32), args, source_batch_size=32, total_steps=1_000)
