@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,32 @@ def test_learned_interpolation_trains_only_the_coefficients_toward_the_right_sou
   final = optax.softmax_cross_entropy_with_integer_labels(
       model.apply(built, images, task="new"), labels).mean()
   assert abs(float(final) - losses[-1]) < 0.1 * (losses[0] - losses[-1])
+
+
+def test_precise_bn_statistics_are_the_mean_of_the_batches_statistics_and_read_no_label():
+  """AdaBN / precise BN: the new task's moving statistics become the plain mean of its batches'
+  statistics (computed here one batch at a time), every other row and every parameter is left
+  as it was, and the batches carry no label, so reading one would fail."""
+  spec = tiny_spec(SOURCES + (NEW,))
+  model = CompositionalIsometricNet(spec)
+  variables = host_variables(spec, seed=6)
+  # Batches of very different scales, so a sum, the last batch or a moving average are far off.
+  batches = [{"image": np.asarray(jax.random.uniform(jax.random.key(i), (8, 8, 8, 1))) * (i + 1)}
+             for i in range(3)]
+  ctx = types.SimpleNamespace(model=model, replicated=lambda tree: tree,
+                              train_streams={NEW: batches}, global_batch=lambda batch: batch)
+  estimated = transfer.precise_bn_statistics(ctx, variables, [NEW], num_batches=3)
+  per_batch = [model.apply(variables, batch["image"], task=NEW, method=model.batch_statistics)
+               for batch in batches]
+  expected = jax.tree.map(lambda *stats: np.mean(np.stack(stats), axis=0), *per_batch)
+  rows = {task: spec.task_index(task) for task in SOURCES + (NEW,)}
+  jax.tree.map(lambda new, mean: np.testing.assert_allclose(new[rows[NEW]], mean, rtol=2e-6,
+                                                             atol=1e-7),
+               estimated["batch_stats"]["block_bn"], expected)
+  others = [rows[task] for task in SOURCES]
+  jax.tree.map(lambda new, old: np.testing.assert_array_equal(new[others], old[others]),
+               estimated["batch_stats"]["block_bn"], variables["batch_stats"]["block_bn"])
+  jax.tree.map(np.testing.assert_array_equal, estimated["params"], variables["params"])
 
 
 def test_strategies_that_evaluate_source_heads_are_refused_for_another_label_set():
