@@ -2,7 +2,7 @@
 
 XLA:CPU computes the kernel gradient of the 3x3 depthwise convolution as nine shifted
 multiply-and-reduce passes off its fast reduction path; `depthwise3x3.cc` does it in one pass
-(benchmarks/README.md has the measurements). The library is compiled with the machine's C++
+(docs/performance.md has the measurements). The library is compiled with the machine's C++
 compiler (`$CXX`, else `c++`) against the FFI headers that ship with jaxlib, once per source,
 jax version, compiler and CPU, into `$COMPMOD_KERNEL_CACHE` (default
 `~/.cache/compmod_jax/kernels`); the file appears by an atomic rename, so processes that build
