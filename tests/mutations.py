@@ -1,0 +1,106 @@
+"""Checks that the test suite can fail where its tests promise: applies one-line mutations of
+the source, one at a time, to a copy of the repository, and runs the tests named for each.
+
+  python tests/mutations.py               # every mutation (about half an hour on 2 cores)
+  python tests/mutations.py --only=ema    # the mutations whose name contains "ema"
+
+Each mutation must make at least one test of the README's test command fail; the script prints
+the tests that failed, and exits 1 if any mutation survived. The working tree is never touched:
+the copy lives in a temporary folder, and pytest runs there (the copy's `compmod_jax` is first on
+the import path). docs/tests.md lists the last run.
+"""
+import argparse
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COPIED = ("compmod_jax", "configs", "tests", "pytest.ini", "setup.py")
+
+# name: (file, the line as it is, the mutated line, the test files to run)
+MUTATIONS = {
+    "bn re-estimation sums instead of averaging": (
+        "compmod_jax/finetune/transfer.py",
+        "_with_row(all_tasks, row, summed / num_batches)", "_with_row(all_tasks, row, summed)",
+        ("tests/test_transfer.py",)),
+    "the loop does not save when asked to stop": (
+        "compmod_jax/train/loop.py",
+        "if step % config.checkpoint_every == 0 or last or stopping:",
+        "if step % config.checkpoint_every == 0 or last:", ("tests/test_precision.py",)),
+    "surgery harden writes fresh EMA parameters": (
+        "compmod_jax/finetune/surgery.py",
+        'ema_params=ctx.replicated(variables["params"]),', "ema_params=state.ema_params,",
+        ("tests/test_surgery.py",)),
+    "joint adaptation reads the target's labels": (
+        "compmod_jax/methods/adaptation.py",
+        "sources = {task: examples for task, examples in batch.items() if task != self.target}",
+        "sources = dict(batch)", ("tests/test_adaptation.py",)),
+    "ema updates frozen rows": (
+        "compmod_jax/train/steps.py",
+        "ema = keep_frozen(optim.ema_update(state.ema_params, params, config.ema_decay, "
+        "state.step),",
+        "ema = (lambda new, old: new)(optim.ema_update(state.ema_params, params, "
+        "config.ema_decay, state.step),",
+        ("tests/test_transfer.py", "tests/test_growth.py")),
+    "bn backward drops the x_hat term": (
+        "compmod_jax/models/ops.py",
+        "dx = (scale * inv_std) * (dy - (dbias + x_hat * dscale) / count)",
+        "dx = (scale * inv_std) * (dy - dbias / count)", ("tests/test_model.py",)),
+    "a non-finite update is applied": (
+        "compmod_jax/train/steps.py",
+        "new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)",
+        "new_state = updated", ("tests/test_reliability.py",)),
+    "accuracy coefficients are not normalised": (
+        "compmod_jax/finetune/transfer.py", "  return values / values.sum()\n",
+        "  return values\n", ("tests/test_transfer.py",)),
+    "restored arrays are not checked against their checksums": (
+        "compmod_jax/train/checkpoint.py",
+        'problems = checksum_problems(meta["checksums"], array_checksums(jax.device_get(state)))',
+        "problems = []", ("tests/test_reliability.py",)),
+}
+
+
+def failed_tests(copy, path, before, after, tests):
+  """The tests that fail with `before` replaced by `after` in `path` of the copy."""
+  source = copy / path
+  original = source.read_text()
+  if original.count(before) != 1:
+    raise SystemExit(f"{path} no longer holds exactly one {before!r}: update MUTATIONS.")
+  source.write_text(original.replace(before, after))
+  try:
+    output = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             *tests], cwd=copy, capture_output=True, text=True).stdout
+  finally:
+    source.write_text(original)
+  return [line.split()[1] for line in output.splitlines()
+          if line.startswith(("FAILED", "ERROR"))]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default="", help="run the mutations whose name contains this")
+  chosen = {name: m for name, m in MUTATIONS.items() if parser.parse_args().only in name}
+  survived = []
+  with tempfile.TemporaryDirectory() as folder:
+    copy = pathlib.Path(folder)
+    for name in COPIED:
+      source = REPO / name
+      if source.is_dir():
+        shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+      else:
+        shutil.copy(source, copy / name)
+    for name, (path, before, after, tests) in chosen.items():
+      failed = failed_tests(copy, path, before, after, tests)
+      print(f"{name} ({path}): {len(failed)} failed" + "".join(f"\n    {t}" for t in failed),
+            flush=True)
+      if not failed:
+        survived.append(name)
+  if survived:
+    print(f"survived: {survived}")
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main()
