@@ -338,6 +338,30 @@ def test_each_optimizer_descends_a_quadratic(name):
   assert float(loss(params)) < 0.5 * 13.0
 
 
+def test_rmsprop_is_tf1s_with_the_mean_square_starting_at_one():
+  """The paper's optimizer (App. A.2) is TF1's RMSProp with the base config's settings:
+  ms_t = rho ms_{t-1} + (1 - rho) g^2 from ms_0 = 1, mom_t = mu mom_{t-1} + lr g / sqrt(ms_t +
+  eps), theta_t = theta_{t-1} - mom_t. Three steps against that formula in float64."""
+  config = experiments.base_config()
+  config.optimizer.update(schedule="constant", warmup_steps=0, learning_rate=0.1,
+                          weight_decay=0.0)
+  opt = config.optimizer
+  assert (opt.name, opt.rmsprop_decay, opt.momentum, opt.eps) == ("rmsprop", 0.9, 0.9, 1e-3)
+  params = {"heads": {"a": {"bias": jnp.array([3.0, -2.0, 0.5])}}}
+  tx, _ = optim.make_optimizer(config, params)
+  state = tx.init(params)
+  theta, mean_square, momentum = np.array([3.0, -2.0, 0.5]), np.ones(3), np.zeros(3)
+  for gradient in ([0.5, -4.0, 0.01], [0.2, 1.0, -0.03], [-0.7, 0.0, 2.0]):
+    gradient = np.array(gradient)
+    updates, state = tx.update({"heads": {"a": {"bias": jnp.asarray(gradient, jnp.float32)}}},
+                               state, params)
+    params = optax.apply_updates(params, updates)
+    mean_square = 0.9 * mean_square + 0.1 * gradient ** 2
+    momentum = 0.9 * momentum + 0.1 * gradient / np.sqrt(mean_square + 1e-3)
+    theta = theta - momentum
+    np.testing.assert_allclose(params["heads"]["a"]["bias"], theta, rtol=1e-6)
+
+
 def test_the_run_record_reads_what_checkpoints_hold_and_refuses_unknown_fields():
   written = {"checkpoint": "/w/checkpoints/8", "step": 8, "source_tasks": {"a": 10},
              "xi_init": "best_source", "trainable": "xi_head_bn", "trainable_parameters": 7594,
