@@ -8,6 +8,7 @@ same command on every worker (see launch/tpu_pod.sh); --distributed initialises
 jax.distributed first.
 """
 import os
+import threading
 
 if __name__ == "__main__":  # before JAX and TensorFlow load, which a restart would load twice
   from compmod_jax import fast_malloc
@@ -31,6 +32,9 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for mu
                     "runs outside Cloud TPU (implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer("initialization_timeout", 300, "With --distributed or "
+                     "--coordinator_address: seconds to wait for every process to join before "
+                     "giving up with one line.", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -43,11 +47,8 @@ def main(argv):
     raise cli.CommandError("--num_processes and --process_id need "
                            "--coordinator_address=host:port (process 0's); without it this "
                            "would run as a single process.")
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
-  elif FLAGS.distributed:
-    jax.distributed.initialize()
+  if FLAGS.coordinator_address or FLAGS.distributed:
+    initialize_distributed(FLAGS.initialization_timeout)
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   cli.use_compilation_cache(FLAGS.config.compilation_cache_dir)
@@ -55,6 +56,27 @@ def main(argv):
   if results:
     for task, values in sorted(results["tasks"].items()):
       logging.info("final %s test accuracy: %.4f", task, values["test_accuracy"])
+
+
+def initialize_distributed(timeout):
+  """jax.distributed.initialize, giving up after `timeout` seconds with one line when not every
+  process joins (a peer that never started, a wrong address). JAX's own time limit aborts the
+  process from C++ with a stack dump, so ours fires first and JAX's is set later."""
+  where = FLAGS.coordinator_address or "the address Cloud TPU's metadata gives"
+  who = (f"process {FLAGS.process_id} of {FLAGS.num_processes}" if FLAGS.coordinator_address
+         else "this process")
+  logging.info("%s: joining the coordinator at %s; waiting up to %d s for every process "
+               "(--initialization_timeout).", who, where, timeout)
+  start = (f"start the same command with --process_id 0 to {FLAGS.num_processes - 1}"
+           if FLAGS.coordinator_address else "start the same command on every worker")
+  give_up = threading.Timer(timeout, lambda: cli.exit_with_one_line(
+      "compmod_jax.main", f"{who} waited {timeout} s at {where} and not every process joined; "
+      f"{start}, check the address, or wait longer with --initialization_timeout."))
+  give_up.daemon = True
+  give_up.start()
+  jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                             initialization_timeout=timeout + 60)
+  give_up.cancel()
 
 
 def run():

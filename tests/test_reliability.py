@@ -248,6 +248,25 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(
 
 
 @pytest.mark.slow
+def test_a_process_whose_peers_never_start_gives_up_with_one_line(embedded_dir, tmp_path):
+  port = free_port()
+  started = time.monotonic()
+  run = subprocess.run(
+      [sys.executable, "-m", "compmod_jax.main", "--config=configs/digits.py:tiny",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={embedded_dir}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0",
+       "--initialization_timeout=5"],
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"compmod_jax.main: process 0 of 2 waited 5 s at 127.0.0.1:{port} and not every process "
+      f"joined; start the same command with --process_id 0 to 1, check the address, or wait "
+      f"longer with --initialization_timeout.")
+  assert time.monotonic() - started < 60  # JAX alone would wait its own limit, then abort
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("preemption_service", [True, False],
                          ids=["jax_preemption_service", "own_sigterm_flag_allgather"])
 def test_two_processes_stop_at_the_same_step_on_sigterm_to_one(tmp_path, start_run,
