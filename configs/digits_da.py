@@ -60,11 +60,11 @@ latter keep the run unsupervised. Adapted runs train 225 steps (App. D's 10 epoc
 target). results.json holds the target's test accuracy under tasks.uci_digits (adversarial and
 moment matching runs also as target_test_accuracy); new_task_xi.png shows the target's xi at
 the start and now. `tiny=1`: a seconds-long debug run.
-Measured (docs/domain_adaptation.md, seeds 0-2; both source rules pick mnist_blur), as
-compositional / plain: source-only 84.96 / 93.59, target statistics 87.47 / 91.36, adversarial
-89.04 +- 0.43 / 90.71 +- 4.99, adversarial joint 88.02 +- 0.28 / 92.57 +- 0.43, moment
-matching 87.19 +- 0.00 / 93.22 +- 0.16, moment matching joint 87.09 +- 0.16 / 92.39 +- 0.16,
-supervised 88.21 +- 0.16 / 95.54 +- 0.48.
+Measured (docs/domain_adaptation.md, 2026-12-03 at d7311c4, seeds 0-1; both source rules pick
+mnist_blur), as compositional / plain: source-only 89.69 / 94.43, target statistics 88.30 /
+92.76, adversarial 89.00 +- 0.20 / 89.14 +- 1.58, adversarial joint 88.44 +- 0.20 / 92.06 +-
+0.20, moment matching 87.74 +- 0.00 / 92.20 +- 0.00, moment matching joint 88.02 +- 0.39 / 92.48
++- 0.39, supervised 89.42 +- 0.00 / 94.85 +- 0.20: no unsupervised method beats source-only.
 
 Memory (python -m compmod_jax.plan --num_devices=8, XLA:CPU's figure, 2026-12-03): 0.02 GiB per
 device in float32 (the adversarial step).
