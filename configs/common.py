@@ -101,11 +101,11 @@ def domain_adaptation(pretraining, target, target_task, args, *, source_batch_si
                       total_steps):
   """A domain adaptation run of the `target` domain (`target_task`, a task config) from a model
   pretrained on source domains: `pretraining(setup, tiny)` returns that multi-domain
-  pretraining config with one of the multi-task set-ups (experiments.SETUPS). args: method (a row of Table 3:
-  adaptation.TABLE3_METHODS), model (a column: adaptation.TABLE3_MODELS), source (a source task,
-  "best_source", App. D.2's choice by target labels, or "auto" = "min_entropy_source", the
-  label-free choice), trainable ("" = the model's default),
-  tiny (the pretraining's debug settings, 8 examples per domain and step).
+  pretraining config with one of the multi-task set-ups (experiments.SETUPS). args: method (a
+  row of Table 3: adaptation.TABLE3_METHODS), model (a column: adaptation.TABLE3_MODELS),
+  source (a source task, "best_source", App. D.2's choice by target labels, or "auto" =
+  "min_entropy_source", the label-free choice), trainable ("" = the model's default), tiny (the
+  pretraining's debug settings, 8 examples per domain and step).
 
   Every domain gets its own input adapter row (loaded from the pretrained shared adapter), so
   tuning the target's never moves the sources'. Source-only runs train no step; source-only and

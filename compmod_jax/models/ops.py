@@ -45,8 +45,8 @@ def conv1x1(x, kernel):
   """A 1x1 convolution over NHWC input: a contraction over channels, written as one
   [pixels, C] @ [C, D] matmul. The same sums as an einsum over the 4-D input, but XLA:CPU
   lowers that einsum's kernel gradient (a contraction over N, H and W) by transposing the
-  output gradient into [D, pixels] first: at 14x14x144, batch 128, that copy took 13 ms per
-  layer, longer than the matmuls (docs/performance.md)."""
+  output gradient into [D, pixels] first, a copy that took longer than the matmuls
+  (docs/performance.md)."""
   pixels = x.reshape(-1, x.shape[-1]) @ kernel
   return pixels.reshape(*x.shape[:-1], kernel.shape[-1])
 
@@ -102,8 +102,8 @@ def _depthwise_conv3x3_shifted(x, kernel):
 
 def _depthwise_conv3x3_windows(x, kernel):
   # The same sums as nine windows of one zero-padded copy, which XLA:CPU fuses into one faster
-  # loop: 0.92-0.98x (7x7) and 0.91-0.94x (14x14) the whole step under the one-pass kernel
-  # gradient. Not differentiated: its autodiff made the step 1.4x slower (docs/performance.md).
+  # loop. Not differentiated: XLA:CPU runs its autodiff slower than the shifted copies'
+  # (both measured in docs/performance.md).
   height, width = x.shape[1:3]
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   rows = [sum(padded[:, i:i + height, j:j + width] * kernel[i, j] for j in range(3))
