@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -57,6 +58,15 @@ def tiny_digits(data_dir, **overrides):
   config = digits.get_config("tiny")
   config.data.data_dir = str(data_dir)
   return with_fields(config, **overrides)
+
+
+def with_one_hot_xi(variables, signatures):
+  """`variables` with mixture logits whose softmax is exactly one-hot at `signatures` (template
+  indices, [tasks, layers]): every other logit is -inf, and exp(-inf) is 0."""
+  num_templates = variables["params"]["mixture_logits"].shape[-1]
+  one_hot = jax.nn.one_hot(jnp.asarray(signatures), num_templates) > 0
+  return dict(variables, params=dict(variables["params"],
+                                     mixture_logits=jnp.where(one_hot, 0.0, -jnp.inf)))
 
 
 def read_checkpoint(workdir, step=None):

@@ -12,6 +12,7 @@ from compmod_jax.models import ops, templates
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec, parse_explicit_signature, task_owners
 from compmod_jax.train import optim
+from helpers import with_one_hot_xi
 
 L, K = 6, 3
 SPEC = NetworkSpec(tasks=(("a", 10),), input_channels=1, num_layers=L, num_templates=K,
@@ -31,16 +32,6 @@ def apply(spec, variables, images=IMAGES, **kw):
   return CompositionalIsometricNet(spec).apply(variables, images, **kw)
 
 
-def one_hot_logits(signature, num_templates):
-  """Logits whose softmax is exactly one-hot (exp underflows to 0 in float32)."""
-  return jnp.where(jax.nn.one_hot(jnp.asarray(signature), num_templates) > 0, 0.0, -1e4)[None]
-
-
-def with_logits(variables, logits):
-  params = dict(variables["params"], mixture_logits=logits)
-  return dict(variables, params=params)
-
-
 @pytest.fixture(scope="module")
 def mixture_variables():
   return init(SPEC)
@@ -51,7 +42,7 @@ def test_one_hot_xi_reproduces_plain_block_exactly(input_skip):
   spec = dataclasses.replace(SPEC, input_skip=input_skip)
   mixture_variables = init(spec)
   signature = (2, 0, 1, 1, 0, 2)
-  variables = with_logits(mixture_variables, one_hot_logits(signature, K))
+  variables = with_one_hot_xi(mixture_variables, [signature])
   mixed, _ = apply(spec, variables, method=lambda m, _: m.layer_parameters(0))
   bank = mixture_variables["params"]["templates"]
   for layer, template in enumerate(signature):
@@ -100,7 +91,7 @@ def test_fixed_signature_equals_learned_model_with_one_hot_xi(kind, mixture_vari
   fixed_params = dict(mixture_variables["params"])
   del fixed_params["mixture_logits"]
   fixed_out = apply(fixed, dict(mixture_variables, params=fixed_params))
-  learned = with_logits(mixture_variables, one_hot_logits(fixed.fixed_signatures[0], K))
+  learned = with_one_hot_xi(mixture_variables, fixed.fixed_signatures[:1])
   np.testing.assert_array_equal(fixed_out, apply(SPEC, learned))
 
 

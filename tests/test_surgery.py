@@ -15,7 +15,7 @@ from compmod_jax.analysis import perturb, perturbation, tables
 from compmod_jax.finetune import pretrained, surgery
 from compmod_jax.models import bank, templates
 from compmod_jax.train import start
-from helpers import built_once_per_run, read_checkpoint
+from helpers import built_once_per_run, read_checkpoint, with_one_hot_xi
 
 HARDENINGS = ("as_trained", "reestimated")
 
@@ -31,11 +31,6 @@ def hardened(source_workdir, tmp_path_factory):
   out = built_once_per_run(tmp_path_factory, "hardened", build)
   return out, {kind: json.loads((out / kind / "results.json").read_text())
                for kind in HARDENINGS}
-
-
-def one_hot_logits(signatures, num_templates):
-  """Mixture logits whose softmax is exactly one-hot (exp(-inf) is 0)."""
-  return jnp.where(jax.nn.one_hot(signatures, num_templates) > 0, 0.0, -jnp.inf)
 
 
 def test_hardening_takes_each_layers_largest_mixture_weight():
@@ -56,9 +51,7 @@ def test_the_compact_model_computes_the_hardened_models_logits_exactly(source_wo
   mixed_model = start.model_for(run.config, tasks)
   xi = templates.mixture_weights(run.variables["params"]["mixture_logits"])
   signatures = bank.hardened_signatures(xi)
-  one_hot = dict(run.variables, params=dict(
-      run.variables["params"],
-      mixture_logits=one_hot_logits(signatures, mixed_model.spec.num_templates)))
+  one_hot = with_one_hot_xi(run.variables, signatures)
   compact, compact_signatures = bank.compact_variables(run.variables, signatures)
   compact_model = start.model_for(surgery.fixed_signature_config(run.config, compact_signatures),
                                   tasks)
@@ -117,10 +110,8 @@ def test_the_written_hardened_checkpoint_computes_the_one_hot_mixed_models_logit
   source = surgery.load_run(str(source_workdir))
   tasks = {name: 10 for name in ("mnist", "mnist_blur")}
   mixed_model = start.model_for(source.config, tasks)
-  logits = source.variables["params"]["mixture_logits"]
-  one_hot = dict(source.variables, params=dict(
-      source.variables["params"],
-      mixture_logits=one_hot_logits(np.argmax(logits, -1), logits.shape[-1])))
+  one_hot = with_one_hot_xi(source.variables,
+                            np.argmax(source.variables["params"]["mixture_logits"], -1))
   written = surgery.load_run(str(out / "as_trained"))
   written_model = start.model_for(written.config, tasks)
   images = jax.random.uniform(jax.random.key(3), (16, 28, 28, 1))

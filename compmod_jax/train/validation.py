@@ -78,18 +78,19 @@ def validate(config, planning=False):
   # The model gets 2 classes per task as placeholders: the real counts come from the data, and
   # no check depends on them.
   model = start.model_for(config, {task: 2 for task in config.tasks})
-  _check_patches_tile(config)
-  params = jax.eval_shape(model.init, jax.random.key(0), start.example_images(config))["params"]
+  images = start.example_images(config)  # the input shape, read once from the metadata
+  side = images.shape[1]
+  _check_patches_tile(side, config.model.patch_size)
+  params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   optim.check_trainable(params, config, model.spec, method)
   if not planning:  # the plan's check is XLA's own estimate, for the target devices
     _check_memory(config, model.spec, params,
-                  max(1, sum(batch_sizes.values()) // device_count))
+                  max(1, sum(batch_sizes.values()) // device_count), side)
 
 
-def _check_patches_tile(config):
-  """The input adapter cuts the image into patch_size x patch_size patches (stride = kernel):
-  a side it does not divide would lose its last rows and columns without a word."""
-  side, patch = context.input_shape(config)[0], config.model.patch_size
+def _check_patches_tile(side, patch):
+  """The input adapter cuts the image into patch x patch patches (stride = kernel): a side it
+  does not divide would lose its last rows and columns without a word."""
   if side % patch:
     raise ValueError(f"config.model.patch_size={patch} does not divide the {side}-pixel input "
                      f"(config.data.image_size, else the stored size): the last {side % patch} "
@@ -97,17 +98,18 @@ def _check_patches_tile(config):
                      f"or an image_size that is a multiple of {patch}.")
 
 
-def memory_lower_bound(config, spec, params, examples):
+def memory_lower_bound(config, spec, params, examples, input_side):
   """(bytes per device, {part: bytes}): what one training step holds at the least, from the
   shapes alone. The parameters three times at least (values, gradients, one optimizer moment)
   plus the EMA copy; the activations a step keeps for its backward pass: per example and layer
   at least the block's input and its expanded and depthwise outputs (side x side x (width +
   2 expanded) floats). XLA's real figure (`python -m compmod_jax.plan`) is higher, often
   several times: this only catches runs that cannot possibly fit. `examples`: per device and
-  step, every task's together."""
+  step, every task's together. `input_side`: the input image's side, which the patch size
+  divides (_check_patches_tile)."""
   parameter_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
   copies = 3 + (config.ema_decay > 0)
-  side = -(-context.input_shape(config)[0] // spec.patch_size)
+  side = input_side // spec.patch_size
   per_example = side * side * (spec.width + 2 * spec.expanded) * spec.num_layers * 4
   parts = {"parameters": copies * parameter_bytes, "activations": examples * per_example}
   return sum(parts.values()), parts
@@ -124,10 +126,10 @@ def device_memory_bytes():
                                            f"{jax.local_device_count()} CPU device(s)")
 
 
-def _check_memory(config, spec, params, examples):
+def _check_memory(config, spec, params, examples, input_side):
   """Refuses a model or batch that cannot fit in memory, instead of compiling for minutes and
   dying of an allocation error (or swapping) later."""
-  needed, parts = memory_lower_bound(config, spec, params, examples)
+  needed, parts = memory_lower_bound(config, spec, params, examples, input_side)
   available, where = device_memory_bytes()
   if needed > available:
     gib = {name: value / 2**30 for name, value in parts.items()}
