@@ -112,3 +112,11 @@ def svhn_digits_run(tmp_path_factory):
   folder = built_once_per_run(tmp_path_factory, "svhn_digits_da", run)
   config.data.data_dir = config.pretrain.data.data_dir = str(folder / "tfds")
   return folder / "work", config
+
+
+@pytest.fixture
+def start_run(embedded_dir):
+  """start_run(workdir, *hooks, **kwargs) -> DriverRun; kills what a failed test left running."""
+  from helpers import driver_runs
+  with driver_runs(embedded_dir) as start:
+    yield start

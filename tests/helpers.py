@@ -1,20 +1,27 @@
 """Helpers every test file shares: tiny configs, a read-only checkpoint reader, subprocess
-runs that share the session's compilation cache, free ports, and the mock-data block."""
+runs that share the session's compilation cache, free ports, the mock-data block, and runs of
+compmod_jax.main under tests/fault_driver.py with what they leave in their workdirs."""
 import contextlib
 import fcntl
 import importlib
 import os
+import queue
+import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from compmod_jax.train import checkpoint
 from configs import digits
 from mock_tfds import checkpointable_mock_dataset, write_mock_metadata
 
@@ -155,3 +162,110 @@ def configs_to_check():
       if checked and checked.to_json() not in seen:
         seen.add(checked.to_json())
         yield label, checked
+
+
+# --- runs of compmod_jax.main in subprocesses (tests/fault_driver.py), and what they leave ---
+
+DRIVER = os.path.join(REPO, "tests", "fault_driver.py")
+TOTAL_STEPS = 8
+# A short run that checkpoints every other step; 200 test examples keep evaluation quick.
+FAULT_RUN = {"total_steps": TOTAL_STEPS, "checkpoint_every": 2, "eval_every": TOTAL_STEPS,
+             "log_every": 2, "keep_checkpoints": 3, "data.eval_split": "test[:200]"}
+COMPARED = ("params", "ema_params", "batch_stats", "opt_state")
+
+
+def fault_config(data_dir, **overrides):
+  return tiny_digits(data_dir, **{**FAULT_RUN, **overrides})
+
+
+def committed_steps(workdir):
+  root = workdir / "checkpoints"
+  return sorted(int(name) for name in os.listdir(root) if name.isdigit()) if root.exists() else []
+
+
+def half_written(workdir):
+  return [name for name in os.listdir(workdir / "checkpoints")
+          if checkpoint.HALF_WRITTEN_MARK in name]
+
+
+def saved_state(workdir, step=None):
+  """A committed step's train state as numpy, read without touching the workdir."""
+  return read_checkpoint(workdir, step)[1]["state"]
+
+
+def assert_same_state(state, reference):
+  for name in COMPARED:
+    jax.tree.map(np.testing.assert_array_equal, state[name], reference[name])
+
+
+class DriverRun:
+  """compmod_jax.main in a subprocess (tests/fault_driver.py); its stdout announces steps."""
+
+  def __init__(self, workdir, data_dir, *hooks, flags=(), env=None):
+    """`flags` come last: they override FAULT_RUN."""
+    self.log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
+    command = [sys.executable, DRIVER, *hooks, "--", "--config=configs/digits.py:tiny",
+               f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+               *(f"--config.{key}={value}" for key, value in FAULT_RUN.items()), *flags]
+    with open(self.log, "w") as log:
+      self.process = subprocess.Popen(command, cwd=REPO, env=driver_env(env), text=True,
+                                      stdout=subprocess.PIPE, stderr=log)
+    self.lines = queue.Queue()
+    threading.Thread(target=self._read_stdout, daemon=True).start()
+
+  def _read_stdout(self):
+    for line in self.process.stdout:
+      self.lines.put(line.strip())
+
+  def wait_for(self, wanted, timeout=180):
+    """Blocks until the run prints the line `wanted`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      try:
+        if self.lines.get(timeout=1) == wanted:
+          return
+      except queue.Empty:
+        if self.process.poll() is not None:
+          break
+    raise AssertionError(f"The run never printed {wanted!r}:\n{self.output()[-3000:]}")
+
+  def send(self, signum):
+    self.process.send_signal(signum)
+
+  def finish(self, timeout=240):
+    return self.process.wait(timeout=timeout)
+
+  def output(self):
+    return self.log.read_text()
+
+  def stopped_at(self):
+    found = re.findall(r"Stopped at step (\d+) after saving", self.output())
+    assert len(found) == 1, self.output()[-3000:]
+    return int(found[0])
+
+
+def driver_env(extra=None):
+  """CPU with the 8 devices of the in-process runs (bit-identical results) and their
+  compilation cache, every program in it (orbax's many small slicing programs too): each run
+  starts seconds faster."""
+  return subprocess_env(**{"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                           **(extra or {})})
+
+
+@contextlib.contextmanager
+def driver_runs(data_dir):
+  """start(workdir, *hooks, **kwargs) -> DriverRun on `data_dir`; at the end, kills what is
+  still running (a killed parent takes its supervised worker with it)."""
+  runs = []
+
+  def start(workdir, *hooks, **kwargs):
+    runs.append(DriverRun(workdir, data_dir, *hooks, **kwargs))
+    return runs[-1]
+
+  try:
+    yield start
+  finally:
+    for run in runs:
+      if run.process.poll() is None:
+        run.process.kill()
+        run.process.wait()

@@ -11,13 +11,11 @@ import collections
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -29,44 +27,13 @@ import tensorstore as ts
 from compmod_jax.data import datasets, streams
 from compmod_jax.finetune import pretrained
 from compmod_jax.train import checkpoint, loop, nonfinite, preemption, steps
-from helpers import REPO, built_once_per_run, free_port, read_checkpoint, subprocess_env
-from helpers import tiny_digits
+from helpers import (FAULT_RUN, TOTAL_STEPS, REPO, assert_same_state, built_once_per_run,
+                     committed_steps, driver_env, fault_config, free_port, half_written,
+                     saved_state, subprocess_env)
 
 # A failed orbax read leaves coroutines whose errors surface when they are garbage-collected,
 # during whichever test runs then; they are orbax's, and expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-DRIVER = os.path.join(REPO, "tests", "fault_driver.py")
-TOTAL_STEPS = 8
-# A short run that checkpoints every other step; 200 test examples keep evaluation quick.
-FAULT_RUN = {"total_steps": TOTAL_STEPS, "checkpoint_every": 2, "eval_every": TOTAL_STEPS,
-             "log_every": 2, "keep_checkpoints": 3, "data.eval_split": "test[:200]"}
-COMPARED = ("params", "ema_params", "batch_stats", "opt_state")
-
-
-def fault_config(data_dir, **overrides):
-  return tiny_digits(data_dir, **{**FAULT_RUN, **overrides})
-
-
-def committed_steps(workdir):
-  root = workdir / "checkpoints"
-  return sorted(int(name) for name in os.listdir(root) if name.isdigit()) if root.exists() else []
-
-
-def half_written(workdir):
-  return [name for name in os.listdir(workdir / "checkpoints")
-          if checkpoint.HALF_WRITTEN_MARK in name]
-
-
-def saved_state(workdir, step=None):
-  """A committed step's train state as numpy, read without touching the workdir."""
-  return read_checkpoint(workdir, step)[1]["state"]
-
-
-def assert_same_state(state, reference):
-  for name in COMPARED:
-    jax.tree.map(np.testing.assert_array_equal, state[name], reference[name])
-
 
 @pytest.fixture(scope="module")
 def reference(embedded_dir, tmp_path_factory):
@@ -80,76 +47,6 @@ def reference(embedded_dir, tmp_path_factory):
 
 
 # --- 1 and 2: SIGTERM and SIGKILL in subprocesses -------------------------------------------
-
-class DriverRun:
-  """compmod_jax.main in a subprocess (tests/fault_driver.py); its stdout announces steps."""
-
-  def __init__(self, workdir, data_dir, *hooks, flags=(), env=None):
-    """`flags` come last: they override FAULT_RUN."""
-    self.log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
-    command = [sys.executable, DRIVER, *hooks, "--", "--config=configs/digits.py:tiny",
-               f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-               *(f"--config.{key}={value}" for key, value in FAULT_RUN.items()), *flags]
-    with open(self.log, "w") as log:
-      self.process = subprocess.Popen(command, cwd=REPO, env=driver_env(env), text=True,
-                                      stdout=subprocess.PIPE, stderr=log)
-    self.lines = queue.Queue()
-    threading.Thread(target=self._read_stdout, daemon=True).start()
-
-  def _read_stdout(self):
-    for line in self.process.stdout:
-      self.lines.put(line.strip())
-
-  def wait_for(self, wanted, timeout=180):
-    """Blocks until the run prints the line `wanted`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-      try:
-        if self.lines.get(timeout=1) == wanted:
-          return
-      except queue.Empty:
-        if self.process.poll() is not None:
-          break
-    raise AssertionError(f"The run never printed {wanted!r}:\n{self.output()[-3000:]}")
-
-  def send(self, signum):
-    self.process.send_signal(signum)
-
-  def finish(self, timeout=240):
-    return self.process.wait(timeout=timeout)
-
-  def output(self):
-    return self.log.read_text()
-
-  def stopped_at(self):
-    found = re.findall(r"Stopped at step (\d+) after saving", self.output())
-    assert len(found) == 1, self.output()[-3000:]
-    return int(found[0])
-
-
-def driver_env(extra=None):
-  """CPU with the 8 devices of the in-process runs (bit-identical results) and their
-  compilation cache, every program in it (orbax's many small slicing programs too): each run
-  starts seconds faster."""
-  return subprocess_env(**{"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-                           **(extra or {})})
-
-
-@pytest.fixture
-def start_run(embedded_dir):
-  """start_run(workdir, *hooks, **kwargs) -> DriverRun; kills what a failed test left running."""
-  runs = []
-
-  def start(workdir, *hooks, **kwargs):
-    runs.append(DriverRun(workdir, embedded_dir, *hooks, **kwargs))
-    return runs[-1]
-
-  yield start
-  for run in runs:
-    if run.process.poll() is None:
-      run.process.kill()
-      run.process.wait()
-
 
 @pytest.fixture
 def logs(caplog):

@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 import jax
 import numpy as np
@@ -34,6 +35,9 @@ from jax.experimental import multihost_utils
 
 
 UNWIND_SECONDS = 10  # after SIGINT during training, how long the main thread gets to unwind
+# SIGTERMs this close together are one notice: a container's or a VM's shutdown signals every
+# process, so a worker under compmod_jax/supervisor.py gets it directly and forwarded.
+SAME_NOTICE_SECONDS = 0.25
 
 
 class PreemptionWatcher:
@@ -45,6 +49,7 @@ class PreemptionWatcher:
     self.requested = False
     self.training = False  # a step boundary was reached: a notice can be honoured by a save
     self._sigterms = self._sigints = 0
+    self._last_sigterm = -SAME_NOTICE_SECONDS
     self._interrupted = False  # SIGINT during training: raise KeyboardInterrupt at stop_at
     self._service = _preemption_service_running()
     self._previous_handlers = {}
@@ -98,6 +103,9 @@ class PreemptionWatcher:
       timer.daemon = True  # a run that unwound in time exits without waiting for it
       timer.start()
     if signum == signal.SIGTERM:
+      if time.monotonic() - self._last_sigterm < SAME_NOTICE_SECONDS:
+        return  # one notice sent to every process of a group or container, twice
+      self._last_sigterm = time.monotonic()
       self._sigterms += 1
       if self._sigterms > 1:
         _stop_now("Second SIGTERM: stopping now without saving; rerun the same command to "
