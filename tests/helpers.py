@@ -198,6 +198,19 @@ def assert_same_state(state, reference):
     jax.tree.map(np.testing.assert_array_equal, state[name], reference[name])
 
 
+def scalar_summaries(workdir):
+  """{(tag, step): value} of every scalar in the workdir's TensorBoard files, timings excluded."""
+  timings = ("steps_per_sec", "uptime", "eval_seconds")
+  scalars = {}
+  for name in os.listdir(workdir):
+    if name.startswith("events.out.tfevents"):
+      for event in tf.compat.v1.train.summary_iterator(str(workdir / name)):
+        for value in event.summary.value:
+          if value.tag not in timings and value.metadata.plugin_data.plugin_name == "scalars":
+            scalars[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+  return scalars
+
+
 class DriverRun:
   """compmod_jax.main in a subprocess (tests/fault_driver.py); its stdout announces steps."""
 

@@ -145,30 +145,45 @@ def test_uci_digits_are_centred_digits_of_their_class(embedded_splits):
   assert np.mean(distances.argmin(1) == test_labels) > 0.85
 
 
-def test_two_processes_train_on_disjoint_shares_covering_the_split(embedded_dir, embedded_splits):
+def first_epochs(config, batch_size, process_count):
+  """Each process's first epoch of training batches (images, labels), concatenated."""
+  epochs = []
+  for process_index in range(process_count):
+    stream = DataStream(config, batch_size=batch_size, train=True, seed=3,
+                        process_index=process_index, process_count=process_count)
+    batches = [next(stream) for _ in range(4000 // (batch_size * process_count))]
+    epochs.append(tuple(np.concatenate([batch[key] for batch in batches])
+                        for key in ("image", "label")))
+  return epochs
+
+
+def test_two_processes_train_on_the_rows_of_one_process_s_batches(embedded_dir, embedded_splits):
+  """A split held in memory: process i's batch of 50 is rows 50i..50i+49 of the batch of 100
+  that one process reads, augmentation included, so every layout trains on the same data."""
+  config = make_data_config(embedded_dir, shuffle_buffer=500, augment="crop")
+  (alone_images, alone_labels), = first_epochs(config, 100, 1)
+  halves = first_epochs(config, 50, 2)
+  for process_index, (images, labels) in enumerate(halves):
+    rows = (np.arange(len(labels)) // 50) * 100 + np.arange(len(labels)) % 50 + 50 * process_index
+    np.testing.assert_array_equal(images, alone_images[rows])
+    np.testing.assert_array_equal(labels, alone_labels[rows])
+  np.testing.assert_array_equal(np.bincount(alone_labels), np.bincount(
+      embedded_splits["mnist", "train"][1]))  # an epoch is the split, shuffled
+
+
+def test_two_processes_stream_disjoint_shares_of_a_large_split(embedded_dir, embedded_splits,
+                                                               monkeypatch):
+  """A split too large to hold: each process reads its own half, shuffled with its own seed."""
+  monkeypatch.setattr(streams, "IN_MEMORY_MAX_BYTES", 0)
   config = make_data_config(embedded_dir, shuffle_buffer=500)
-  seen_images, seen_labels = [], []
-  for process_index in range(2):
-    stream = DataStream(config,
-                        batch_size=50,
-                        train=True,
-                        seed=3,
-                        process_index=process_index,
-                        process_count=2)
-    assert stream.num_examples == 2000 and stream.num_batches == 40
-    first_epoch = [next(stream) for _ in range(stream.num_batches)]
-    labels = np.concatenate([batch["label"] for batch in first_epoch])
-    assert len(np.unique(labels)) == 10
-    seen_labels.append(labels)
-    seen_images.append(np.concatenate([batch["image"] for batch in first_epoch]))
+  epochs = first_epochs(config, 50, 2)
+  seen_images = [to_uint8_pixels(images) for images, _ in epochs]
   stored_images, stored_labels = embedded_splits["mnist", "train"]
-  assert not image_counts(to_uint8_pixels(seen_images[0])) & image_counts(
-      to_uint8_pixels(seen_images[1]))
-  assert image_counts(to_uint8_pixels(np.concatenate(seen_images))) == image_counts(stored_images)
-  np.testing.assert_array_equal(np.bincount(np.concatenate(seen_labels)),
+  assert not image_counts(seen_images[0]) & image_counts(seen_images[1])
+  assert image_counts(np.concatenate(seen_images)) == image_counts(stored_images)
+  np.testing.assert_array_equal(np.bincount(np.concatenate([labels for _, labels in epochs])),
                                 np.bincount(stored_labels))
-  stored_order = to_uint8_pixels(seen_images[0][:100]) == stored_images[:100]
-  assert not stored_order.all()  # Shuffled.
+  assert not (seen_images[0][:100] == stored_images[:100]).all()  # Shuffled.
 
 
 def test_eval_stream_pads_last_batch_and_masks_exactly_the_split(embedded_dir, embedded_splits):
@@ -226,18 +241,19 @@ def test_restored_training_stream_continues_with_identical_batches(embedded_dir,
   assert not np.array_equal(other_seed_batch["image"], first_batches[0]["image"])
 
 
-def test_small_share_is_decoded_once_into_memory_in_stored_order(embedded_dir, embedded_splits,
-                                                                 monkeypatch):
+def test_a_small_split_is_decoded_once_into_memory_in_stored_order(embedded_dir, embedded_splits,
+                                                                   monkeypatch):
   config = make_data_config(embedded_dir)
   stream = DataStream(config, batch_size=50, train=True, process_index=1, process_count=2)
-  share_bytes = 2000 * 28 * 28  # uint8 pixels
-  monkeypatch.setattr(streams, "IN_MEMORY_MAX_BYTES", share_bytes)
-  images, labels = stream._decoded_in_memory()
+  assert stream.same_on_every_layout
+  split_bytes = 4000 * 28 * 28  # uint8 pixels: the whole split, on every process
+  monkeypatch.setattr(streams, "IN_MEMORY_MAX_BYTES", split_bytes)
+  images, labels = stream._decoded_in_memory("train")
   stored_images, stored_labels = embedded_splits["mnist", "train"]
-  np.testing.assert_array_equal(images.numpy(), stored_images[2000:])  # the second share
-  np.testing.assert_array_equal(labels.numpy(), stored_labels[2000:])
-  monkeypatch.setattr(streams, "IN_MEMORY_MAX_BYTES", share_bytes - 1)
-  assert stream._decoded_in_memory() is None  # streamed
+  np.testing.assert_array_equal(images.numpy(), stored_images)
+  np.testing.assert_array_equal(labels.numpy(), stored_labels)
+  monkeypatch.setattr(streams, "IN_MEMORY_MAX_BYTES", split_bytes - 1)
+  assert stream._decoded_in_memory("train") is None  # streamed
 
 
 @pytest.mark.parametrize("overrides", [

@@ -21,7 +21,6 @@ import time
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorstore as ts
 
 from compmod_jax.data import datasets, streams
@@ -29,7 +28,7 @@ from compmod_jax.finetune import pretrained
 from compmod_jax.train import checkpoint, loop, nonfinite, preemption, steps
 from helpers import (FAULT_RUN, TOTAL_STEPS, REPO, assert_same_state, built_once_per_run,
                      committed_steps, driver_env, fault_config, free_port, half_written,
-                     saved_state, subprocess_env)
+                     saved_state, scalar_summaries, subprocess_env)
 
 # A failed orbax read leaves coroutines whose errors surface when they are garbage-collected,
 # during whichever test runs then; they are orbax's, and expected here.
@@ -710,19 +709,6 @@ def test_checkpoint_of_another_model_fails_before_heavy_work(reference, tmp_path
 
 
 # --- 6: determinism --------------------------------------------------------------------------
-
-def scalar_summaries(workdir):
-  """{(tag, step): value} of every scalar in the workdir's TensorBoard files, timings excluded."""
-  timings = ("steps_per_sec", "uptime", "eval_seconds")
-  scalars = {}
-  for name in os.listdir(workdir):
-    if name.startswith("events.out.tfevents"):
-      for event in tf.compat.v1.train.summary_iterator(str(workdir / name)):
-        for value in event.summary.value:
-          if value.tag not in timings and value.metadata.plugin_data.plugin_name == "scalars":
-            scalars[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
-  return scalars
-
 
 def test_same_config_and_seed_give_identical_metrics_and_parameters(embedded_dir, reference,
                                                                     tmp_path):

@@ -5,12 +5,18 @@ Every experiment, from the embedded digits on a laptop to ImageNet on a pod, rea
 position are written (and tested) once.
 
 Why it is built the way it is:
-- Each process reads only its own share of a split (`tfds.even_splits`). Process index and count
-  are arguments, not `jax.process_index()`, so tests can simulate several hosts and this package
-  never needs to import JAX.
-- A small training share (IN_MEMORY_MAX_BYTES decoded) is decoded once and held in memory; the
-  shuffle buffer holds indices into it. Larger shares stay PNG/JPEG-encoded until after the
-  shuffle buffer. Either way the buffer is small in memory and in input checkpoints.
+- A small training split (IN_MEMORY_MAX_BYTES decoded) is decoded once and held in memory by
+  every process, which runs the one global stream (shuffle of indices into it, global batches,
+  augmentation seeded by the batch) and keeps its own rows of each batch. So any layout of
+  processes and devices trains on the same batches, a run can resume on another layout, and one
+  process computes what several do (tests/test_processes.py). The price, each process augmenting
+  every global batch, is small for such splits.
+- A larger split stays PNG/JPEG-encoded until after the shuffle buffer, and each process reads
+  only its own share of it (`tfds.even_splits`), shuffled and augmented with its own seed: the
+  batches depend on the number of processes (a resume on another number of processes starts the
+  input over, with a warning). Either way the buffer is small in memory and in input
+  checkpoints. Process index and count are arguments, not `jax.process_index()`, so tests can
+  simulate several hosts and this package never needs to import JAX.
 - Random augmentation uses stateless ops seeded by (seed, process, batch counter). That keeps
   the stream reproducible and lets `tf.train.Checkpoint` save the iterator: stateful random ops
   and `from_generator` pipelines cannot be checkpointed. It runs on whole batches, after
@@ -78,12 +84,18 @@ class DataStream:
                        f"of the kept classes in {split!r} of '{data_config.name}'; use a "
                        f"larger config.data.train_split.")
     if train:
-      self._seeds = (seed, process_index)
-      self._in_memory = self._decoded_in_memory()
+      self._seed, self._process = seed, (process_index, process_count)
+      self._in_memory = self._decoded_in_memory(split)
       self._dataset = self._training_dataset(self._in_memory)
     else:
       self._dataset = self._eval_dataset()
     self._iterator = iter(self._dataset)
+
+  @property
+  def same_on_every_layout(self):
+    """Whether this stream's batches are rows of one global stream that does not depend on
+    the number of processes (a training split held in memory)."""
+    return self.train and self._in_memory is not None
 
   @property
   def num_examples(self):
@@ -112,7 +124,13 @@ class DataStream:
     return self
 
   def __next__(self):
-    return {key: value.numpy() for key, value in next(self._iterator).items()}
+    # This process's rows of a global batch are taken here, after tf.data: the position then
+    # holds (in its prefetch buffer) global batches, which any layout can resume from.
+    rows = slice(None)
+    if self.same_on_every_layout:
+      process_index = self._process[0]
+      rows = slice(process_index * self.batch_size, (process_index + 1) * self.batch_size)
+    return {key: value.numpy()[rows] for key, value in next(self._iterator).items()}
 
   def save(self, path_prefix):
     """Writes the stream position (and shuffle buffer) to `path_prefix`; returns the path."""
@@ -138,11 +156,11 @@ class DataStream:
       logging.info("Resumed the input of %s from a position saved by the streamed pipeline; "
                    "it streams from here on.", self.data_config.name)
 
-  def _read_encoded(self, shuffle_files, seed, try_autocache):
-    """This process's examples (of the kept classes, renumbered) with the image still encoded,
-    labels decoded."""
+  def _read_encoded(self, shuffle_files, seed, try_autocache, split=None):
+    """The examples of `split` (default: this process's share) of the kept classes,
+    renumbered, with the image still encoded, labels decoded."""
     dataset = self.builder.as_dataset(
-        split=self.process_split,
+        split=split or self.process_split,
         shuffle_files=shuffle_files,
         decoders={"image": tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=try_autocache),
@@ -172,20 +190,24 @@ class DataStream:
   def _training_dataset(self, held):
     """The endless training batches: from `held` (images, labels) of `_decoded_in_memory`, or
     streamed and decoded example by example where it is None."""
-    seed, process_index = self._seeds
-    process_seed = tf.constant([seed, process_index], tf.int64)
+    process_index, process_count = self._process
+    if held is None:  # this process's share, with a seed of its own
+      process_seed, batch_size = [self._seed, process_index], self.batch_size
+    else:  # the global stream, as one process would run it (__next__ keeps this one's rows)
+      process_seed, batch_size = [self._seed, 0], self.batch_size * process_count
+    process_seed = tf.constant(process_seed, tf.int64)
 
     def augment_with_own_seed(batch_count, batch):
       batch_seed = tf.random.experimental.stateless_fold_in(process_seed, batch_count)
       images = augment_and_normalize(batch["image"], self.data_config, train=True,
                                      seed=batch_seed)
       return {"image": images, "label": batch["label"],
-              "mask": tf.ones([self.batch_size], tf.float32)}
+              "mask": tf.ones([batch_size], tf.float32)}
 
     if held is None:
       # No autocache: a cache in front of the shuffle would be written into every checkpoint.
-      dataset = self._shuffled(self._read_encoded(shuffle_files=True, seed=seed,
-                                                  try_autocache=False), seed)
+      dataset = self._shuffled(self._read_encoded(shuffle_files=True, seed=self._seed,
+                                                  try_autocache=False), self._seed)
       dataset = dataset.map(traced(self._decode_and_prepare),
                             num_parallel_calls=tf.data.AUTOTUNE)
       _check_fixed_image_shape(dataset.element_spec)
@@ -194,14 +216,14 @@ class DataStream:
       images, labels = held
       # The buffer shuffles indices into the decoded share: the same order as shuffling the
       # examples themselves, and an input checkpoint holds integers, not images.
-      dataset = self._shuffled(tf.data.Dataset.range(len(labels)), seed)
+      dataset = self._shuffled(tf.data.Dataset.range(len(labels)), self._seed)
 
       def make_batch(batch_count, indices):
         prepared = prepare_example({"image": tf.gather(images, indices),
                                      "label": tf.gather(labels, indices)}, self.data_config)
         return augment_with_own_seed(batch_count, prepared)
 
-    dataset = dataset.batch(self.batch_size, drop_remainder=True).enumerate()
+    dataset = dataset.batch(batch_size, drop_remainder=True).enumerate()
     return dataset.map(traced(make_batch),
                        num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -210,19 +232,20 @@ class DataStream:
     return dataset.shuffle(self.data_config.shuffle_buffer, seed=seed,
                            reshuffle_each_iteration=True).repeat()
 
-  def _decoded_in_memory(self):
-    """(images, labels) of this process's share, decoded once, in stored order, when its images
+  def _decoded_in_memory(self, split):
+    """(images, labels) of the whole `split`, decoded once, in stored order, when its images
     have one stored shape and take at most IN_MEMORY_MAX_BYTES; else None (streamed). Decoding
     every example at every epoch cost a CPU run a large share of its cores
     (docs/performance.md, input pipeline)."""
     feature = self.builder.info.features["image"]
     if any(side is None for side in feature.shape):
       return None
-    decoded_bytes = self.num_examples * math.prod(feature.shape) * np.dtype(
+    decoded_bytes = self._share_size(split) * math.prod(feature.shape) * np.dtype(
         feature.np_dtype).itemsize
     if decoded_bytes > IN_MEMORY_MAX_BYTES:
       return None
-    dataset = self._read_encoded(shuffle_files=False, seed=None, try_autocache=False)
+    dataset = self._read_encoded(shuffle_files=False, seed=None, try_autocache=False,
+                                 split=split)
     dataset = dataset.map(traced(lambda example: {
         "image": feature.decode_example(example["image"]), "label": example["label"]}),
                           num_parallel_calls=tf.data.AUTOTUNE)
