@@ -21,7 +21,8 @@ from compmod_jax.train import checkpoint, nonfinite
 # the message that says what to change, unless --traceback asks where it was raised. Anything
 # else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-               nonfinite.NonFiniteError, checkpoint.CorruptCheckpointError)
+               nonfinite.NonFiniteError, checkpoint.CorruptCheckpointError,
+               checkpoint.SaveFailedError)
 
 flags.DEFINE_bool("traceback", False, "On an error, also show where it was raised.")
 

@@ -214,9 +214,10 @@ def scalar_summaries(workdir):
 class DriverRun:
   """compmod_jax.main in a subprocess (tests/fault_driver.py); its stdout announces steps."""
 
-  def __init__(self, workdir, data_dir, *hooks, flags=(), env=None):
-    """`flags` come last: they override FAULT_RUN."""
-    self.log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
+  def __init__(self, workdir, data_dir, *hooks, flags=(), env=None, log_dir=None):
+    """`flags` come last: they override FAULT_RUN. The log goes beside the workdir, or into
+    `log_dir`."""
+    self.log = (log_dir or workdir.parent) / f"{workdir.name}.{time.time_ns()}.log"
     command = [sys.executable, DRIVER, *hooks, "--", "--config=configs/digits.py:tiny",
                f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
                *(f"--config.{key}={value}" for key, value in FAULT_RUN.items()), *flags]

@@ -143,6 +143,68 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(
   assert_same_state(saved_state(workdir), reference[1])
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64 MiB tmpfs of its own (mounting needs root, as on the project's machines)."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs",
+                                          str(disk)]).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  yield disk
+  subprocess.run(["chattr", "-R", "-i", str(disk)], check=False)
+  subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def fill(disk):
+  subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=1M"], capture_output=True)
+
+
+def chattr(sign):
+  return lambda disk: subprocess.run(["chattr", "-R", f"{sign}i", str(disk / "work")], check=True)
+
+
+# How to break the disk under a running run, how to mend it, and what the run must say.
+STORAGE_FAULTS = {
+    "disk_full": (fill, lambda disk: (disk / "filler").unlink(),
+                  "the disk is full; free space on it"),
+    # Immutable (chattr +i): even root cannot create files there, as on a read-only mount
+    # (which cannot be remounted read-only while the run holds files open for writing).
+    "workdir_read_only": (chattr("+"), chattr("-"),
+                          "the workdir cannot be written any more; make it writable again"),
+    "checkpoints_removed": (lambda disk: shutil.rmtree(disk / "work" / "checkpoints"),
+                            lambda disk: None, "was removed during the run"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", sorted(STORAGE_FAULTS))
+def test_a_storage_fault_stops_the_run_with_one_line_and_the_rerun_resumes(
+    embedded_dir, reference, tmp_path, small_disk, start_run, logs, fault):
+  break_disk, mend_disk, says = STORAGE_FAULTS[fault]
+  workdir = small_disk / "work"
+  run = start_run(workdir, "announce", log_dir=tmp_path)  # the log where there is room
+  run.wait_for("STEP 5")  # step 4's asynchronous save in flight or done, 6 to come
+  break_disk(small_disk)
+  assert run.finish() == 1, run.output()[-3000:]
+  last = run.output().rstrip().splitlines()[-1]
+  assert re.fullmatch(rf"compmod_jax\.main: SaveFailedError: Saving checkpoint step [46] in "
+                      rf"{re.escape(str(workdir))} failed \(.+\): .*{says}.*; (the checkpoints "
+                      rf"already written \(steps \[[\d, ]+\]\) are intact: rerun the same "
+                      rf"command to resume from step \d|no checkpoint is left: rerun the same "
+                      rf"command to start over)\.", last), last
+  mend_disk(small_disk)
+  kept = committed_steps(workdir)
+  assert (fault == "checkpoints_removed") == (not kept), kept
+  if kept:
+    assert f"resume from step {kept[-1]}." in last
+  results = loop.train_and_evaluate(fault_config(embedded_dir), str(workdir))
+  if kept:  # read back against its checksums: intact
+    assert f"at step {kept[-1]}." in logs("Resumed from")
+  assert "corrupt" not in logs() and results["step"] == TOTAL_STEPS
+  assert_same_state(saved_state(workdir), reference[1])
+
+
 @pytest.mark.slow
 def test_a_process_whose_peers_never_start_gives_up_with_one_line(embedded_dir, tmp_path):
   port = free_port()

@@ -13,6 +13,7 @@ steps are deleted only when `keep` newer verified ones exist: the last good chec
 deleted before a newer one is known to be good. A save interrupted by a crash leaves an orbax
 temporary directory, which the next run ignores and removes.
 """
+import contextlib
 import hashlib
 
 import jax
@@ -40,8 +41,22 @@ class CorruptCheckpointError(RuntimeError):
   """A checkpoint that cannot be read back exactly as it was written."""
 
 
+class SaveFailedError(RuntimeError):
+  """A checkpoint that could not be written (a full disk, a workdir that cannot be written any
+  more, a checkpoints directory removed during the run)."""
+
+
 def corrupt(step, path, reason):
   return CorruptCheckpointError(f"Checkpoint step {step} at {path} is corrupt: {reason}")
+
+# What a failed write says, and what the user should do about it.
+SAVE_FAILURES = (
+    (("No space left on device", "RESOURCE_EXHAUSTED", "Disk quota exceeded"),
+     "the disk is full; free space on it"),
+    (("Read-only file system", "Permission denied", "PERMISSION_DENIED",
+      "Operation not permitted"),
+     "the workdir cannot be written any more; make it writable again"),
+)
 
 
 class Checkpointer:
@@ -58,6 +73,7 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True))
     self._verified = []   # steps read back and matched their checksums, oldest first
     self._unverified = None  # (step, abstract state) of the last save
+    self._failed = False  # a save failed: closing orbax raises that error again
     self._remove_data_state(lambda step: step not in self.manager.all_steps())
 
   def save(self, step, state, meta, streams):
@@ -70,16 +86,47 @@ class Checkpointer:
           f"Refusing to save step {step}: {bad_array} holds NaN or Inf. The checkpoints "
           f"already written (steps {list(self.manager.all_steps())}) are kept.")
     self._verify_last_save()
-    for task, stream in streams.items():
-      stream.save(str(self.files.data_state / str(step) / task
-                      / f"process_{jax.process_index()}" / "position"))
-    # The host copy is saved, not the device arrays: the state is replicated, so process 0
-    # writes it alone, and orbax compiles no slicing program per array and device (measured:
-    # 149 programs compiled in a tiny 2-save run before, 29 after; each save 4x faster).
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(host_state),
-        meta=ocp.args.JsonSave(dict(meta, checksums=array_checksums(host_state)))))
+    with self._writing(step):
+      if self.manager.all_steps() and not self.files.checkpoints.exists():
+        raise FileNotFoundError(f"{self.files.checkpoints} held steps "
+                                f"{list(self.manager.all_steps())} and is gone")
+      for task, stream in streams.items():
+        stream.save(str(self.files.data_state / str(step) / task
+                        / f"process_{jax.process_index()}" / "position"))
+      # The host copy is saved, not the device arrays: the state is replicated, so process 0
+      # writes it alone, and orbax compiles no slicing program per array and device (measured:
+      # 149 programs compiled in a tiny 2-save run before, 29 after; each save 4x faster).
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(host_state),
+          meta=ocp.args.JsonSave(dict(meta, checksums=array_checksums(host_state)))))
     self._unverified = (step, abstract_state(state))
+
+  @contextlib.contextmanager
+  def _writing(self, step):
+    """Turns a failed write of `step` into one SaveFailedError saying why and what to do; the
+    steps already committed are left as they are (the failed one stays half-written, which
+    the next run removes)."""
+    try:
+      yield
+    except Exception as error:  # noqa: BLE001 (TF, tensorstore and the OS each have their own)
+      self._failed = True
+      raise SaveFailedError(self._why_not_saved(step, error)) from error
+
+  def _why_not_saved(self, step, error):
+    text = str(error)
+    kept = committed_steps(self.files.checkpoints)
+    gone = sorted(set(self.manager.all_steps()) - set(kept))
+    if gone:  # orbax may have made the directory again for the step it was writing
+      why = (f"{self.files.checkpoints} was removed during the run (steps {gone} are gone; not "
+             f"by this run)")
+    else:
+      why = next((advice for signs, advice in SAVE_FAILURES
+                  if any(sign in text for sign in signs)), "the error in parentheses says why")
+    resume = (f"the checkpoints already written (steps {kept}) are intact: rerun the same "
+              f"command to resume from step {kept[-1]}" if kept else
+              "no checkpoint is left: rerun the same command to start over")
+    return (f"Saving checkpoint step {step} in {self.workdir} failed ({_first_line(error)}): "
+            f"{why}; {resume}.")
 
   def newest_meta(self):
     """The run metadata of the newest step whose meta is readable, or None."""
@@ -129,7 +176,12 @@ class Checkpointer:
     try:
       self._verify_last_save()
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001
+        if not self._failed:
+          raise
+        # else orbax raises the failed save's error again; SaveFailedError has said it
 
   def _restore_step(self, step, abstract, streams):
     meta = self.read_meta(step)
@@ -181,7 +233,8 @@ class Checkpointer:
       return
     step, abstract = self._unverified
     self._unverified = None
-    self.manager.wait_until_finished()
+    with self._writing(step):
+      self.manager.wait_until_finished()
     try:
       self._read_state(step, abstract, self.read_meta(step))
     except CorruptCheckpointError as error:
@@ -197,10 +250,11 @@ class Checkpointer:
       return
     self._verified = self._verified[-self.keep:]
     oldest_kept = self._verified[0]
-    for step in self.manager.all_steps():
-      if step < oldest_kept:
-        self.manager.delete(step)
-    self._remove_data_state(lambda step: step < oldest_kept)
+    with self._writing(self._verified[-1]):
+      for step in self.manager.all_steps():
+        if step < oldest_kept:
+          self.manager.delete(step)
+      self._remove_data_state(lambda step: step < oldest_kept)
 
   def _set_aside(self, bad_steps):
     """Moves corrupt steps to <workdir>/corrupt_checkpoints (kept for inspection)."""
@@ -308,3 +362,10 @@ def _jsonable(value):
   if isinstance(value, (list, tuple)):
     return [_jsonable(v) for v in value]
   return value
+
+
+def committed_steps(checkpoints):
+  """The steps whose orbax directories are complete in `checkpoints`, read from the disk."""
+  if not checkpoints.exists():
+    return []
+  return sorted(int(path.name) for path in checkpoints.iterdir() if path.name.isdigit())
