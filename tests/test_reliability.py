@@ -28,7 +28,7 @@ from compmod_jax.finetune import pretrained
 from compmod_jax.train import checkpoint, loop, nonfinite, preemption, steps
 from helpers import (FAULT_RUN, TOTAL_STEPS, REPO, assert_same_state, built_once_per_run,
                      committed_steps, driver_env, fault_config, free_port, half_written,
-                     saved_state, scalar_summaries, subprocess_env)
+                     run_main, saved_state, scalar_summaries, subprocess_env)
 
 # A failed orbax read leaves coroutines whose errors surface when they are garbage-collected,
 # during whichever test runs then; they are orbax's, and expected here.
@@ -388,6 +388,25 @@ def test_the_command_line_ends_on_one_line_saying_what_to_change(embedded_dir, r
   assert time.time() - started < 60
   assert re.search(last_line, result.stderr.rstrip().splitlines()[-1]), result.stderr[-3000:]
   assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_pretrained_workdir_with_every_step_damaged_ends_on_that_error_without_tracebacks(
+    embedded_dir, reference, tmp_path):
+  """Each failed read left tensorstore callbacks into a closed event loop, whose ~190
+  tracebacks buried the error (cli._drop_closed_loop_callbacks)."""
+  pretrained = copy_of(reference[0], tmp_path)
+  for step in committed_steps(pretrained):
+    truncate(largest_array_file(pretrained / "checkpoints" / str(step)))
+  result = run_main("--config=configs/digits.py:tiny", f"--workdir={tmp_path / 'new'}",
+                    f"--config.data.data_dir={embedded_dir}", f"--config.init_from={pretrained}",
+                    timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.rstrip().splitlines()[-1] == (
+      f"compmod_jax.main: PretrainedCheckpointError: config.init_from: no checkpoint in "
+      f"{pretrained / 'checkpoints'} reads back intact (steps [4, 6, 8]; errors above).")
+  assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+  assert result.stderr.count("is corrupt: its state cannot be read") == 3
 
 
 def test_when_every_checkpoint_is_corrupt_the_run_stops_and_moves_nothing(
