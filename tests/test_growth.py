@@ -85,6 +85,32 @@ def test_grown_bank_gives_the_new_templates_exactly_zero_weight_in_the_old_tasks
                                 grown["params"]["mixture_logits"][0])
 
 
+def test_growth_with_shared_layers_gives_the_new_template_zero_weight_there_for_every_task():
+  """model.shared_mixture_layers = 1: the first layer's xi, which all tasks share, gets weight
+  exactly 0 on the added template, for the old tasks and for the new one."""
+  rng = np.random.default_rng(1)
+  own = rng.normal(size=(2, 2, 3)).astype(np.float32)  # tasks a, b; layers 2-3; K = 3
+  shared = rng.normal(size=(1, 3)).astype(np.float32)  # layer 1
+  params = {"mixture_logits": own, "shared_mixture_logits": shared,
+            "templates": {"kernel": rng.normal(size=(3, 4, 5)).astype(np.float32)}}
+  config = grown_config("", "base", **{"model.num_layers": 3, "model.num_templates": 4,
+                                       "model.shared_mixture_layers": 1})
+  grown, _ = growth.grown(config, {"params": params, "batch_stats": {}},
+                          fresh_templates={"kernel": np.zeros((4, 4, 5), np.float32)})
+  spec = start.model_for(config, {"a": 10, "b": 10}).spec
+  new_task = growth.with_new_template_share(grown, spec, "b", 1)
+  before = np.asarray(templates.mixture_weights(templates.task_mixture_logits(params)))
+  for variables in (grown, new_task):
+    xi = np.asarray(templates.mixture_weights(
+        templates.task_mixture_logits(variables["params"])))
+    assert xi.shape == (2, 3, 4)
+    np.testing.assert_array_equal(xi[:, 0, 3], 0.0)  # the shared layer, every task
+    np.testing.assert_allclose(xi[:, 0, :3], before[:, 0], rtol=1e-6)
+    np.testing.assert_array_equal(xi[0, :, 3], 0.0)  # the old task a, every layer
+  np.testing.assert_allclose(xi[1, 1:, 3], 1 / 4, rtol=1e-6)  # the new task's own layers
+  np.testing.assert_allclose(xi[1, 1:, :3], before[1, 1:] * 3 / 4, rtol=1e-5)
+
+
 def test_adding_a_template_leaves_the_checkpoints_tasks_exact_and_trains_the_new_one(
     grown_workdir, source_workdir, embedded_dir):
   base, grown = pretrained.load(str(source_workdir)), pretrained.load(str(grown_workdir))

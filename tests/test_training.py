@@ -3,6 +3,7 @@ import functools
 import importlib
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 
 from compmod_jax import experiments
 from compmod_jax.data import datasets
-from compmod_jax.methods import registry
+from compmod_jax.methods import registry, supervised
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.train import context, loop, optim, regularizers, start, steps
@@ -377,3 +378,39 @@ def test_the_run_record_reads_what_checkpoints_hold_and_refuses_unknown_fields()
   assert surgery and surgery.to_dict()["surgery"] == {"operation": "prune"}
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['new_field'\]"):
     RunStart.from_dict({**written, "new_field": 1})
+
+
+def test_the_step_minimises_the_weighted_task_losses_plus_the_regularisers():
+  """The objective of train_step: sum_t w_t CE_t + entropy_weight * sum of the xi entropies,
+  each part computed here from the model and the paper's definitions."""
+  spec = NetworkSpec(tasks=(("a", 10), ("b", 10)), input_channels=1, num_layers=2,
+                     num_templates=3, patch_size=4, depth_multiplier=0.2)
+  model = CompositionalIsometricNet(spec)
+  images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 8, 1))
+  variables = model.init(jax.random.key(1), images[0], task="a")
+  batch = {task: {"image": images[index], "label": (jnp.arange(8) * (index + 3)) % 10,
+                  "mask": jnp.ones(8)} for index, task in enumerate(("a", "b"))}
+  config = experiments.base_config()
+  config.regularizers.entropy_weight = 0.1
+  weights = {"a": 0.25, "b": 3.0}
+  state = steps.TrainState(step=jnp.int32(0), params=variables["params"],
+                           batch_stats=variables["batch_stats"], opt_state=None,
+                           ema_params=variables["params"])
+  optimization = types.SimpleNamespace(
+      tx=optax.sgd(0.0), trainable=jax.tree.map(lambda _: True, variables["params"]))
+  optimization_state = state.replace(opt_state=optimization.tx.init(state.params))
+  _, metrics = steps.train_step(
+      optimization_state, batch, model=model, optimization=optimization, config=config,
+      loss_fn=functools.partial(supervised.classification_loss, task_weights=weights))
+  rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+  expected = 0.0
+  for index, task in enumerate(("a", "b")):
+    logits, _ = model.apply(variables, batch[task]["image"], task=task, train=True,
+                            mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.fold_in(rng, index)})
+    expected += weights[task] * jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch[task]["label"]))
+  xi = jax.nn.softmax(variables["params"]["mixture_logits"], -1)  # [tasks, layers, K]
+  entropy = 0.1 * -jnp.sum(xi * jnp.log(xi))
+  np.testing.assert_allclose(metrics["regularizer/entropy"], entropy, rtol=1e-6)
+  np.testing.assert_allclose(metrics["total_loss"], expected + entropy, rtol=1e-6)
