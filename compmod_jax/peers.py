@@ -100,8 +100,8 @@ def _watch_for_failed_peers():
       index, line = min(failed)
       if me == 0:
         _outlive(client, [index for index, _ in failed])
-      cli.exit_with_one_line(supervisor.COMMAND, f"{_who()} stops because process {index} failed: "
-                                       f"{line}")
+      cli.exit_with_one_line(supervisor.COMMAND,
+                             f"{_who()} stops because process {index} failed: {line}")
 
 
 def _outlive(client, failed):

@@ -387,7 +387,7 @@ def test_the_step_minimises_the_weighted_task_losses_plus_the_regularisers():
                      num_templates=3, patch_size=4, depth_multiplier=0.2)
   model = CompositionalIsometricNet(spec)
   images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 8, 1))
-  variables = model.init(jax.random.key(1), images[0], task="a")
+  variables = jax.jit(functools.partial(model.init, task="a"))(jax.random.key(1), images[0])
   batch = {task: {"image": images[index], "label": (jnp.arange(8) * (index + 3)) % 10,
                   "mask": jnp.ones(8)} for index, task in enumerate(("a", "b"))}
   config = experiments.base_config()
@@ -399,15 +399,16 @@ def test_the_step_minimises_the_weighted_task_losses_plus_the_regularisers():
   optimization = types.SimpleNamespace(
       tx=optax.sgd(0.0), trainable=jax.tree.map(lambda _: True, variables["params"]))
   optimization_state = state.replace(opt_state=optimization.tx.init(state.params))
-  _, metrics = steps.train_step(
-      optimization_state, batch, model=model, optimization=optimization, config=config,
-      loss_fn=functools.partial(supervised.classification_loss, task_weights=weights))
+  _, metrics = jax.jit(functools.partial(
+      steps.train_step, model=model, optimization=optimization, config=config,
+      loss_fn=functools.partial(supervised.classification_loss, task_weights=weights)))(
+          optimization_state, batch)
   rng = jax.random.fold_in(jax.random.key(config.seed), 0)
   expected = 0.0
   for index, task in enumerate(("a", "b")):
-    logits, _ = model.apply(variables, batch[task]["image"], task=task, train=True,
-                            mutable=["batch_stats"],
-                            rngs={"dropout": jax.random.fold_in(rng, index)})
+    logits, _ = jax.jit(functools.partial(model.apply, task=task, train=True,
+                                          mutable=["batch_stats"]))(
+        variables, batch[task]["image"], rngs={"dropout": jax.random.fold_in(rng, index)})
     expected += weights[task] * jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         logits, batch[task]["label"]))
   xi = jax.nn.softmax(variables["params"]["mixture_logits"], -1)  # [tasks, layers, K]
