@@ -2,7 +2,9 @@
 one last line `<command>: <error>` that says what to change, exit code 1, no traceback; the
 benchmarks end on argparse's one `error:` line. Nothing here reads data or compiles a step:
 each mistake is found first."""
+import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -63,3 +65,34 @@ def test_a_mistake_is_one_last_line_saying_what_to_change(case, tmp_path):
   assert re.search(last_line, result.stderr.rstrip().splitlines()[-1]), result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()  # nothing written
+
+
+def run_command(*arguments):
+  result = subprocess.run([sys.executable, "-m", *map(str, arguments)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.mark.slow
+def test_the_analysis_commands_agree_with_the_run_and_with_each_other(source_workdir, tmp_path):
+  """surgery harden, analysis.perturb and analysis.tables as a user types them, on the shared
+  two-domain model: the trained row of the perturbation table and the domains table are the
+  run's own accuracies, and the perturbation's hardened row is what `surgery harden` measures
+  for its exported compact model."""
+  workdir = tmp_path / "run"
+  shutil.copytree(source_workdir, workdir)
+  trained = {task: values["test_accuracy"] for task, values in
+             json.loads((workdir / "results.json").read_text())["tasks"].items()}
+  printed = run_command("compmod_jax.analysis.perturb", workdir, "--permutations=1").stdout
+  perturbed = json.loads((workdir / "perturbation.json").read_text())
+  assert "| perturbation | mnist | mnist_blur |" in printed
+  run_command("compmod_jax.surgery", "harden", workdir, f"--out={tmp_path / 'hard'}",
+              "--timing_repeats=1")
+  hardened = json.loads((tmp_path / "hard" / "results.json").read_text())["tasks"]
+  run_command("compmod_jax.analysis.tables", "domains", workdir, f"--out={tmp_path / 'table'}")
+  table = json.loads((tmp_path / "table" / "domains.json").read_text())["test_accuracy"]
+  for task, accuracy in trained.items():
+    assert perturbed[task]["trained"] == hardened[task]["mixed_test_accuracy"] == accuracy
+    assert perturbed[task]["hardened"] == hardened[task]["test_accuracy"]
+    assert [cell["mean"] for cell in table[task].values()] == [accuracy]

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from compmod_jax import supervisor
 from compmod_jax.data import datasets, streams
 from compmod_jax.finetune import pretrained
 from compmod_jax.train import checkpoint, loop, nonfinite, preemption, steps
@@ -800,3 +801,43 @@ def test_same_config_and_seed_give_identical_metrics_and_parameters(embedded_dir
                           if again.get(key) != value}
   assert results["tasks"] == json.loads((reference[0] / "results.json").read_text())["tasks"]
   assert_same_state(saved_state(tmp_path), reference[1])
+
+
+# What jaxlib 0.10.2's coordination service and gloo printed when a peer of a two-process run
+# was SIGKILLed (2026-12-07), shortened.
+HEARTBEATS_STOPPED = """\
+E1207 02:47:01.705947 coordination_service.cc:1549] Use error polling to propagate the \
+following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending \
+heartbeats):
+1
+The tasks have crashed. Check the task logs for an earlier error
+F1207 02:47:01.707081 client.h:80] Terminating process because the JAX distributed service \
+detected fatal errors.
+"""
+COORDINATOR_GONE = """\
+F1207 02:47:07.066862 client.h:80] Terminating process because the JAX distributed service \
+detected fatal errors. absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. \
+Either the leader task was preempted/died/restarted unexpectedly
+"""
+GLOO_CLOSED = ("compmod_jax.main: ValueError: UNKNOWN: Gloo AllGather failed: [external/gloo/"
+               "gloo/transport/tcp/pair.cc:547] Connection closed by peer [127.0.0.1]:3267\n")
+
+
+def test_the_supervisor_names_the_lost_process_from_the_services_last_words(tmp_path):
+  assert supervisor.lost_peer("log\n" + HEARTBEATS_STOPPED) == [1]
+  assert supervisor.lost_peer(HEARTBEATS_STOPPED.replace(":\n1\n", ":\n2, 3\n")) == [2, 3]
+  assert supervisor.lost_peer(GLOO_CLOSED + COORDINATOR_GONE) == "coordinator"
+  assert supervisor.lost_peer(GLOO_CLOSED) == "unknown"
+  assert supervisor.lost_peer("compmod_jax.main: ValueError: config.data.data_dir ...") is None
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
+  argv = ["main", "--process_id=0", "--num_processes", "3", f"--workdir={tmp_path}"]
+  assert supervisor.ending(argv, [2], 134) == (
+      f"process 0 of 3 stops: process 2 stopped responding (killed, out of memory, or its host "
+      f"went down), and every process stops with it; rerun the same command on every process "
+      f"to resume from the last complete checkpoint (step 4 in {tmp_path / 'checkpoints'}).")
+  assert supervisor.ending(argv, None, -9).startswith(
+      "process 0 of 3 was ended by SIGKILL (the out-of-memory killer sends it); rerun")
+  assert [supervisor.distributed(["main", *flags]) for flags in (
+      ["--coordinator_address=h:1"], ["--distributed"], ["--distributed=false"],
+      ["--nodistributed"], ["--workdir=w"])] == [True, True, False, False, False]
