@@ -120,3 +120,13 @@ def start_run(embedded_dir):
   from helpers import driver_runs
   with driver_runs(embedded_dir) as start:
     yield start
+
+
+@pytest.fixture
+def several_processes(tmp_path_factory):
+  """Held by a test while it runs training processes of several processes: one such test at a
+  time across the pytest-xdist workers. Three workers each starting two processes on the 2
+  cores of the project's machines took more than 3 minutes to reach a first step."""
+  from helpers import one_at_a_time
+  with one_at_a_time(tmp_path_factory, "several_processes"):
+    yield

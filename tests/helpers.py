@@ -32,9 +32,7 @@ def built_once_per_run(tmp_path_factory, name, build):
   """The folder `name`, filled by build(folder) once per test run: with pytest-xdist, the
   first worker to ask builds it under a file lock and the others wait for it, then share it
   (a module- or session-scoped fixture would otherwise run once in every worker)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the run's folder, above each worker's own
+  root = run_folder(tmp_path_factory)
   folder, done = root / name, root / f"{name}.done"
   with open(root / f"{name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -43,6 +41,20 @@ def built_once_per_run(tmp_path_factory, name, build):
       build(folder)
       done.touch()
   return folder
+
+
+def run_folder(tmp_path_factory):
+  """The test run's temporary folder, shared by all pytest-xdist workers."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@contextlib.contextmanager
+def one_at_a_time(tmp_path_factory, name):
+  """Holds the run-wide lock `name` (across pytest-xdist workers) while the block runs."""
+  with open(run_folder(tmp_path_factory) / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
 
 
 def set_field(config, dotted_key, value):
@@ -231,7 +243,7 @@ class DriverRun:
     for line in self.process.stdout:
       self.lines.put(line.strip())
 
-  def wait_for(self, wanted, timeout=180):
+  def wait_for(self, wanted, timeout=300):
     """Blocks until the run prints the line `wanted`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -246,7 +258,7 @@ class DriverRun:
   def send(self, signum):
     self.process.send_signal(signum)
 
-  def finish(self, timeout=240):
+  def finish(self, timeout=400):
     return self.process.wait(timeout=timeout)
 
   def output(self):

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from helpers import (COMPARED, TOTAL_STEPS, assert_same_state, built_once_per_run,
-                     committed_steps, driver_runs, free_port, saved_state, scalar_summaries)
+                     committed_steps, driver_runs, free_port, one_at_a_time, saved_state,
+                     scalar_summaries)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("several_processes")]
 
 
 def start_processes(start_run, workdir, *hooks, count=2, devices=1, flags=(), only=None):
@@ -50,7 +51,8 @@ def layouts(tmp_path_factory, embedded_dir):
   """Uninterrupted runs of one config on 1 process x 4 devices and 2 processes x 2 devices:
   {"1x4": workdir, "2x2": workdir}."""
   def train(folder):
-    with driver_runs(embedded_dir) as start_run:
+    with one_at_a_time(tmp_path_factory, "several_processes"), driver_runs(
+        embedded_dir) as start_run:
       run_to_the_end(start_run, folder / "1x4", devices=4)
       run_to_the_end(start_run, folder / "2x2", count=2, devices=2)
   folder = built_once_per_run(tmp_path_factory, "layouts", train)
@@ -68,7 +70,7 @@ def test_a_lost_process_stops_every_other_with_one_line_and_the_rerun_resumes_ex
   runs[victim].send(signal.SIGKILL)
   killed = time.monotonic()
   survivor = runs[1 - victim]
-  assert survivor.finish(timeout=120) == 1, survivor.output()[-3000:]
+  assert survivor.finish(timeout=300) == 1, survivor.output()[-3000:]
   assert time.monotonic() - killed < 60  # --heartbeat_timeout=30 by default
   lost = ("process 1 stopped responding" if victim == 1
           else "process 0 (the coordinator) cannot be reached")
@@ -93,12 +95,17 @@ def test_a_process_failing_at_start_up_stops_the_others_with_its_error(tmp_path,
   workdir = tmp_path / "work"
   not_a_folder = tmp_path / "data"  # its data_dir is a file: this process fails at start-up
   not_a_folder.write_text("not a folder")
-  started = time.monotonic()
   runs = start_processes(start_run, workdir, only={
       failing: (f"--config.data.data_dir={not_a_folder}",)})
+  ended = {}
+  deadline = time.monotonic() + 400
+  while len(ended) < 2 and time.monotonic() < deadline:
+    ended.update({index: time.monotonic() for index, run in enumerate(runs)
+                  if index not in ended and run.process.poll() is not None})
+    time.sleep(0.2)
   for run in runs:
-    assert run.finish(timeout=120) == 1, run.output()[-3000:]
-  assert time.monotonic() - started < 90  # not the heartbeat's limit: at once
+    assert run.finish(timeout=1) == 1, run.output()[-3000:]
+  assert abs(ended[0] - ended[1]) < 20  # together, not after the heartbeat limit (30 s)
   error = last_line(runs[failing])
   assert error.startswith("compmod_jax.main: ") and f"data_dir='{not_a_folder}' is a file" in error, error
   assert last_line(runs[1 - failing]) == (

@@ -229,6 +229,7 @@ def test_a_process_whose_peers_never_start_gives_up_with_one_line(embedded_dir, 
 @pytest.mark.parametrize("preemption_service", [True, False],
                          ids=["jax_preemption_service", "own_sigterm_flag_allgather"])
 def test_two_processes_stop_at_the_same_step_on_sigterm_to_one(tmp_path, start_run,
+                                                               several_processes,
                                                                preemption_service):
   """Both ways of agreeing on the step; the resume (the same code for both) is run once. 16
   steps leave the preemption protocol time to agree before the end."""
