@@ -62,6 +62,13 @@ MUTATIONS = {
         "compmod_jax/train/checkpoint.py",
         'problems = checksum_problems(meta["checksums"], array_checksums(jax.device_get(state)))',
         "problems = []", ("tests/test_reliability.py",)),
+    "every process trains on the first rows of the global batch": (
+        "compmod_jax/data/streams.py",
+        "rows = slice(process_index * self.batch_size, (process_index + 1) * self.batch_size)",
+        "rows = slice(0, self.batch_size)", ("tests/test_data.py",)),
+    "a lost coordinator is reported as an unknown peer": (
+        "compmod_jax/supervisor.py", '    return "coordinator"\n', '    return "unknown"\n',
+        ("tests/test_reliability.py",)),
 }
 
 
