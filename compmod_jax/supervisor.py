@@ -86,7 +86,7 @@ def supervise_if_distributed():
     sys.stderr.buffer.flush()
     tail.append(line.decode(errors="replace"))
   code = child.wait()
-  lost = lost_peer("".join(tail))
+  lost = lost_peer("".join(tail)) if code else None  # a finished run is not read
   if lost is None and code >= 0:
     sys.exit(code)  # the child's own ending: success, or its own last line
   sys.stderr.write(f"{COMMAND}: {ending(sys.argv, lost, code)}\n")
