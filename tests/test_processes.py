@@ -19,13 +19,13 @@ from helpers import (COMPARED, TOTAL_STEPS, assert_same_state, built_once_per_ru
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("several_processes")]
 
 
-def start_processes(start_run, workdir, *hooks, count=2, devices=1, flags=(), only=None):
+def start_processes(start_run, workdir, *hooks, count=2, devices=1, only=None):
   """`count` processes of one run (each with `devices` CPU devices); `only` maps a process
   index to flags for it alone."""
   port = free_port()
   env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   return [start_run(workdir, *hooks, env=env, flags=(
-      *flags, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
+      f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
       f"--process_id={index}", *(only or {}).get(index, ()))) for index in range(count)]
 
 
