@@ -137,7 +137,8 @@ def ending(argv, lost, code):
 
 
 def last_checkpoint(workdir):
-  """' (step N in <workdir>/checkpoints)' for a local workdir with checkpoints, else ''."""
+  """' (step N in <workdir>/checkpoints)' for a local workdir with checkpoints, else ''. (Not
+  checkpoint.committed_steps: this parent process imports neither JAX nor etils.)"""
   folder = os.path.join(workdir or "", "checkpoints")
   try:
     steps = sorted(int(name) for name in os.listdir(folder) if name.isdigit())

@@ -191,8 +191,7 @@ def fault_config(data_dir, **overrides):
 
 
 def committed_steps(workdir):
-  root = workdir / "checkpoints"
-  return sorted(int(name) for name in os.listdir(root) if name.isdigit()) if root.exists() else []
+  return checkpoint.committed_steps(workdir / "checkpoints")
 
 
 def half_written(workdir):
