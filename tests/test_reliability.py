@@ -842,3 +842,18 @@ def test_the_supervisor_names_the_lost_process_from_the_services_last_words(tmp_
   assert [supervisor.distributed(["main", *flags]) for flags in (
       ["--coordinator_address=h:1"], ["--distributed"], ["--distributed=false"],
       ["--nodistributed"], ["--workdir=w"])] == [True, True, False, False, False]
+
+
+def test_two_sigterms_within_a_quarter_second_are_one_notice(monkeypatch):
+  """A shutdown that signals every process reaches a supervised worker twice (directly and
+  forwarded by its parent): that is one notice to save, not the second SIGTERM that stops at
+  once. A SIGTERM later than that still stops at once."""
+  stopped = []
+  monkeypatch.setattr(preemption, "_stop_now", lambda message, code: stopped.append(code))
+  watcher = preemption.PreemptionWatcher()
+  watcher._on_signal(signal.SIGTERM)
+  watcher._on_signal(signal.SIGTERM)
+  assert watcher.requested and not stopped
+  time.sleep(preemption.SAME_NOTICE_SECONDS + 0.05)
+  watcher._on_signal(signal.SIGTERM)
+  assert stopped == [128 + signal.SIGTERM]
