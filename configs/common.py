@@ -46,6 +46,29 @@ def digits_multidomain(setup, tiny, domains=MNIST_DOMAINS):
   return config
 
 
+# Table 12's models: {name: (App. C set-up, fraction of the layers whose mixture weights all
+# domains share)}.
+TABLE12_MODELS = {"isometric": ("simple_baseline", 0.0), "half_shared": ("mixture", 0.5),
+                  "compositional": ("mixture", 0.0)}
+
+
+def digits_with_svhn(datasets, setup, tiny):
+  """App. D.2's digits pretraining on real TFDS digit domains with SVHN (`datasets`: {task:
+  TFDS name}): every image 32x32 RGB, 16 layers and 4 templates, dropout 0.3, kernel weight
+  decay 1e-5, a learning rate decaying linearly from 2e-3 to 2e-5 for about 2 epochs of SVHN
+  (5,000 steps of 32 per domain), with the model fields of App. C set-up `setup`."""
+  config = digits_multitask({name: experiments.task(dataset) for name, dataset in
+                             datasets.items()}, tiny)
+  experiments.apply_setup(config.model, setup)
+  config.data.update(image_size=32, channels=3)
+  if not tiny:
+    config.model.update(num_layers=16, num_templates=4, dropout_rate=0.3)
+    config.optimizer.update(schedule="linear", learning_rate=2e-3, final_lr_fraction=0.01,
+                            weight_decay=1e-5)
+    config.total_steps = 5_000  # ~2 epochs of SVHN's 73,257 training digits at 32 per step
+  return config
+
+
 def natural_domains(tasks, setup, tiny, *, batch_size, total_steps, every, warmup_steps):
   """The multi-domain pretraining recipe of App. D.2's DomainNet experiment, shared by the
   natural-image domain configs: 128x128 RGB images (ImageNet statistics, random crops and

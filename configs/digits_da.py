@@ -79,11 +79,16 @@ ADAPTATION_STEPS = 225
 
 
 def get_config(arg=None):
+  return adaptation_config(arg, common.digits_multidomain)
+
+
+def adaptation_config(arg, pretraining):
+  """Adaptation to the UCI digits from the sources of `pretraining(setup, tiny)`, with this
+  config's arguments, batch sizes and steps (configs/digits_five_da.py shares them)."""
   args = experiments.parse_argument(arg, common.DA_ARGUMENTS, common.DA_CHOICES)
   config = common.domain_adaptation(
-      common.digits_multidomain, TARGET,
-      experiments.task(f"embedded_digits/{TARGET}", batch_size=64), args, source_batch_size=16,
-      total_steps=ADAPTATION_STEPS)
+      pretraining, TARGET, experiments.task(f"embedded_digits/{TARGET}", batch_size=64), args,
+      source_batch_size=16, total_steps=ADAPTATION_STEPS)
   if not args["tiny"]:
     config.eval_every = config.checkpoint_every = ADAPTATION_STEPS
     config.log_every = 25

@@ -29,15 +29,7 @@ TARGET = "uci_digits"
 
 
 def pretraining(setup, tiny):
-  config = common.digits_multitask(
-      {name: experiments.task(dataset) for name, dataset in SOURCES.items()}, tiny)
-  experiments.apply_setup(config.model, setup)
-  config.data.update(image_size=32, channels=3)
-  if not tiny:
-    config.model.update(num_layers=16, num_templates=4, dropout_rate=0.3)
-    config.optimizer.update(schedule="linear", learning_rate=2e-3, final_lr_fraction=0.01)
-    config.total_steps = 5_000  # ~2 epochs of SVHN's 73,257 training digits at 32 per step
-  return config
+  return common.digits_with_svhn(SOURCES, setup, tiny)
 
 
 def get_config(arg=None):

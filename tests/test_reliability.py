@@ -587,7 +587,7 @@ BAD_CONFIGS = {
     # Names and choices.
     "dataset_without_its_config": (
         {"tasks.mnist.dataset": "embedded_digits"}, ValueError,
-        r"Dataset 'embedded_digits' has 7 configs; name one, as 'embedded_digits/<config>' with "
+        r"Dataset 'embedded_digits' has 9 configs; name one, as 'embedded_digits/<config>' with "
         r"<config> one of \['mnist', "),
     "empty_dataset_name": ({"tasks.mnist.dataset": ""}, ValueError,
                            r"config\.tasks\.mnist\.dataset must name a TFDS dataset"),

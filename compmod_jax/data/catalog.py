@@ -49,6 +49,10 @@ CATALOG = {
     "emnist/mnist": _emnist(60_000, 10_000, 10),
     # Digits domains (Tables 3, 9).
     "mnist": DatasetFacts({"train": 60_000, "test": 10_000}, 10, (28, 28, 1)),
+    # MNIST-C (Table 12's corrupted MNIST domains): every config has MNIST's splits.
+    **{f"mnist_corrupted/{corruption}": DatasetFacts({"train": 60_000, "test": 10_000}, 10,
+                                                     (28, 28, 1))
+       for corruption in ("shot_noise", "shear", "scale")},
     "svhn_cropped": DatasetFacts({"train": 73_257, "test": 26_032, "extra": 531_131}, 10,
                                  (32, 32, 3)),
     # DomainNet (Tables 3, 4; the cleaned version).
@@ -69,6 +73,9 @@ CATALOG.update({f"embedded_digits/{config}": DatasetFacts({"train": 4_000, "test
                                "mnist_blur", "mnist_boundary")})
 CATALOG["embedded_digits/uci_digits"] = DatasetFacts({"train": 1_438, "test": 359}, 10,
                                                      (28, 28, 1))
+CATALOG.update({f"embedded_digits/{config}": DatasetFacts({"train": 4_000, "test": 1_000}, 10,
+                                                          (28, 28, 3))
+                for config in ("mnist_m", "syn_digits")})
 
 
 def facts(name) -> Optional[DatasetFacts]:

