@@ -3,6 +3,7 @@
 study (`signatures`), with the signature shapes of analysis/signatures.py."""
 import json
 
+import numpy as np
 import pytest
 
 from compmod_jax.analysis import signatures, tables
@@ -128,3 +129,49 @@ def test_a_half_written_results_file_is_one_line_naming_it(tmp_path):
   with pytest.raises(ValueError, match=r"running/results\.json is not complete JSON \(.*\); is "
                                        r"its run still writing it\?"):
     tables.domains_table([run])
+
+
+def test_runs_of_several_depths_get_their_size_in_the_column(tmp_path):
+  runs = [multidomain_run(tmp_path / f"L{layers}", "", 0, {"mnist": accuracy})
+          for layers, accuracy in ((8, 0.9), (16, 0.8))]
+  for run, layers in zip(runs, (8, 16)):
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["num_layers"] = layers
+    (run / "config.json").write_text(json.dumps(config))
+  table = json.loads(tables.domains_table(runs, out=tmp_path / "t") and
+                     (tmp_path / "t" / "domains.json").read_text())
+  assert table["test_accuracy"]["mnist"] == {
+      "compositional, K=4, L=8": {"mean": 0.9, "std": 0.0, "by_seed": {"0": 0.9}},
+      "compositional, K=4, L=16": {"mean": 0.8, "std": 0.0, "by_seed": {"0": 0.8}}}
+  one_depth = json.loads(tables.domains_table(runs[:1], out=tmp_path / "u") and
+                         (tmp_path / "u" / "domains.json").read_text())
+  assert list(one_depth["test_accuracy"]["mnist"]) == ["compositional"]
+
+
+def test_similarity_compares_the_pairs_within_the_group_with_the_others(tmp_path, monkeypatch):
+  """Layer 1: a and b use template 1, c template 2 (within 1, others 0); layer 2: all mix the
+  two evenly (1 everywhere). Bhattacharyya coefficients of one-hot and even rows are exact."""
+  xi = {"a": [[1.0, 0.0], [0.5, 0.5]], "b": [[1.0, 0.0], [0.5, 0.5]],
+        "c": [[0.0, 1.0], [0.5, 0.5]], "d": [[0.0, 1.0], [0.5, 0.5]]}
+  runs = {"run0": xi, "run1": dict(xi, d=[[1.0, 0.0], [0.5, 0.5]])}
+  monkeypatch.setattr(tables, "run_mixture_weights", lambda workdir: runs[workdir])
+  by_run = tables.similarity_results(["run0", "run1"], ["a", "b"])
+  # run0: others are (a,c), (a,d), (b,c), (b,d): 0, and (c,d): 1 -> 1/5.
+  assert by_run["run0"]["within"] == pytest.approx([1.0, 1.0])
+  assert by_run["run0"]["others"] == pytest.approx([0.2, 1.0])
+  # run1: d uses template 1 like a and b: (a,d), (b,d) are 1 -> 2/5.
+  assert by_run["run1"]["others"] == pytest.approx([0.4, 1.0])
+  markdown = tables.similarity_table(["run0", "run1"], ["a", "b"], out=tmp_path / "s")
+  assert "| 1 | 1.00 ± 0.00 | 0.30 ± 0.10 | 0.70 ± 0.10 |" in markdown
+  with pytest.raises(ValueError, match=r"--group must name at least two of the run's tasks "
+                                       r"\['a', 'b', 'c', 'd'\]; run0 has no \['e'\]"):
+    tables.similarity_results(["run0"], ["a", "e"])
+
+
+def test_a_runs_mixture_weights_are_read_from_its_checkpoint_by_task(source_workdir):
+  xi = tables.run_mixture_weights(source_workdir)
+  assert sorted(xi) == ["mnist", "mnist_blur"]
+  for rows in xi.values():
+    assert rows.shape == (3, 2)  # the tiny model: 3 layers, 2 templates
+    np.testing.assert_allclose(rows.sum(-1), 1.0, rtol=1e-6)
+  assert not np.allclose(xi["mnist"], xi["mnist_blur"])  # each task's own row

@@ -4,6 +4,8 @@ r"""Tables over finished runs, from their results.json files.
   python -m compmod_jax.analysis.tables da workdirs/da_auto/* --out=workdirs/table3_auto
   python -m compmod_jax.analysis.tables domains workdirs/table12/* --out=workdirs/table12
   python -m compmod_jax.analysis.tables signatures workdirs/signatures/*.hard --out=...
+  python -m compmod_jax.analysis.tables similarity workdirs/five/compositional_seed* \
+      --group=mnist,mnist_scale,mnist_shear --out=...
 
 `transfer`: one row per run started from a pretrained checkpoint: xi initialisation, trainable
 set, the new task's test accuracy before and after fine-tuning, the parameters it added to the
@@ -17,12 +19,17 @@ table3.md and table3.json in that directory.
 isometric, compositional half-shared, compositional, ... named from each run's config.model)
 from multi-task runs, plus rows for runs started from one of them (config.init_from) that
 evaluate a new task, e.g. source-only (0 steps) on a domain none of them trained on; mean and
-standard deviation over seeds (the pretraining run's). --out: domains.md and domains.json.
+standard deviation over seeds (the pretraining run's). Runs of several depths or template counts
+(the signature study) get K and L in their column. --out: domains.md and domains.json.
 `signatures`: the single-task signature study, from the output folders of
 `python -m compmod_jax.surgery harden`: per run its regularisers, seed, mixed and hardened test
 accuracy, mean largest mixture weight per layer, hardened signature, and whether that is
 contiguous and progressive (analysis/signatures.py); then per regulariser setting the mean and
 standard deviation over seeds. --out: signatures.md and signatures.json.
+`similarity`: the paper's Fig. 2 question on multi-task runs with learned mixture weights: per
+layer, the Bhattacharyya similarity of two tasks' xi (analysis/similarity.py; the EMA weights of
+the newest checkpoint) averaged over the pairs of tasks within --group and over every other pair,
+then mean and standard deviation over the runs. --out: similarity.md and similarity.json.
 """
 import json
 import sys
@@ -32,14 +39,17 @@ from absl import flags
 from etils import epath
 
 from compmod_jax import cli
-from compmod_jax.analysis import signatures
+from compmod_jax.analysis import signatures, similarity
+from compmod_jax.finetune import pretrained
 from compmod_jax.methods import adaptation as adaptation_methods
+from compmod_jax.models import templates
 from compmod_jax.workdir import RunStart, Workdir
 
 flags.DEFINE_string("task", None, "The new task to tabulate (default: each run's only one).")
+flags.DEFINE_list("group", [], "similarity: the tasks whose pairs are compared with the others.")
 flags.DEFINE_string("out", None, "da, domains, signatures: directory to write the table into "
                     "(Markdown and JSON).")
-MODES = ("transfer", "da", "domains", "signatures")
+MODES = ("transfer", "da", "domains", "signatures", "similarity")
 FLAGS = flags.FLAGS
 
 
@@ -200,11 +210,15 @@ def domains_results(workdirs):
   started; the model and seed are the pretraining run's). The second dict says which source a
   best_source start copied."""
   cells, picked = {}, {}
-  for workdir in workdirs:
-    results, config = read_results(workdir), read_config(workdir)
+  runs = [(workdir, read_results(workdir), read_config(workdir)) for workdir in workdirs]
+  sizes = {_model_size(config["model"]) for _, results, config in runs
+           if not run_start(results).checkpoint}
+  for workdir, results, config in runs:
     start = run_start(results)
     if not start.checkpoint:
       column, seed = model_name(config["model"]), config["seed"]
+      if len(sizes) > 1:
+        column += ", K={}, L={}".format(*_model_size(config["model"]))
       for task, values in results["tasks"].items():
         _add_seed(cells, task, column, seed, values["test_accuracy"], workdir)
       continue
@@ -219,6 +233,10 @@ def domains_results(workdirs):
       if info["xi_init"] == "best_source" and chosen:
         picked.setdefault(row, {}).setdefault(column, {})[seed] = chosen[0]
   return cells, picked
+
+
+def _model_size(model):
+  return model["num_templates"], model["num_layers"]
 
 
 _MODEL_ORDER = ("isometric", "compositional half-shared", "compositional")
@@ -313,12 +331,65 @@ def signatures_table(hardened_dirs, out=None):
   return _write(out, "signatures", "\n".join(lines) + "\n", {"runs": rows, "summary": summary})
 
 
+def run_mixture_weights(workdir):
+  """{task: xi [L, K]} of the newest intact checkpoint's EMA weights in `workdir`."""
+  params = pretrained.load(workdir).variables["params"]
+  if "mixture_logits" not in params:
+    raise ValueError(f"{workdir}: its model has no learned mixture weights (a fixed signature "
+                     f"or the plain network); the similarity table needs them.")
+  xi = np.asarray(templates.mixture_weights(templates.task_mixture_logits(params)))
+  return dict(zip(sorted(params["heads"]), xi))  # the model's task rows are in name order
+
+
+def similarity_results(workdirs, group):
+  """{workdir: {"within": [L], "others": [L]}}: per layer the mean similarity of the pairs of
+  tasks both in `group` and of the other pairs."""
+  by_run = {}
+  for workdir in workdirs:
+    tasks, similarities = similarity.task_similarity(run_mixture_weights(workdir))
+    missing = sorted(set(group) - set(tasks))
+    if missing or len(group) < 2:
+      raise ValueError(f"--group must name at least two of the run's tasks {tasks}; "
+                       f"{workdir} has no {missing}.")
+    pairs = [(a, b) for a in range(len(tasks)) for b in range(a + 1, len(tasks))]
+    within = [(a, b) for a, b in pairs if tasks[a] in group and tasks[b] in group]
+    others = [pair for pair in pairs if pair not in within]
+    by_run[workdir] = {name: [float(np.mean([layer[a, b] for a, b in chosen]))
+                              for layer in similarities]
+                       for name, chosen in (("within", within), ("others", others))}
+  return by_run
+
+
+def similarity_table(workdirs, group, out=None):
+  by_run = similarity_results(workdirs, group)
+  runs = list(by_run.values())
+  num_layers = len(runs[0]["within"])
+  lines = [f"Bhattacharyya similarity of the tasks' mixture weights per layer: pairs within "
+           f"{', '.join(group)} vs the other pairs; mean ± standard deviation over {len(runs)} "
+           f"run(s).", "", "| layer | within the group | other pairs | difference |",
+           "|---:|---:|---:|---:|"]
+  summary = []
+  for layer in range(num_layers):
+    values = {name: np.array([run[name][layer] for run in runs])
+              for name in ("within", "others")}
+    values["difference"] = values["within"] - values["others"]
+    row = {name: {"mean": float(v.mean()), "std": float(v.std())} for name, v in values.items()}
+    summary.append(row)
+    lines.append(f"| {layer + 1} | " + " | ".join(
+        f"{row[name]['mean']:.2f} ± {row[name]['std']:.2f}"
+        for name in ("within", "others", "difference")) + " |")
+  return _write(out, "similarity", "\n".join(lines) + "\n",
+                {"group": list(group), "per_layer": summary, "runs": by_run})
+
+
 def main(argv):
   if len(argv) < 3 or argv[1] not in MODES:
     raise cli.CommandError(f"usage: python -m compmod_jax.analysis.tables "
                            f"{{{','.join(MODES)}}} WORKDIR...")
   if argv[1] == "transfer":
     sys.stdout.write(transfer_table(argv[2:], FLAGS.task))
+  elif argv[1] == "similarity":
+    sys.stdout.write(similarity_table(argv[2:], FLAGS.group, FLAGS.out))
   else:
     table = {"da": da_table, "domains": domains_table, "signatures": signatures_table}[argv[1]]
     sys.stdout.write(table(argv[2:], FLAGS.out))
