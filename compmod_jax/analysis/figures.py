@@ -1,6 +1,11 @@
 """Pictures of what the mixture weights learned: one layers x templates heatmap per task, task
-similarity per layer, and the accuracy change under signature perturbations."""
+similarity per layer, and the accuracy change under signature perturbations; and of the data:
+sample images of every embedded digit domain.
+
+  python -m compmod_jax.analysis.figures docs/images/digit_domains.png   # the domains' samples
+"""
 import io
+import sys
 
 import matplotlib
 
@@ -106,3 +111,30 @@ def png_bytes(rgb):
   buffer = io.BytesIO()
   plt.imsave(buffer, rgb, format="png")
   return buffer.getvalue()
+
+
+def digit_domain_samples(path):
+  """Every embedded digit domain's first test image of each class, one row per domain;
+  written as a PNG to `path`."""
+  from compmod_jax.data import embedded_digits  # Imported here: it imports TFDS.
+
+  configs = embedded_digits.EmbeddedDigits.BUILDER_CONFIGS
+  num_classes = embedded_digits.NUM_CLASSES
+  fig, axes = plt.subplots(len(configs), num_classes, squeeze=False,
+                           figsize=(0.6 * num_classes + 1.4, 0.62 * len(configs)))
+  for row, config in zip(axes, configs):
+    images, labels, test_mask = embedded_digits.load_domain(config)
+    for label, ax in enumerate(row):
+      image = images[np.flatnonzero(test_mask & (labels == label))[0]]
+      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0,
+                vmax=255, interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+    row[0].set_ylabel(config.name, rotation=0, ha="right", va="center", fontsize=7)
+  fig.subplots_adjust(left=0.2, right=0.99, top=0.99, bottom=0.01, wspace=0.08, hspace=0.1)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  digit_domain_samples(sys.argv[1])
