@@ -69,6 +69,29 @@ MUTATIONS = {
     "a lost coordinator is reported as an unknown peer": (
         "compmod_jax/supervisor.py", '    return "coordinator"\n', '    return "unknown"\n',
         ("tests/test_reliability.py",)),
+    "mnist-m test crops come from the training region": (
+        "compmod_jax/data/colour_digits.py",
+        "first_left, last_left = (boundary, width - side) if test else (0, boundary - side)",
+        "first_left, last_left = (0, boundary - side)", ("tests/test_colour_digits.py",)),
+    "mnist-m blends without the absolute value": (
+        "compmod_jax/data/colour_digits.py",
+        "return to_uint8(np.abs(photo - digit[..., None].astype(np.float64)))",
+        "return to_uint8(photo - digit[..., None].astype(np.float64))",
+        ("tests/test_colour_digits.py",)),
+    "a colour domain's seed depends on the hash seed": (
+        "compmod_jax/data/colour_digits.py",
+        "return np.random.default_rng([zlib.crc32(domain.encode()), int(index)])",
+        "return np.random.default_rng([hash(domain) % 2**32, int(index)])",
+        ("tests/test_colour_digits.py",)),
+    "syn_digits test seeds overlap the training seeds": (
+        "compmod_jax/data/embedded_digits.py",
+        "return images, labels, np.arange(len(labels)) >= SYN_DIGITS_TRAIN",
+        "return images, labels, np.arange(len(labels)) % 5 == 0",
+        ("tests/test_colour_digits.py",)),
+    "syn_digits draws no neighbours": (
+        "compmod_jax/data/colour_digits.py",
+        "    if rng.random() < NEIGHBOUR_PROBABILITY:",
+        "    if rng.random() < 0:", ("tests/test_colour_digits.py",)),
 }
 
 
