@@ -38,12 +38,12 @@ def builder_config(name):
 
 @pytest.fixture(scope="module")
 def colour_domains():
-  """{name: (images, labels, test mask, seconds to make them)} of each colour domain."""
+  """{name: (images, labels, test mask, CPU seconds to make them)} of each colour domain."""
   domains = {}
   for name in COLOUR_DOMAINS:
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine (xdist workers) does not inflate it
     images, labels, test_mask = embedded_digits.load_domain(builder_config(name))
-    domains[name] = images, labels, test_mask, time.perf_counter() - start
+    domains[name] = images, labels, test_mask, time.process_time() - start
   return domains
 
 
@@ -69,10 +69,10 @@ def test_each_colour_domain_is_the_same_in_two_processes():
 
 
 def test_colour_domains_build_in_seconds(colour_domains):
-  # Measured alone on the 2-core VM: about 4 s for mnist_m, 7 s for syn_digits; the bound
-  # leaves room for a loaded machine and catches, e.g., fonts loaded per image (~25 s more).
+  # Measured on the 2-core VM: about 4 CPU seconds for mnist_m, 7 for syn_digits; the bound
+  # catches, e.g., fonts loaded per image (about 25 s more).
   for name, (_, _, _, seconds) in colour_domains.items():
-    assert seconds < 30, (name, seconds)
+    assert seconds < 20, (name, seconds)
 
 
 @pytest.mark.parametrize("name", COLOUR_DOMAINS)
@@ -160,15 +160,17 @@ def test_every_font_draws_ten_different_digits():
 
 def test_syn_digits_vary_colour_and_show_cut_neighbours(colour_domains):
   """Each image draws its own colours and neighbours: the same digit differs from image to
-  image, and many images show pieces of other digits at their edges."""
+  image, and many images show pieces of other digits at their edges, where the centre digit
+  (at most 22 px tall and jittered by 2.5 px) never reaches."""
   images, labels, _, _ = colour_domains["syn_digits"]
   sevens = images[labels == 7].astype(np.float64)
   assert np.abs(sevens[1:] - sevens[:-1]).mean() > 40
-  # The left and right 3 columns hold ink (a colour unlike the corner's) in many images.
-  corners = images[:, :1, :1].astype(np.float64)
-  edges = np.concatenate([images[:, 8:20, :3], images[:, 8:20, -3:]], axis=2)
-  ink_at_edges = (np.abs(edges - corners).max(-1) > 40).any(axis=(1, 2))
-  assert 0.3 < ink_at_edges.mean() < 0.95
+  edges = np.array([np.concatenate([coverage[:, :2], coverage[:, -2:]], axis=1).max()
+                    for coverage in (colour_digits.syn_digit_coverage(index, index % 10)
+                                     for index in range(300))])
+  # Each side has a neighbour with odds 0.6, so most images have one; a wide gap or a narrow
+  # neighbour may stay off the canvas.
+  assert 0.4 < (edges > 0.5).mean() < 0.95
 
 
 def test_grayscale_domains_enter_a_colour_config_as_three_equal_channels(embedded_dir):

@@ -207,15 +207,26 @@ def _colours(rng):
       return digit, background
 
 
-def render_syn_digit(index, label):
-  """Synthetic digit `label` drawn from seed ('syn_digits', index): uint8 [SIZE, SIZE, 3]."""
-  rng = _rng("syn_digits", index)
+def _coverage(rng, label):
+  """The ink [SIZE, SIZE] of a synthetic digit `label` and its neighbours, in a font drawn from
+  `rng`, rotated and cropped."""
   font_file = SYN_FONTS[int(rng.integers(len(SYN_FONTS)))]
   mask = _digit_row_mask(rng, label, font_file)
   mask = ndi.rotate(mask, rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES), reshape=False,
                     order=1)
   start = SIZE // 2
-  mask = np.clip(mask[start:start + SIZE, start:start + SIZE], 0, 1)[..., None]
+  return np.clip(mask[start:start + SIZE, start:start + SIZE], 0, 1)
+
+
+def syn_digit_coverage(index, label):
+  """The ink (0..1) of synthetic image `index` showing `label`, before its colours."""
+  return _coverage(_rng("syn_digits", index), label)
+
+
+def render_syn_digit(index, label):
+  """Synthetic digit `label` drawn from seed ('syn_digits', index): uint8 [SIZE, SIZE, 3]."""
+  rng = _rng("syn_digits", index)
+  mask = _coverage(rng, label)[..., None]
   digit_colour, background_colour = _colours(rng)
   direction = rng.normal(size=2)
   rows, columns = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1) - 0.5
