@@ -189,7 +189,7 @@ def plan(config, device_memory_gb=None, variants=False):
                           for name, variant in precision_variants(config).items()}
   if device_memory_gb and bytes_per_device > device_memory_gb * 2**30:
     raise PlanError(
-        f"One train step needs {bytes_per_device / 2**30:.1f} GiB per device (XLA's estimate), "
+        f"One train step needs {bytes_per_device / 2**30:.3g} GiB per device (XLA's estimate), "
         f"more than --device_memory_gb={device_memory_gb}. "
         f"{fitting_alternatives(config, device_memory_gb * 2**30, bytes_per_device)}"
         f"\n{json.dumps(result)}")
@@ -257,7 +257,7 @@ def fitting_alternatives(config, limit_bytes, bytes_per_device):
     if needed <= limit_bytes:
       flags_text = (f"--config.model.compute_dtype={variant.model.compute_dtype} "
                     f"--config.model.remat={variant.model.remat}")
-      fits.append(f"{flags_text} ({needed / 2**30:.1f} GiB)")
+      fits.append(f"{flags_text} ({needed / 2**30:.3g} GiB)")
   advice = (f"At this batch it fits with {' or '.join(fits)}. " if fits else
             "At this batch neither bfloat16 nor remat makes it fit. ")
   largest = largest_fitting_batch(config, limit_bytes, bytes_per_device)

@@ -10,8 +10,9 @@ patches, RMSProp with a cosine schedule, 1,500 steps of 128, EMA evaluation; 28x
   done; done; done
 
 The random signature is a shuffle of the sequential one drawn from config.model.signature_seed
-(the loop above passes each run's seed, so the three random runs have three signatures). A learned run's mixture weights can be
-hardened and tabulated as in docs/modules.md (`surgery harden`, `analysis.tables signatures`).
+(the loop above passes each run's seed, so the three random runs have three signatures). A
+learned run's mixture weights can be hardened and tabulated as in docs/modules.md (`surgery
+harden`, `analysis.tables signatures`).
 Results and commands: docs/digits_five.md. `tiny=1`: a seconds-long debug run.
 """
 from compmod_jax import experiments
