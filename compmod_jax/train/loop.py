@@ -69,8 +69,7 @@ def train_and_evaluate(config, workdir):
               "run_info": ctx.run_start.to_dict(),
               "wall_time_s": 0.0}, ctx.train_streams)
         results = Workdir(workdir).read_results() or report.write_results(
-            ctx, start_results or ctx.evaluate(state), int(state.step),
-            meta.get("wall_time_s", 0.0))
+            ctx, state, start_results or ctx.evaluate(state), meta.get("wall_time_s", 0.0))
       else:
         state, results = _train(ctx, state, optimization, checkpointer, watcher,
                                 meta.get("wall_time_s", 0.0))

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from compmod_jax.analysis import figures, similarity
+from compmod_jax.analysis import figures, routing, similarity
 from compmod_jax.models import templates
 from compmod_jax.train import regularizers
 from compmod_jax.workdir import Workdir
@@ -46,13 +46,28 @@ def write_train_metrics(ctx, writer, step, pending_metrics, learning_rate, state
   writer.write_scalars(step, averaged)
 
 
-def write_results(ctx, results, step, wall_time_s):
-  """results.json, rewritten at each evaluation. A run started from a pretrained checkpoint
-  adds, per new task, `accuracy_before_finetune` and `added_parameters`, and the details of
-  its initialisation under "init_from"; the method adds its own fields (Method.results)."""
+def routing_health(model, params):
+  """analysis/routing.py's health of `params`' routes and templates; None for the plain
+  signature, whose bank holds each layer's own block (no template is shared)."""
+  if model.spec.signature == "plain":
+    return None
+  return routing.health(mixture_weights_by_task(model, params), params["templates"])
+
+
+def write_results(ctx, state, results, wall_time_s):
+  """results.json, rewritten at each evaluation of `state` (its EMA variables are what
+  `results` evaluated). It holds the routing health of those variables (analysis/routing.py;
+  its warnings go to the log too). A run started from a pretrained checkpoint adds, per new
+  task, `accuracy_before_finetune` and `added_parameters`, and the details of its
+  initialisation under "init_from"; the method adds its own fields (Method.results)."""
   run_start = ctx.run_start
   results = {task: dict(r, **_new_task_summary(run_start, task)) for task, r in results.items()}
-  payload = {"tasks": results, "step": int(step), "wall_time_s": float(wall_time_s)}
+  payload = {"tasks": results, "step": int(state.step), "wall_time_s": float(wall_time_s)}
+  health = routing_health(ctx.model, jax.device_get(state.ema_params))
+  if health:
+    payload["routing"] = health
+    for warning in health["warnings"]:
+      logging.warning("Routing at step %d: %s.", int(state.step), warning)
   payload.update(ctx.method.results(ctx.config, results))
   if run_start:
     payload["init_from"] = run_start.to_dict()
@@ -77,11 +92,13 @@ def evaluate_and_report(ctx, writer, step, state, wall_time):
   eval_seconds = time.time() - started
   scalars = {f"{task}/{key}": value for task, r in results.items() for key, value in r.items()}
   scalars["eval_seconds"] = eval_seconds
-  writer.write_scalars(step, scalars)
   pictures = _pictures(ctx, step, mixture_weights_by_task(ctx.model,
                                                           jax.device_get(state.ema_params)))
   writer.write_images(step, {name: rgb[None] for name, rgb in pictures.items()})
-  payload = write_results(ctx, results, step, wall_time)
+  payload = write_results(ctx, state, results, wall_time)
+  if "routing" in payload:
+    scalars.update(routing.scalars(payload["routing"]))
+  writer.write_scalars(step, scalars)
   if jax.process_index() == 0:
     workdir = Workdir(ctx.workdir)
     for name, rgb in pictures.items():
