@@ -92,6 +92,22 @@ MUTATIONS = {
         "compmod_jax/data/colour_digits.py",
         "    if rng.random() < NEIGHBOUR_PROBABILITY:",
         "    if rng.random() < 0:", ("tests/test_colour_digits.py",)),
+    "routing health reads the training weights, not the evaluated EMA ones": (
+        "compmod_jax/train/report.py",
+        "health = routing_health(ctx.model, jax.device_get(state.ema_params))",
+        "health = routing_health(ctx.model, jax.device_get(state.params))",
+        ("tests/test_routing.py",)),
+    "template cosine compares biases too": (
+        "compmod_jax/analysis/routing.py",
+        'for name, leaf in sorted(templates.items()) if name.endswith("kernel")]',
+        "for name, leaf in sorted(templates.items())]", ("tests/test_routing.py",)),
+    "the mutual information is the mean entropy minus the entropy of the mean": (
+        "compmod_jax/analysis/routing.py",
+        '"mutual_information": entropy_of_mean - mean_entropy,',
+        '"mutual_information": mean_entropy - entropy_of_mean,', ("tests/test_routing.py",)),
+    "streams autotune (a finished run waits for the tuning thread before it exits)": (
+        "compmod_jax/data/streams.py", "options.autotune.enabled = False",
+        "options.autotune.enabled = True", ("tests/test_data.py",)),
 }
 
 

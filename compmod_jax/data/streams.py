@@ -224,8 +224,8 @@ class DataStream:
         return augment_with_own_seed(batch_count, prepared)
 
     dataset = dataset.batch(batch_size, drop_remainder=True).enumerate()
-    return dataset.map(traced(make_batch),
-                       num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return _without_autotuning(dataset.map(traced(make_batch),
+                                           num_parallel_calls=tf.data.AUTOTUNE).prefetch(2))
 
   def _shuffled(self, dataset, seed):
     # Shuffle before repeat: each epoch then sees every example of this share exactly once.
@@ -260,13 +260,19 @@ class DataStream:
     _check_fixed_image_shape(dataset.element_spec)
     padding = tf.data.Dataset.from_tensors(_zero_example(dataset.element_spec)).repeat()
     dataset = dataset.concatenate(padding).take(self.num_batches * self.batch_size)
-    # No autotuning: its background thread sleeps longer the longer the iterator lives, and
-    # replacing the iterator at the next pass waited for it to wake up (up to a minute per
-    # task between two evaluations of a long run).
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    dataset = dataset.batch(self.batch_size, drop_remainder=True).prefetch(2)
-    return dataset.with_options(options)
+    return _without_autotuning(
+        dataset.batch(self.batch_size, drop_remainder=True).prefetch(2))
+
+
+def _without_autotuning(dataset):
+  """`dataset` with tf.data's autotuning off; AUTOTUNE parallelism then means one call per
+  core. Autotuning's background thread sleeps longer the longer an iterator lives, and
+  destroying the iterator waits for it to wake up: a new eval pass waited up to a minute per
+  task, and a finished training run up to a minute per task before the process could exit
+  (a training stream of the embedded MNIST held the exit of a 90 s script for 50 s)."""
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return dataset.with_options(options)
 
 
 def _check_fixed_image_shape(element_spec):
