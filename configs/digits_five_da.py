@@ -3,13 +3,13 @@ of configs/digits_five.py (MNIST, MNIST-M, synthetic digits, shear, scale; label
 handwritten digits (unlabelled): configs/digits_da.py's methods, models, arguments and
 adaptation recipe (225 steps, App. D.2-D.4), with the five colour domains as sources.
 
-  S=auto; D=workdirs/five_da; C=configs/digits_five_da.py
+  S=auto; D=workdirs/five_da; C=configs/digits_five_da.py; P=workdirs/five_da_plain_pretraining
   python -m compmod_jax.main --config=configs/digits_five.py:setup=mixture_patches \
-      --workdir=$D/pretrained_compositional
+      --workdir=workdirs/five_patches
   python -m compmod_jax.main --config=$C:method=source_only,model=plain \
-      --workdir=$D/plain_pretraining          # pretrains the plain network in .../pretrained
+      --workdir=$P          # pretrains the plain network in $P/pretrained
   for model in compositional plain; do
-    I=$D/pretrained_compositional; [ $model = plain ] && I=$D/plain_pretraining/pretrained
+    I=workdirs/five_patches; [ $model = plain ] && I=$P/pretrained
     for method in source_only bn_stats; do
       python -m compmod_jax.main --config=$C:method=$method,model=$model,source=$S \
           --config.init_from=$I --workdir=$D/${model}_$method
@@ -23,7 +23,7 @@ adaptation recipe (225 steps, App. D.2-D.4), with the five colour domains as sou
           --config.init_from=$I --config.seed=$seed --workdir=$D/${model}_supervised_$seed
     done
   done
-  python -m compmod_jax.analysis.tables da $D/*_* --out=workdirs/table3_five
+  python -m compmod_jax.analysis.tables da $D/* --out=workdirs/table3_five
 
 All images are 28x28 RGB (the grayscale domains and the target as three equal channels).
 `tiny=1`: a seconds-long debug run.
