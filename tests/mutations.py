@@ -94,8 +94,8 @@ MUTATIONS = {
         "    if rng.random() < 0:", ("tests/test_colour_digits.py",)),
     "routing health reads the training weights, not the evaluated EMA ones": (
         "compmod_jax/train/report.py",
-        "health = routing_health(ctx.model, jax.device_get(state.ema_params))",
-        "health = routing_health(ctx.model, jax.device_get(state.params))",
+        "health = routing_health(ctx.model, routing_params(state.ema_params))",
+        "health = routing_health(ctx.model, routing_params(state.params))",
         ("tests/test_routing.py",)),
     "template cosine compares biases too": (
         "compmod_jax/analysis/routing.py",

@@ -46,6 +46,13 @@ def write_train_metrics(ctx, writer, step, pending_metrics, learning_rate, state
   writer.write_scalars(step, averaged)
 
 
+def routing_params(params):
+  """A host copy of what the mixture weights and the routing health read of `params`: the
+  mixture logits and the templates (not the adapters, heads or BN rows)."""
+  return jax.device_get({name: params[name] for name in templates.MIXTURE_PARAMS
+                         + ("templates",) if name in params})
+
+
 def routing_health(model, params):
   """analysis/routing.py's health of `params`' routes and templates; None for the plain
   signature, whose bank holds each layer's own block (no template is shared)."""
@@ -63,7 +70,7 @@ def write_results(ctx, state, results, wall_time_s):
   run_start = ctx.run_start
   results = {task: dict(r, **_new_task_summary(run_start, task)) for task, r in results.items()}
   payload = {"tasks": results, "step": int(state.step), "wall_time_s": float(wall_time_s)}
-  health = routing_health(ctx.model, jax.device_get(state.ema_params))
+  health = routing_health(ctx.model, routing_params(state.ema_params))
   if health:
     payload["routing"] = health
     for warning in health["warnings"]:
@@ -92,8 +99,8 @@ def evaluate_and_report(ctx, writer, step, state, wall_time):
   eval_seconds = time.time() - started
   scalars = {f"{task}/{key}": value for task, r in results.items() for key, value in r.items()}
   scalars["eval_seconds"] = eval_seconds
-  pictures = _pictures(ctx, step, mixture_weights_by_task(ctx.model,
-                                                          jax.device_get(state.ema_params)))
+  pictures = _pictures(ctx, step, mixture_weights_by_task(
+      ctx.model, routing_params(state.ema_params)))
   writer.write_images(step, {name: rgb[None] for name, rgb in pictures.items()})
   payload = write_results(ctx, state, results, wall_time)
   if "routing" in payload:
