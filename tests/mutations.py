@@ -105,6 +105,29 @@ MUTATIONS = {
         "compmod_jax/analysis/routing.py",
         '"mutual_information": entropy_of_mean - mean_entropy,',
         '"mutual_information": mean_entropy - entropy_of_mean,', ("tests/test_routing.py",)),
+    "the router reads nothing of the example": (
+        "compmod_jax/models/network.py",
+        "routes = templates.mixture_weights(logits + pooled @ router_kernel)  # [N, K]",
+        "routes = templates.mixture_weights(logits + 0 * pooled @ router_kernel)",
+        ("tests/test_content_routing.py",)),
+    "every example is routed by the first example of its batch": (
+        "compmod_jax/models/network.py", "pooled = ops.at_least_float32(jnp.mean(h, axis=(1, 2)))",
+        "pooled = ops.at_least_float32(jnp.mean(h[:1], axis=(1, 2)))",
+        ("tests/test_content_routing.py",)),
+    "every layer reads the first layer's router": (
+        "compmod_jax/models/network.py",
+        'return routed, (layer_logits, self.router["kernel"], self._layer_bn(task_index), stats)',
+        'return routed, (layer_logits, jnp.broadcast_to(self.router["kernel"][:1], '
+        'self.router["kernel"].shape), self._layer_bn(task_index), stats)',
+        ("tests/test_content_routing.py",)),
+    "a per-example depthwise kernel is read transposed": (
+        "compmod_jax/models/ops.py",
+        "taps = jnp.transpose(kernel, (1, 2, 0, 3))[:, :, :, None, None, :]  # [3, 3, N, 1, 1, C]",
+        "taps = jnp.transpose(kernel, (2, 1, 0, 3))[:, :, :, None, None, :]",
+        ("tests/test_content_routing.py",)),
+    "a content-routed model's mean entropy is the entropy of each task's mean route": (
+        "compmod_jax/analysis/routing.py", "  if route_entropy is None:", "  if True:",
+        ("tests/test_routing.py",)),
     "streams autotune (a finished run waits for the tuning thread before it exits)": (
         "compmod_jax/data/streams.py", "options.autotune.enabled = False",
         "options.autotune.enabled = True", ("tests/test_data.py",)),

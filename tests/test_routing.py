@@ -85,3 +85,16 @@ def test_a_run_with_an_unused_template_says_so_in_its_log(embedded_dir, tmp_path
   said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Routing")]
   assert said == ["Routing at step 1: template 2 is unused: it carries 0.00% of the mixture "
                   "weight over tasks and layers (a uniform share is 50.00%)."]
+
+
+def test_grouped_routes_give_the_statistics_of_every_example():
+  """routing='example': each task hands over its images' mean route and mean route entropy;
+  with equal-sized tasks that is the statistics of all the images' own routes."""
+  routes = np.random.default_rng(1).dirichlet(np.full(3, 0.5), size=(2, 5, 4))  # [T, N, L, K]
+  entropy = lambda p: -np.sum(p * np.log(p), axis=-1)
+  grouped = routing.route_statistics(routes.mean(axis=1), entropy(routes).mean(axis=1))
+  every = routing.route_statistics(routes.reshape(10, 4, 3))
+  for key, value in every.items():
+    np.testing.assert_allclose(grouped[key], value, rtol=1e-12, err_msg=key)
+  ungrouped = routing.route_statistics(routes.mean(axis=1))  # the entropy of the means instead
+  assert np.all(ungrouped["mean_entropy"] > every["mean_entropy"])

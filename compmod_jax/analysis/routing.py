@@ -1,14 +1,16 @@
 """Routing health: how the layers of a model use its K templates.
 
 A route is one distribution over the K templates per layer: a task's mixture weights xi_t
-(paper Eq. 1), or a fixed signature's one-hot rows. Over the routes of a model, per layer l:
+(paper Eq. 1), a fixed signature's one-hot rows, or, with routing='example', one test image's
+xi(x), each task's images weighted as much as another task's. Over the routes of a model, per
+layer l:
 
   usage[l, k]          = mean over routes of xi[l, k]          (the mean route)
   entropy_of_mean[l]   = H(usage[l])                          (nats)
   mean_entropy[l]      = mean over routes of H(xi[l])
   mutual_information[l] = entropy_of_mean[l] - mean_entropy[l]  >= 0 (H is concave): the
-                          information the route carries about which task it is, I(task;
-                          template) under uniform tasks, as mttl logs it
+                          information the route carries about which task (or image) it is,
+                          I(task; template) under uniform tasks, as mttl logs it
   balance[l]           = exp(entropy_of_mean[l]) / K          1: every template used alike
 
 and over the whole bank: each template's usage averaged over layers, and the cosine similarity
@@ -30,13 +32,17 @@ def _entropy(probabilities):
   return -np.sum(probabilities * logs, axis=-1)
 
 
-def route_statistics(routes):
+def route_statistics(routes, route_entropy=None):
   """The per-layer statistics of the module docstring for `routes` [R, L, K] (R routes, each a
-  distribution over K templates per layer), weighted alike."""
+  distribution over K templates per layer), weighted alike. When each route is itself the mean
+  of a group's routes (a task's test images under routing='example'), `route_entropy` [R, L]
+  gives the group's mean entropy, so that mean_entropy is the mean over every example's own."""
   routes = np.asarray(routes, np.float64)
   usage = routes.mean(axis=0)
   entropy_of_mean = _entropy(usage)
-  mean_entropy = _entropy(routes).mean(axis=0)
+  if route_entropy is None:
+    route_entropy = _entropy(routes)
+  mean_entropy = np.asarray(route_entropy, np.float64).mean(axis=0)
   return {"usage": usage, "entropy_of_mean": entropy_of_mean, "mean_entropy": mean_entropy,
           "mutual_information": entropy_of_mean - mean_entropy,
           "balance": np.exp(entropy_of_mean) / routes.shape[-1]}
@@ -54,18 +60,26 @@ def template_cosine(templates):
   return unit @ unit.T
 
 
-def health(xi_by_task, templates):
+def health(xi_by_task, templates, mean_entropy=None):
   """Routing health of a model (JSON-able): the route statistics of its tasks' xi
   ({task: [L, K]}) per layer, each template's usage over the whole depth, the templates' kernel
   cosine similarity and the warnings they give (templates are numbered from 1, as in the
-  signatures the docs print)."""
-  stats = route_statistics(np.stack([xi_by_task[task] for task in sorted(xi_by_task)]))
+  signatures the docs print). A model that routes each image gives each task's mean route over
+  its test images as its xi and their mean entropy ({task: [L]}) as `mean_entropy`; the result
+  then also holds those mean routes (`usage_by_task`: the domain-by-template picture), and the
+  mutual information is the one between an image and its route, tasks weighted alike."""
+  tasks = sorted(xi_by_task)
+  stats = route_statistics(np.stack([xi_by_task[task] for task in tasks]),
+                           None if mean_entropy is None else
+                           np.stack([mean_entropy[task] for task in tasks]))
   cosine = template_cosine(templates)
   template_usage = stats["usage"].mean(axis=0)
   result = {key: value.tolist() for key, value in stats.items()}
   pairs = cosine[np.triu_indices(len(cosine), k=1)]
   result.update(template_usage=template_usage.tolist(), template_cosine=cosine.tolist(),
                 max_template_cosine=float(pairs.max()) if pairs.size else None)
+  if mean_entropy is not None:  # routing by content: each task's mean route, its picture
+    result["usage_by_task"] = {task: np.asarray(xi_by_task[task]).tolist() for task in tasks}
   result["warnings"] = warnings(template_usage, cosine)
   return result
 

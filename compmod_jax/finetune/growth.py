@@ -46,6 +46,11 @@ def check_config(config):
     raise ValueError(f"config.transfer.add_templates needs mixture weights to reach the new "
                      f"templates; config.model.signature is {config.model.signature!r}, "
                      f"set it to {templates.LEARNED!r}.")
+  if config.model.routing != "task":
+    raise ValueError(f"config.transfer.add_templates grows the per-task mixture weights; "
+                     f"config.model.routing={config.model.routing!r} also routes by a router "
+                     f"whose output has one column per template, which growth does not extend: "
+                     f"grow with routing='task'.")
 
 
 def bank_size(variables):

@@ -156,6 +156,10 @@ def load_learned_run(workdir, data_dir, operation):
     raise SurgeryError(f"{workdir} trained a fixed signature "
                        f"(config.model.signature={run.config.model.signature!r}); only a "
                        f"model with mixture weights can be {operation}.")
+  if run.config.model.get("routing", "task") != "task":
+    raise SurgeryError(f"{workdir} routes by content (config.model.routing="
+                       f"{run.config.model.routing!r}): each image gets its own xi, so there "
+                       f"are no per-task mixture weights to be {operation}.")
   return run
 
 

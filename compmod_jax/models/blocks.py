@@ -84,7 +84,15 @@ def inverted_residual(x, skip_input, layer, *, train, activation, conv_impl, bn_
 
 
 def _squeeze_excite(h, params, activation):
+  """The SE gate [N, 1, 1, E]; its kernels are [E, S] and [S, E], or with a leading N axis
+  when every example has its own (routing='example'), and so are the biases."""
   pooled = jnp.mean(h, axis=(1, 2))
-  squeezed = activation(pooled @ params["se_reduce_kernel"] + params["se_reduce_bias"])
-  gate = jax.nn.hard_sigmoid(squeezed @ params["se_expand_kernel"] + params["se_expand_bias"])
+  squeezed = activation(_dense(pooled, params["se_reduce_kernel"]) + params["se_reduce_bias"])
+  gate = jax.nn.hard_sigmoid(_dense(squeezed, params["se_expand_kernel"])
+                             + params["se_expand_bias"])
   return gate[:, None, None, :]
+
+
+def _dense(x, kernel):
+  """x [N, D] times a shared kernel [D, F] or a per-example one [N, D, F]."""
+  return x @ kernel if kernel.ndim == 2 else jnp.einsum("nd,ndf->nf", x, kernel)

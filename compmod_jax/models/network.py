@@ -11,6 +11,9 @@ Variables:
   params/mixture_logits      [tasks, L - n, K]; xi = softmax over K (learned signature only)
   params/shared_mixture_logits  [n, K]: the first n layers' logits, one row all tasks share
                              (model.shared_mixture_layers = n > 0; paper Tables 11/12)
+  params/router/kernel       [L, C, K] (routing = "example"): each layer's input, pooled over
+                             space, adds `pooled @ kernel[l]` to the task's mixture logits, so
+                             every example gets its own xi (paper Eq. 1 with content)
   params/block_bn            BN scale/bias, [L, C] ("per_layer") or [tasks, L, C] ("per_task")
   params/output_adapter      1x1 conv to c1, average pool, dense to c2
   params/heads/<task>        logits layer of each task
@@ -48,6 +51,11 @@ class CompositionalIsometricNet(nn.Module):
             lambda key: templates.init_mixture_logits(
                 key, spec.mixture_init, (1, spec.num_layers, spec.bank_size),
                 spec.mixture_init_scale)[0, :shared])
+    if spec.routing == "example":
+      # Zero: every example starts on its task's xi, so a model loaded from a per-task
+      # checkpoint computes what that checkpoint did until the router learns.
+      self.router = self.param("router", lambda key: {
+          "kernel": jnp.zeros((spec.num_layers, spec.width, spec.bank_size))})
     bn_prefix = {"per_layer": (spec.num_layers,), "per_task": (num_tasks, spec.num_layers)}
     if spec.batch_norm in bn_prefix:
       self.block_bn = self.param("block_bn", _init_bn_params, self._bn_channels(),
@@ -63,8 +71,24 @@ class CompositionalIsometricNet(nn.Module):
 
   def __call__(self, images, task=0, train=False):
     """Logits of `task` for NHWC images. In training, updates that task's BN statistics."""
-    embedding = self.dropout(self._embed(self._body(images, task, train, True)[0]),
-                             deterministic=not train)
+    return self._logits(self._body(images, task, train, True)[0], task, train)
+
+  def logits_and_routes(self, images, task=0):
+    """Evaluation's logits and each layer's mixture weights for every image, [L, N, K]
+    (routing='example': the router's output), from one pass."""
+    if self.spec.routing != "example":
+      raise ValueError(f"Routes per image come from the router of routing='example'; this "
+                       f"model has routing={self.spec.routing!r}, whose xi are its mixture "
+                       f"weights.")
+    features, _, routes = self._body(images, task, False, False, with_routes=True)
+    return self._logits(features, task, False), routes
+
+  def routes(self, images, task=0):
+    """Each layer's mixture weights for every image in evaluation, [L, N, K], float32."""
+    return self.logits_and_routes(images, task)[1]
+
+  def _logits(self, features, task, train):
+    embedding = self.dropout(self._embed(features), deterministic=not train)
     head = self._in_compute_dtype(self.heads[self.spec.tasks[self.spec.task_index(task)][0]])
     return ops.at_least_float32(embedding @ head["kernel"] + head["bias"])
 
@@ -79,8 +103,9 @@ class CompositionalIsometricNet(nn.Module):
     features = ops.at_least_float32(features)
     return features if update_stats else (features, batch_stats)
 
-  def _body(self, images, task, train, update_stats):
-    """(output of the last block in the compute dtype, the blocks' batch statistics)."""
+  def _body(self, images, task, train, update_stats, with_routes=False):
+    """(output of the last block in the compute dtype, the blocks' batch statistics[, the
+    routes])."""
     act = ops.ACTIVATIONS[self.spec.activation]
     task_index = self.spec.task_index(task)
     adapter = self.input_adapter
@@ -88,7 +113,7 @@ class CompositionalIsometricNet(nn.Module):
       adapter = jax.tree.map(lambda p: p[task_index], adapter)
     adapter, images = self._in_compute_dtype((adapter, images))
     x = act(ops.patchify_conv(images, adapter["kernel"], adapter["bias"]))
-    return self._run_blocks(x, task_index, train, update_stats)
+    return self._run_blocks(x, task_index, train, update_stats, with_routes)
 
   def _embed(self, features):
     """Output adapter: 1x1 conv + act, global average pool, dense + act (compute dtype)."""
@@ -99,15 +124,16 @@ class CompositionalIsometricNet(nn.Module):
 
   def layer_parameters(self, task_index):
     """Block parameters and BN scale/bias of every layer for one task, stacked on axis L."""
-    spec = self.spec
     layer_params = dict(self._layer_templates(task_index))  # setup() gives FrozenDicts
-    if spec.batch_norm == "mixed":
-      bn = layer_params.pop("bn")
-    elif spec.batch_norm == "per_task":
-      bn = jax.tree.map(lambda p: p[task_index], self.block_bn)
-    else:
-      bn = self.block_bn
-    return layer_params, bn
+    if self.spec.batch_norm == "mixed":
+      return layer_params, layer_params.pop("bn")
+    return layer_params, self._layer_bn(task_index)
+
+  def _layer_bn(self, task_index):
+    """BN scale/bias of every layer for one task ("per_layer" or "per_task" batch norm)."""
+    if self.spec.batch_norm == "per_task":
+      return jax.tree.map(lambda p: p[task_index], self.block_bn)
+    return self.block_bn
 
   def _layer_templates(self, task_index):
     """The template bank mixed by the task's xi, or indexed by its fixed signature."""
@@ -139,12 +165,11 @@ class CompositionalIsometricNet(nn.Module):
     mean over many batches re-estimates the moving ones (precise BN; AdaBN on a new domain)."""
     return self.body_features(images, task, train=True, update_stats=False)[1]
 
-  def _run_blocks(self, x, task_index, train, update_stats):
+  def _run_blocks(self, x, task_index, train, update_stats, with_routes=False):
     """The blocks' output and, in training, their batch statistics (folded into the moving
-    ones when `update_stats`)."""
+    ones when `update_stats`); with `with_routes`, also every layer's per-example mixture
+    weights [L, N, K] (routing='example')."""
     spec = self.spec
-    layer_params, bn = self.layer_parameters(task_index)
-    layer_params = self._in_compute_dtype(layer_params)  # mixed in float32, then cast
     stats = jax.tree.map(lambda s: s[task_index], self.bn_stats.value)
     skip = x if spec.input_skip else None
 
@@ -154,23 +179,47 @@ class CompositionalIsometricNet(nn.Module):
           activation=ops.ACTIVATIONS[spec.activation],
           conv_impl=ops.resolve_conv_impl(spec.conv_impl), bn_eps=spec.bn_eps)
 
+    if spec.routing == "example":
+      block, per_layer = self._routed_block(block, task_index, stats)
+    else:
+      layer_params, bn = self.layer_parameters(task_index)
+      layer_params = self._in_compute_dtype(layer_params)  # mixed in float32, then cast
+      per_layer = (layer_params, bn, stats)
+      block = _without_routes(block)
     if REMAT_POLICIES[spec.remat] is not None:
       # Under scan the loop already keeps the recomputation apart from the forward pass, so
       # common-subexpression elimination needs no barrier (jax.checkpoint's docs).
       block = jax.checkpoint(block, policy=REMAT_POLICIES[spec.remat],
                              prevent_cse=not spec.uses_scan)
-    per_layer = (layer_params, bn, stats)
     if spec.uses_scan:
-      x, batch_stats = jax.lax.scan(block, x, per_layer, unroll=spec.scan_unroll)
+      x, (batch_stats, routes) = jax.lax.scan(block, x, per_layer, unroll=spec.scan_unroll)
     else:
       outputs = []
       for layer in range(spec.num_layers):
-        x, layer_stats = block(x, jax.tree.map(lambda a, i=layer: a[i], per_layer))
-        outputs.append(layer_stats)
-      batch_stats = jax.tree.map(lambda *a: jnp.stack(a), *outputs) if train else None
+        x, layer_outputs = block(x, jax.tree.map(lambda a, i=layer: a[i], per_layer))
+        outputs.append(layer_outputs)
+      batch_stats, routes = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
     if train and update_stats and not self.is_initializing():
       self._update_moving_stats(task_index, stats, batch_stats)
-    return x, batch_stats
+    return (x, batch_stats, routes) if with_routes else (x, batch_stats)
+
+  def _routed_block(self, block, task_index, stats):
+    """routing='example': the block whose parameters mix the template bank per example, by
+    xi(x) = softmax(task's mixture logits + pooled block input @ router kernel), and the
+    per-layer inputs it scans over. The bank enters every layer whole (it is shared across
+    depth); the mixing is in float32, then cast to the compute dtype, as for routing='task'."""
+    layer_logits = templates.task_mixture_logits(self._mixture_params())[task_index]
+    bank = self.templates
+
+    def routed(h, layer):
+      logits, router_kernel, bn, layer_stats = layer
+      pooled = ops.at_least_float32(jnp.mean(h, axis=(1, 2)))
+      routes = templates.mixture_weights(logits + pooled @ router_kernel)  # [N, K]
+      params = self._in_compute_dtype(templates.mix_templates_per_example(routes, bank))
+      h, batch_stats = block(h, (params, bn, layer_stats))
+      return h, (batch_stats, routes)
+
+    return routed, (layer_logits, self.router["kernel"], self._layer_bn(task_index), stats)
 
   def _update_moving_stats(self, task_index, old, batch):
     momentum = self.spec.bn_momentum
@@ -201,6 +250,14 @@ class CompositionalIsometricNet(nn.Module):
     if spec.batch_norm == "mixed":
       bank["bn"] = _init_bn_params(None, self._bn_channels(), (spec.bank_size,))
     return bank
+
+
+def _without_routes(block):
+  """A block for routing='task', with the (absent) routes beside its batch statistics."""
+  def block_without_routes(h, layer):
+    h, batch_stats = block(h, layer)
+    return h, (batch_stats, None)
+  return block_without_routes
 
 
 def _init_own_mixture_logits(key, spec, shape):

@@ -16,6 +16,10 @@ BATCH_NORM_MODES = ("per_layer", "per_task", "mixed")
 # "per_task" gives every task its own input adapter: the plain network's domain adaptation
 # baseline tunes the target's adapter alone (paper §4.4), while the sources keep theirs.
 INPUT_ADAPTER_MODES = ("shared", "per_task")
+# How a layer picks its mixture of templates (config.model.routing): "task" by the task's xi
+# alone (the paper); "example" adds a router on the layer's pooled input to those logits, so
+# every example gets its own xi (docs/modules.md, "Routing by content").
+ROUTINGS = ("task", "example")
 LAYER_ITERATIONS = ("auto", "loop", "scan")
 # The dtype of activations and of the convolutions' inputs and kernels
 # (config.model.compute_dtype). Parameters, optimizer state, EMA, BN statistics, the softmax of
@@ -62,6 +66,7 @@ class NetworkSpec:
   mixture_init: str = "normal"
   mixture_init_scale: float = 1.0
   shared_mixture_layers: int = 0
+  routing: str = "task"
   batch_norm: str = "per_layer"
   input_adapter: str = "shared"
   input_skip: bool = False
@@ -228,6 +233,7 @@ def _validate(spec):
   _choice("conv_impl", spec.conv_impl, ops.CONV_IMPLS + ("auto",))
   _choice("compute_dtype", spec.compute_dtype, COMPUTE_DTYPES)
   _choice("remat", spec.remat, REMAT_POLICIES)
+  _choice("routing", spec.routing, ROUTINGS)
   problem = ops.conv_impl_problem(spec.conv_impl)
   if problem:
     raise ValueError(f"config.model.{problem}.")
@@ -235,6 +241,8 @@ def _validate(spec):
     _validate_explicit_signature(spec)
   if spec.shared_mixture_layers:
     _validate_shared_mixture_layers(spec)
+  if spec.routing == "example":
+    _validate_example_routing(spec)
   if spec.signature == "progressive" and spec.num_layers < spec.num_templates:
     raise ValueError(f"A progressive signature uses every template at least once, so "
                      f"num_layers ({spec.num_layers}) must be >= num_templates "
@@ -266,3 +274,15 @@ def _validate_shared_mixture_layers(spec):
     raise ValueError(f"config.model.shared_mixture_layers must be in 0..{spec.num_layers - 1} "
                      f"(num_layers - 1: the last layers keep per-task mixture weights), got "
                      f"{shared}.")
+
+
+def _validate_example_routing(spec):
+  if spec.signature != templates.LEARNED:
+    raise ValueError(f"config.model.routing='example' mixes the templates per example, which "
+                     f"signature={spec.signature!r} (one fixed template per layer) does not; "
+                     f"use signature='mixture' or routing='task'.")
+  if spec.batch_norm == "mixed":
+    raise ValueError("config.model.routing='example' mixes kernels and SE per example but "
+                     "keeps BN scale and offset per layer; batch_norm='mixed' (BN in the "
+                     "templates) would need them per example too: use batch_norm='per_layer' "
+                     "or 'per_task', or routing='task'.")

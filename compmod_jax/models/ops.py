@@ -46,7 +46,11 @@ def conv1x1(x, kernel):
   [pixels, C] @ [C, D] matmul. The same sums as an einsum over the 4-D input, but XLA:CPU
   lowers that einsum's kernel gradient (a contraction over N, H and W) by transposing the
   output gradient into [D, pixels] first, a copy that took longer than the matmuls
-  (docs/performance.md)."""
+  (docs/performance.md). A kernel [N, C, D] gives every example its own: one batched matmul
+  [N, pixels, C] @ [N, C, D]."""
+  if kernel.ndim == 3:
+    pixels = x.reshape(x.shape[0], -1, x.shape[-1]) @ kernel
+    return pixels.reshape(*x.shape[:-1], kernel.shape[-1])
   pixels = x.reshape(-1, x.shape[-1]) @ kernel
   return pixels.reshape(*x.shape[:-1], kernel.shape[-1])
 
@@ -65,7 +69,13 @@ def patchify_conv(images, kernel, bias):
 
 
 def depthwise_conv3x3(x, kernel, impl):
-  """3x3 depthwise convolution, stride 1, SAME padding. x: [N, H, W, C], kernel: [3, 3, C]."""
+  """3x3 depthwise convolution, stride 1, SAME padding. x: [N, H, W, C], kernel: [3, 3, C], or
+  [N, 3, 3, C] for a kernel per example, which always takes the shifted copies: nine
+  elementwise products with a per-example tap, where a grouped convolution would need one
+  group per example and channel (slow on CPU and GPU, above all its transpose)."""
+  if kernel.ndim == 4:
+    taps = jnp.transpose(kernel, (1, 2, 0, 3))[:, :, :, None, None, :]  # [3, 3, N, 1, 1, C]
+    return _depthwise_conv3x3_shifted(x, taps)
   if impl == "native":
     return jax.lax.conv_general_dilated(
         x, kernel[:, :, None, :], window_strides=(1, 1), padding="SAME",
@@ -92,6 +102,7 @@ def _shift(x, offset, axis):
 
 
 def _depthwise_conv3x3_shifted(x, kernel):
+  # kernel[i, j] broadcasts against x: [C], or [N, 1, 1, C] for per-example taps.
   # out[h, w] = sum_ij x[h + i - 1, w + j - 1] * kernel[i, j]. Three width-shifted copies are
   # shared by the three kernel rows; each row sum is then shifted along height once. Written
   # for autodiff: XLA:CPU runs its derivative well (unlike _depthwise_conv3x3_windows').

@@ -51,6 +51,13 @@ def mix_templates(xi, templates):
   return jax.tree.map(lambda bank: jnp.einsum("lk,k...->l...", xi, bank), templates)
 
 
+def mix_templates_per_example(routes, templates):
+  """One layer's parameters for every example: out[n] = sum_k routes[n, k] * templates[k]
+  (routes [N, K]); each leaf gets a leading N axis that the block's batched contractions
+  read."""
+  return jax.tree.map(lambda bank: jnp.einsum("nk,k...->n...", routes, bank), templates)
+
+
 def select_templates(signature, templates):
   """Parameters of all layers for a fixed signature: out[l] = templates[signature[l]]."""
   index = jnp.asarray(signature, dtype=jnp.int32)

@@ -160,20 +160,25 @@ class RunContext:
     results = {}
     for task, stream in sorted(self.eval_streams.items()):
       totals = self.eval_sums(state, stream, task)
-      count = max(totals["count"], 1.0)
-      results[task] = {"test_accuracy": totals["correct"] / count,
-                       "test_loss": totals["loss_sum"] / count, "test_examples": int(count)}
+      count = max(float(totals["count"]), 1.0)
+      results[task] = {"test_accuracy": float(totals["correct"]) / count,
+                       "test_loss": float(totals["loss_sum"]) / count,
+                       "test_examples": int(count)}
+      if "route_sum" in totals:  # routing='example': [L, K] and [L], over the test images
+        results[task].update(mean_route=(totals["route_sum"] / count).tolist(),
+                             mean_route_entropy=(totals["route_entropy_sum"] / count).tolist())
     return results
 
   def eval_sums(self, state, stream, task, max_batches=None):
-    """Correct predictions, cross-entropy and real examples of `task`'s eval step summed over
-    one pass of an eval stream (or its first `max_batches` batches)."""
-    totals = {"correct": 0.0, "loss_sum": 0.0, "entropy_sum": 0.0, "count": 0.0}
+    """Correct predictions, cross-entropy, real examples (and the routes) of `task`'s eval step
+    summed over one pass of an eval stream (or its first `max_batches` batches), as float64
+    numpy values."""
+    totals = {}
     for local_batch in itertools.islice(stream, max_batches):
       sums = self.eval_steps[task](state, self.global_batch(local_batch))
-      for key in totals:
-        totals[key] += float(sums[key])
-    return totals
+      for key, value in sums.items():  # replicated: every process reads the whole sum
+        totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+    return totals or {"correct": 0.0, "loss_sum": 0.0, "entropy_sum": 0.0, "count": 0.0}
 
   def accuracy(self, variables, stream, task, max_batches=None):
     """Accuracy of host `variables` {"params", "batch_stats"} as `task` on `stream` (read in

@@ -26,6 +26,7 @@ PARAMETER_GROUPS = (
     ("batch_norm", r"^block_bn/|^templates/bn/"),
     ("templates", r"^templates/"),
     ("mixture_logits", r"^(shared_)?mixture_logits$"),
+    ("router", r"^router/"),
     ("input_adapter", r"^input_adapter/"),
     ("output_adapter", r"^output_adapter/"),
     ("heads", r"^heads/"),
@@ -37,10 +38,13 @@ MODEL_GROUPS = tuple(name for name, _ in PARAMETER_GROUPS)
 # fine-tuning; and of domain adaptation (§4.4): the mixture weights alone, or with BN or the
 # input adapter, and the plain network's baseline, its input adapter alone; and of growth
 # (finetune/growth.py): a new task's private variables with the templates (only the added ones
-# when config.transfer.add_templates > 0). A method's own variables are not the model's:
-# presets leave their group alone.
+# when config.transfer.add_templates > 0); and of content routing (routing='example'): the
+# router alone on a loaded per-task model, or with the mixture logits it adds to. A method's
+# own variables are not the model's: presets leave their group alone.
 TRAINABLE_PRESETS = {
     "xi": ("mixture_logits",),
+    "router": ("router",),
+    "xi_router": ("mixture_logits", "router"),
     "xi_bn": ("mixture_logits", "batch_norm"),
     "xi_input_adapter": ("mixture_logits", "input_adapter"),
     "input_adapter": ("input_adapter",),

@@ -12,6 +12,11 @@ from compmod_jax.train import regularizers
 from compmod_jax.workdir import Workdir
 
 
+# What ctx.evaluate adds per task for a model that routes each image: the mean route [L, K]
+# and mean route entropy [L] over its test images (routing_health reads them).
+ROUTE_SUMS = ("mean_route", "mean_route_entropy")
+
+
 def mixture_weights_by_task(model, params):
   """{task: xi [L, K]} for a learned signature, or the one-hot fixed signature."""
   spec = model.spec
@@ -53,11 +58,17 @@ def routing_params(params):
                          + ("templates",) if name in params})
 
 
-def routing_health(model, params):
+def routing_health(model, params, results):
   """analysis/routing.py's health of `params`' routes and templates; None for the plain
-  signature, whose bank holds each layer's own block (no template is shared)."""
+  signature, whose bank holds each layer's own block (no template is shared). A model that
+  routes each image (routing='example') is read from the routes of its test images, which
+  `results` (ctx.evaluate's) holds per task."""
   if model.spec.signature == "plain":
     return None
+  if model.spec.routing == "example":
+    return routing.health(
+        {task: np.asarray(r["mean_route"]) for task, r in results.items()}, params["templates"],
+        mean_entropy={task: np.asarray(r["mean_route_entropy"]) for task, r in results.items()})
   return routing.health(mixture_weights_by_task(model, params), params["templates"])
 
 
@@ -68,9 +79,10 @@ def write_results(ctx, state, results, wall_time_s):
   task, `accuracy_before_finetune` and `added_parameters`, and the details of its
   initialisation under "init_from"; the method adds its own fields (Method.results)."""
   run_start = ctx.run_start
-  results = {task: dict(r, **_new_task_summary(run_start, task)) for task, r in results.items()}
+  health = routing_health(ctx.model, routing_params(state.ema_params), results)
+  results = {task: dict({k: v for k, v in r.items() if k not in ROUTE_SUMS},
+                        **_new_task_summary(run_start, task)) for task, r in results.items()}
   payload = {"tasks": results, "step": int(state.step), "wall_time_s": float(wall_time_s)}
-  health = routing_health(ctx.model, routing_params(state.ema_params))
   if health:
     payload["routing"] = health
     for warning in health["warnings"]:
@@ -97,12 +109,12 @@ def evaluate_and_report(ctx, writer, step, state, wall_time):
   started = time.time()
   results = ctx.evaluate(state)
   eval_seconds = time.time() - started
-  scalars = {f"{task}/{key}": value for task, r in results.items() for key, value in r.items()}
+  scalars = {f"{task}/{key}": value for task, r in results.items() for key, value in r.items()
+             if key not in ROUTE_SUMS}
   scalars["eval_seconds"] = eval_seconds
-  pictures = _pictures(ctx, step, mixture_weights_by_task(
-      ctx.model, routing_params(state.ema_params)))
-  writer.write_images(step, {name: rgb[None] for name, rgb in pictures.items()})
   payload = write_results(ctx, state, results, wall_time)
+  pictures = _pictures(ctx, step, _routes_by_task(ctx.model, state, payload))
+  writer.write_images(step, {name: rgb[None] for name, rgb in pictures.items()})
   if "routing" in payload:
     scalars.update(routing.scalars(payload["routing"]))
   writer.write_scalars(step, scalars)
@@ -114,6 +126,14 @@ def evaluate_and_report(ctx, writer, step, state, wall_time):
   logging.info("step %d (evaluated in %.1f s): %s", step, eval_seconds, ", ".join(
       f"{task} test accuracy {r['test_accuracy']:.4f}" for task, r in results.items()))
   return payload
+
+
+def _routes_by_task(model, state, payload):
+  """{task: [L, K]} the pictures show: each task's xi, or with routing='example' its test
+  images' mean route (the domain-by-template picture)."""
+  if "routing" in payload and model.spec.routing == "example":
+    return {task: np.asarray(usage) for task, usage in payload["routing"]["usage_by_task"].items()}
+  return mixture_weights_by_task(model, routing_params(state.ema_params))
 
 
 def _pictures(ctx, step, xi_by_task):

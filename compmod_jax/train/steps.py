@@ -58,16 +58,26 @@ def train_step(state, batch, *, model, optimization, loss_fn, config):
 def eval_step(state, examples, *, model, task):
   """Sums of correct predictions, cross-entropy, the entropy of the predicted distribution (no
   label needed) and real examples over a padded batch, using the EMA parameters and the moving
-  BN statistics."""
+  BN statistics; with routing='example' also of the routes and their entropies."""
   variables = {"params": state.ema_params, "batch_stats": state.batch_stats}
-  logits = model.apply(variables, examples["image"], task=task, train=False)
   mask = examples["mask"].astype(jnp.float32)
+  sums = {}
+  if model.spec.routing == "example":
+    # The routes' sums over the real examples: their mean and mean entropy per layer are what
+    # the routing health reads of a model that routes each image (analysis/routing.py).
+    logits, routes = model.apply(variables, examples["image"], task=task,
+                                 method="logits_and_routes")
+    sums["route_sum"] = jnp.einsum("lnk,n->lk", routes, mask)
+    sums["route_entropy_sum"] = -jnp.einsum("lnk,n->l", routes * jnp.log(
+        jnp.where(routes > 0, routes, 1.0)), mask)
+  else:
+    logits = model.apply(variables, examples["image"], task=task, train=False)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
   log_probabilities = jax.nn.log_softmax(logits)
   entropy = -jnp.sum(jnp.exp(log_probabilities) * log_probabilities, axis=-1)
-  return {"correct": jnp.sum((jnp.argmax(logits, -1) == examples["label"]) * mask),
-          "loss_sum": jnp.sum(cross_entropy * mask), "entropy_sum": jnp.sum(entropy * mask),
-          "count": jnp.sum(mask)}
+  return dict(sums, correct=jnp.sum((jnp.argmax(logits, -1) == examples["label"]) * mask),
+              loss_sum=jnp.sum(cross_entropy * mask), entropy_sum=jnp.sum(entropy * mask),
+              count=jnp.sum(mask))
 
 
 def jit_train_step(state_sharding, **kwargs):
