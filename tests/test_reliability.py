@@ -566,15 +566,16 @@ BAD_CONFIGS = {
                           r"config\.optimizer\.name must be one of \('rmsprop'"),
     "every_group_frozen": (
         {f"optimizer.lr_multipliers.{group}": 0.0 for group in
-         ("batch_norm", "templates", "mixture_logits", "input_adapter", "output_adapter",
-          "heads")}, ValueError,
+         ("batch_norm", "templates", "mixture_logits", "router", "input_adapter",
+          "output_adapter", "heads")}, ValueError,
         r"lr_multipliers trains nothing in this model: the groups with a multiplier > 0 are "
         r"\[\]"),
     "trainable_group_absent_from_model": (
         {"model.signature": "cyclic", **{f"optimizer.lr_multipliers.{group}": 0.0 for group in
                                          ("batch_norm", "templates", "input_adapter",
                                           "output_adapter", "heads")}},
-        ValueError, r"multiplier > 0 are \['mixture_logits'\], and this model's parameters "
+        ValueError, r"multiplier > 0 are \['mixture_logits', 'router'\], and this model's "
+                    r"parameters "
                     r"are in \['batch_norm', 'heads', 'input_adapter', 'output_adapter', "
                     r"'templates'\]"),
     "unknown_optimizer_group": ({"optimizer.lr_multipliers.template": 1.0}, ValueError,
