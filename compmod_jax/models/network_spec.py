@@ -18,7 +18,7 @@ BATCH_NORM_MODES = ("per_layer", "per_task", "mixed")
 INPUT_ADAPTER_MODES = ("shared", "per_task")
 # How a layer picks its mixture of templates (config.model.routing): "task" by the task's xi
 # alone (the paper); "example" adds a router on the layer's pooled input to those logits, so
-# every example gets its own xi (docs/modules.md, "Routing by content").
+# every example gets its own xi (docs/model.md, "Routing by content").
 ROUTINGS = ("task", "example")
 LAYER_ITERATIONS = ("auto", "loop", "scan")
 # The dtype of activations and of the convolutions' inputs and kernels
