@@ -64,10 +64,11 @@ def health(xi_by_task, templates, mean_entropy=None):
   """Routing health of a model (JSON-able): the route statistics of its tasks' xi
   ({task: [L, K]}) per layer, each template's usage over the whole depth, the templates' kernel
   cosine similarity and the warnings they give (templates are numbered from 1, as in the
-  signatures the docs print). A model that routes each image gives each task's mean route over
-  its test images as its xi and their mean entropy ({task: [L]}) as `mean_entropy`; the result
-  then also holds those mean routes (`usage_by_task`: the domain-by-template picture), and the
-  mutual information is the one between an image and its route, tasks weighted alike."""
+  signatures the docs print), and each task's route (`usage_by_task`: the pictures show it). A
+  model that routes each image gives each task's mean route over its test images as its xi
+  and their mean entropy ({task: [L]}) as `mean_entropy`: its `usage_by_task` is then the
+  domain-by-template picture, and the mutual information is the one between an image and its
+  route, tasks weighted alike."""
   tasks = sorted(xi_by_task)
   stats = route_statistics(np.stack([xi_by_task[task] for task in tasks]),
                            None if mean_entropy is None else
@@ -78,8 +79,7 @@ def health(xi_by_task, templates, mean_entropy=None):
   pairs = cosine[np.triu_indices(len(cosine), k=1)]
   result.update(template_usage=template_usage.tolist(), template_cosine=cosine.tolist(),
                 max_template_cosine=float(pairs.max()) if pairs.size else None)
-  if mean_entropy is not None:  # routing by content: each task's mean route, its picture
-    result["usage_by_task"] = {task: np.asarray(xi_by_task[task]).tolist() for task in tasks}
+  result["usage_by_task"] = {task: np.asarray(xi_by_task[task]).tolist() for task in tasks}
   result["warnings"] = warnings(template_usage, cosine)
   return result
 

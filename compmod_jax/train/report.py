@@ -113,7 +113,7 @@ def evaluate_and_report(ctx, writer, step, state, wall_time):
              if key not in ROUTE_SUMS}
   scalars["eval_seconds"] = eval_seconds
   payload = write_results(ctx, state, results, wall_time)
-  pictures = _pictures(ctx, step, _routes_by_task(ctx.model, state, payload))
+  pictures = _pictures(ctx, step, _routes_by_task(ctx.model, payload))
   writer.write_images(step, {name: rgb[None] for name, rgb in pictures.items()})
   if "routing" in payload:
     scalars.update(routing.scalars(payload["routing"]))
@@ -128,12 +128,13 @@ def evaluate_and_report(ctx, writer, step, state, wall_time):
   return payload
 
 
-def _routes_by_task(model, state, payload):
-  """{task: [L, K]} the pictures show: each task's xi, or with routing='example' its test
-  images' mean route (the domain-by-template picture)."""
-  if "routing" in payload and model.spec.routing == "example":
-    return {task: np.asarray(usage) for task, usage in payload["routing"]["usage_by_task"].items()}
-  return mixture_weights_by_task(model, routing_params(state.ema_params))
+def _routes_by_task(model, payload):
+  """{task: [L, K]} the pictures show: each task's route as the routing health read it (its xi,
+  or with routing='example' its test images' mean route); a plain network's one-hot rows."""
+  if "routing" in payload:
+    routes = payload["routing"]["usage_by_task"]
+    return {task: np.asarray(route) for task, route in routes.items()}
+  return mixture_weights_by_task(model, {})  # plain: no shared templates, no health
 
 
 def _pictures(ctx, step, xi_by_task):
