@@ -165,6 +165,14 @@ def chattr(sign):
   return lambda disk: subprocess.run(["chattr", "-R", f"{sign}i", str(disk / "work")], check=True)
 
 
+def remove_checkpoints(disk):
+  """`rm -rf checkpoints` under the run, made atomic by a rename first: the run may create a
+  file in the directory while rmtree empties it, and rmtree then fails ("Directory not
+  empty"). What the run still writes into the renamed tree is removed once it has stopped."""
+  (disk / "work" / "checkpoints").rename(disk / "removed")
+  shutil.rmtree(disk / "removed", ignore_errors=True)
+
+
 # How to break the disk under a running run, how to mend it, and what the run must say.
 STORAGE_FAULTS = {
     "disk_full": (fill, lambda disk: (disk / "filler").unlink(),
@@ -173,8 +181,9 @@ STORAGE_FAULTS = {
     # (which cannot be remounted read-only while the run holds files open for writing).
     "workdir_read_only": (chattr("+"), chattr("-"),
                           "the workdir cannot be written any more; make it writable again"),
-    "checkpoints_removed": (lambda disk: shutil.rmtree(disk / "work" / "checkpoints"),
-                            lambda disk: None, "was removed during the run"),
+    "checkpoints_removed": (remove_checkpoints,
+                            lambda disk: shutil.rmtree(disk / "removed", ignore_errors=True),
+                            "was removed during the run"),
 }
 
 
