@@ -125,6 +125,20 @@ MUTATIONS = {
         "taps = jnp.transpose(kernel, (1, 2, 0, 3))[:, :, :, None, None, :]  # [3, 3, N, 1, 1, C]",
         "taps = jnp.transpose(kernel, (2, 1, 0, 3))[:, :, :, None, None, :]",
         ("tests/test_content_routing.py",)),
+    "the posterior's variance forgets the spread of the tasks' means": (
+        "compmod_jax/models/network.py",
+        'spread = stats["var"][:, :, None] + jnp.square(stats["mean"][:, :, None] - mean)',
+        'spread = stats["var"][:, :, None] + 0 * mean', ("tests/test_content_routing.py",)),
+    "the domain classifier learns every image as the first task": (
+        "compmod_jax/models/network.py",
+        "jax.nn.logsumexp(domain_logits, -1) - domain_logits[:, task_index]))",
+        "jax.nn.logsumexp(domain_logits, -1) - domain_logits[:, 0]))",
+        ("tests/test_content_routing.py",)),
+    "the domain accuracy counts padding": (
+        "compmod_jax/train/steps.py",
+        "(jnp.argmax(posterior, -1) == model.spec.task_index(task)) * mask)",
+        "(jnp.argmax(posterior, -1) == model.spec.task_index(task)))",
+        ("tests/test_content_routing.py",)),
     "a content-routed model's mean entropy is the entropy of each task's mean route": (
         "compmod_jax/analysis/routing.py", "  if route_entropy is None:", "  if True:",
         ("tests/test_routing.py",)),

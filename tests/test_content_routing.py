@@ -1,5 +1,7 @@
-"""Routing by content (config.model.routing='example'): every example's xi is its task's mixture
-logits plus a router on each layer's pooled input, and the whole block mixes per example."""
+"""Routing by content. config.model.routing='example': every example's xi is its task's mixture
+logits plus a router on each layer's pooled input, and the whole block mixes per example.
+routing='task_posterior': a domain classifier's posterior p(t|x) mixes the tasks' xi, BN scale,
+offset and moving statistics per example in evaluation."""
 import dataclasses
 
 import jax
@@ -11,13 +13,16 @@ from flax import traverse_util
 from compmod_jax.finetune import pretrained, surgery
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
-from compmod_jax.train import loop, validation
-from configs import digits_multidomain
+from compmod_jax.methods import adaptation, supervised
+from compmod_jax.train import loop, steps, validation
+from configs import digits_da, digits_multidomain
 from helpers import tiny_digits, with_one_hot_xi
 
 TASK = NetworkSpec(tasks=(("a", 10), ("b", 10)), input_channels=1, num_layers=4,
                    num_templates=3, patch_size=4, depth_multiplier=0.2, expansion=2)
 EXAMPLE = dataclasses.replace(TASK, routing="example")
+PER_TASK_BN = dataclasses.replace(TASK, batch_norm="per_task")
+POSTERIOR = dataclasses.replace(PER_TASK_BN, routing="task_posterior")
 IMAGES = jax.random.normal(jax.random.key(1), (6, 16, 16, 1))
 # Per-example kernels are contracted in another order than one kernel for the whole batch
 # (a batched matmul per example against one matmul over every pixel), so float32 sums round
@@ -159,10 +164,14 @@ def test_scan_and_remat_compute_the_same_routed_model_and_gradients(changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(routing="content"), r"routing must be one of \('task', 'example'\)"),
+    (dict(routing="content"), r"routing must be one of \('task', 'example', 'task_posterior'\)"),
     (dict(routing="example", signature="cyclic"),
      "routing='example' mixes the templates per example, which signature='cyclic'"),
     (dict(routing="example", batch_norm="mixed"), "batch_norm='mixed' .* would need them"),
+    (dict(routing="task_posterior", signature="sequential"),
+     "routing='task_posterior' mixes the templates per example, which signature='sequential'"),
+    (dict(routing="task_posterior", input_adapter="per_task"),
+     "infers the task from the input adapter's output.*use input_adapter='shared'"),
 ])
 def test_bad_routing_options_give_one_clear_error(changes, message):
   with pytest.raises(ValueError, match=message):
@@ -187,23 +196,30 @@ def test_surgery_refuses_a_routed_run(tmp_path, monkeypatch):
       surgery.load_learned_run("runs/routed", None, operation)
 
 
+@pytest.mark.parametrize("routing", ["example", "task_posterior"])
 def test_a_per_task_checkpoint_loads_into_a_routed_model_that_trains_only_its_router(
-    embedded_dir, source_workdir, tmp_path):
+    embedded_dir, source_workdir, tmp_path, routing):
   config = digits_multidomain.get_config("setup=mixture_patches,tiny=1")
   config.tasks = {task: config.tasks[task] for task in ("mnist", "mnist_blur")}
   config.data.update(data_dir=str(embedded_dir), eval_split="test[:400]")
   config.update(batch_size=64, eval_batch_size=200, total_steps=8, eval_every=8,
                 checkpoint_every=8, init_from=str(source_workdir), trainable="router")
-  config.model.routing = "example"
+  config.model.routing = routing
   config.transfer.dont_load = ("^params/router/",)
   results = loop.train_and_evaluate(config, str(tmp_path / "routed"))
   source = flat(pretrained.load(source_workdir).variables["params"])
   routed = flat(pretrained.load(tmp_path / "routed").variables["params"])
-  assert set(routed) == set(source) | {"router/kernel"}
+  router = {"example": {"router/kernel"}, "task_posterior": {"router/kernel", "router/bias"}}
+  assert set(routed) == set(source) | router[routing]
   for path, value in source.items():
     np.testing.assert_array_equal(routed[path], value, path)
-  trained = np.abs(routed["router/kernel"]).sum(axis=(1, 2))
-  assert np.all(trained > 0), trained  # every layer's router moved from its zero start
+  # Every layer's router (example) or every domain's column (task_posterior) moved from zero.
+  trained = np.abs(routed["router/kernel"]).sum(axis=(1, 2) if routing == "example" else 0)
+  assert np.all(trained > 0), trained
+  if routing == "task_posterior":  # what the eval step counted, per task, as a share
+    accuracies = [results["tasks"][task]["domain_accuracy"] for task in ("mnist", "mnist_blur")]
+    assert all(0 <= accuracy <= 1 and accuracy * 400 == round(accuracy * 400)
+               for accuracy in accuracies), accuracies
   # Its routing health reads its test images' routes: each task's mean route is no longer its
   # xi, and the route now tells images apart within a task.
   health = results["routing"]
@@ -219,3 +235,137 @@ def test_a_per_task_checkpoint_loads_into_a_routed_model_that_trains_only_its_ro
 
 def flat(tree):
   return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+def with_posterior(variables, log_posterior, kernel_scale=0.0):
+  """The classifier's bias at `log_posterior` [tasks] (its kernel zero unless `kernel_scale`):
+  a bias of (0, -inf) gives the exactly one-hot posterior (1, 0)."""
+  kernel = kernel_scale * jax.random.normal(jax.random.key(5), (TASK.width, 2))
+  return dict(variables, params=dict(variables["params"], router={
+      "kernel": kernel, "bias": jnp.asarray(log_posterior, jnp.float32)}))
+
+
+def with_distinct_tasks(variables):
+  """Per-task BN scale, offset and moving statistics drawn apart, so that a model using another
+  task's rows, or the wrong mixture of them, computes something else."""
+  keys = iter(jax.random.split(jax.random.key(11), 64))
+  draw = lambda leaf, low, high: jax.random.uniform(next(keys), leaf.shape, minval=low,
+                                                    maxval=high)
+  bn = {name: {"scale": draw(p["scale"], 0.5, 1.5), "bias": draw(p["bias"], -0.5, 0.5)}
+        for name, p in variables["params"]["block_bn"].items()}
+  stats = {name: {"mean": draw(s["mean"], -1.0, 1.0), "var": draw(s["var"], 0.5, 2.0)}
+           for name, s in variables["batch_stats"]["block_bn"].items()}
+  return {"params": dict(variables["params"], block_bn=bn), "batch_stats": {"block_bn": stats}}
+
+
+def posterior_model():
+  return with_distinct_tasks(init(POSTERIOR))
+
+
+@pytest.mark.parametrize("task_index", [0, 1])
+def test_a_one_hot_posterior_is_the_per_task_model_of_that_task_bn_statistics_included(
+    task_index):
+  variables = posterior_model()
+  task = "ab"[task_index]
+  forced = with_posterior(variables, jnp.where(jnp.arange(2) == task_index, 0.0, -jnp.inf),
+                          kernel_scale=3.0)
+  np.testing.assert_array_equal(apply(POSTERIOR, forced, method="domain_posterior"),
+                                jnp.broadcast_to(jax.nn.one_hot(task_index, 2), (6, 2)))
+  xi = jax.nn.softmax(variables["params"]["mixture_logits"][task_index], -1)
+  np.testing.assert_array_equal(apply(POSTERIOR, forced, task=task, method="routes"),
+                                jnp.broadcast_to(xi[:, None], (4, 6, 3)))
+  np.testing.assert_allclose(apply(POSTERIOR, forced, task=task),
+                             apply(PER_TASK_BN, without_router(variables), task=task),
+                             **REORDERED)
+  # Training routes by the task itself, whatever the posterior: the same program, bit for bit,
+  # the same BN statistics folded into that task's row.
+  jax.tree.map(np.testing.assert_array_equal,
+               train_apply(POSTERIOR, with_posterior(variables, [0.0, -jnp.inf]), task),
+               train_apply(PER_TASK_BN, without_router(variables), task))
+
+
+def test_a_mixed_posterior_mixes_xi_bn_and_the_statistics_by_the_law_of_total_variance():
+  """With p(t|x) = (0.3, 0.7) everywhere, every example is the per-task model whose row holds
+  xi = sum_t p_t xi_t, the mixed BN scale and offset, and the moving mean and variance of the
+  mixture of the two tasks' activations (E[x^2] - mean^2, computed here in float64)."""
+  variables = posterior_model()
+  p = np.array([0.3, 0.7])
+  mixed_model = apply(POSTERIOR, with_posterior(variables, np.log(p)), task="a")
+  params = jax.device_get(variables["params"])
+  xi = np.einsum("t,tlk->lk", p, jax.nn.softmax(params["mixture_logits"], -1))
+  mix = lambda rows: np.einsum("t,t...->...", p, np.asarray(rows, np.float64))
+
+  def mixture_stats(stats):
+    mean = mix(stats["mean"])
+    second_moment = mix(np.asarray(stats["var"], np.float64) + np.square(stats["mean"]))
+    return {"mean": mean, "var": second_moment - np.square(mean)}
+
+  bn = jax.tree.map(lambda rows: np.stack([mix(rows), rows[1]]), params["block_bn"])
+  stats = {name: {key: np.stack([value, s[key][1]]) for key, value in mixture_stats(s).items()}
+           for name, s in jax.device_get(variables["batch_stats"]["block_bn"]).items()}
+  logits = np.stack([np.log(xi), params["mixture_logits"][1]])
+  as_per_task = {"params": dict(without_router(variables)["params"], mixture_logits=logits,
+                                block_bn=bn),
+                 "batch_stats": {"block_bn": jax.tree.map(lambda a: a.astype(np.float32),
+                                                          stats)}}
+  np.testing.assert_allclose(mixed_model, apply(PER_TASK_BN, as_per_task, task="a"),
+                             **REORDERED)
+
+
+def test_with_the_posterior_an_examples_output_does_not_depend_on_its_batch():
+  variables = with_posterior(posterior_model(), [0.0, 0.0], kernel_scale=3.0)
+  posterior = apply(POSTERIOR, variables, method="domain_posterior")
+  assert float(posterior[:, 0].max() - posterior[:, 0].min()) > 0.1  # the images differ
+  whole = apply(POSTERIOR, variables, task="b")
+  order = jnp.asarray([4, 0, 5, 2, 1, 3])
+  np.testing.assert_allclose(apply(POSTERIOR, variables, IMAGES[order], task="b"), whole[order],
+                             rtol=1e-6, atol=1e-6)
+  parts = [apply(POSTERIOR, variables, IMAGES[i:j], task="b") for i, j in ((0, 2), (2, 6))]
+  np.testing.assert_allclose(jnp.concatenate(parts), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_the_supervised_loss_trains_the_classifier_on_the_domain_labels_alone():
+  """The loss adds the classifier's cross-entropy of every image's domain (here p(t|x) =
+  (0.25, 0.75) for every image); its gradient is all the classifier gets, and the task loss's
+  gradient is the per-task model's."""
+  variables = with_posterior(init(POSTERIOR), np.log([0.25, 0.75]))
+  batch = {task: {"image": IMAGES[3 * i:3 * i + 3], "label": jnp.arange(3),
+                  "mask": jnp.ones(3)} for i, task in enumerate("ab")}
+  weights = {"a": 1.0, "b": 1.0}
+
+  def loss(spec, params):
+    return supervised.classification_loss(
+        CompositionalIsometricNet(spec), params, variables["batch_stats"], batch,
+        jax.random.key(0), weights)
+
+  (total, (_, metrics)), grads = jax.value_and_grad(loss, argnums=1, has_aux=True)(
+      POSTERIOR, variables["params"])
+  (plain_total, _), plain_grads = jax.value_and_grad(loss, argnums=1, has_aux=True)(
+      PER_TASK_BN, without_router(variables)["params"])
+  assert float(metrics["a/domain_cross_entropy"]) == pytest.approx(-np.log(0.25), rel=1e-6)
+  assert float(metrics["b/domain_cross_entropy"]) == pytest.approx(-np.log(0.75), rel=1e-6)
+  assert float(total) == pytest.approx(float(plain_total) - np.log(0.25 * 0.75), rel=1e-6)
+  for name in ("templates", "mixture_logits", "block_bn", "heads"):
+    jax.tree.map(np.testing.assert_array_equal, grads[name], plain_grads[name])
+  assert float(jnp.abs(grads["router"]["kernel"]).sum()) > 0
+
+
+def test_evaluation_counts_the_images_whose_domain_the_classifier_infers():
+  variables = posterior_model()
+  examples = {"image": IMAGES, "label": jnp.zeros(6, jnp.int32),
+              "mask": jnp.asarray([1, 1, 1, 1, 1, 0], jnp.float32)}
+  model = CompositionalIsometricNet(POSTERIOR)
+  for log_posterior, expected in (([0.0, -jnp.inf], 5), ([-jnp.inf, 0.0], 0)):
+    forced = with_posterior(variables, log_posterior)
+    state = steps.TrainState(step=0, params=None, batch_stats=forced["batch_stats"],
+                             opt_state=None, ema_params=forced["params"])
+    sums = steps.eval_step(state, examples, model=model, task="a")
+    assert float(sums["domain_correct"]) == expected
+    assert float(sums["count"]) == 5
+
+
+def test_adaptation_methods_refuse_the_posterior_routing():
+  config = digits_da.get_config("method=adversarial,tiny=1")
+  config.model.routing = "task_posterior"
+  with pytest.raises(ValueError, match="does not train the domain classifier"):
+    adaptation.check_config(config)

@@ -87,6 +87,10 @@ def check_config(config):
                      f"e.g. ('mixture_logits',), got {adaptation.target_params!r}")
   ranges.check_positive_integer("config.adaptation.discriminator_channels",
                                 adaptation.discriminator_channels)
+  if config.model.routing == "task_posterior":
+    raise ValueError(f"config.method={config.method!r} does not train the domain classifier "
+                     f"of config.model.routing='task_posterior' (the supervised loss does): use "
+                     f"routing='task' or 'example'.")
 
 
 def trained_tasks(config):

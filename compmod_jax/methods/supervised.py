@@ -25,13 +25,19 @@ def classification_loss(model, params, batch_stats, batch, rng, task_weights):
   for index, (task, examples) in enumerate(sorted(batch.items())):
     logits, updates = model.apply(
         {"params": params, "batch_stats": batch_stats}, examples["image"], task=task,
-        train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(rng, index)})
+        train=True, mutable=["batch_stats", "losses"],
+        rngs={"dropout": jax.random.fold_in(rng, index)})
     batch_stats = updates["batch_stats"]
     mask = examples["mask"].astype(jnp.float32)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
     loss = masked_mean(cross_entropy, mask)
     total = total + task_weights[task] * loss
     metrics[f"{task}/loss"] = loss
+    # The model's own losses (routing='task_posterior': its domain classifier's
+    # cross-entropy), added unweighted: they teach the model, not the task.
+    for name, (value,) in updates.get("losses", {}).items():
+      total = total + value
+      metrics[f"{task}/{name}"] = value
     metrics[f"{task}/accuracy"] = masked_mean(jnp.argmax(logits, -1) == examples["label"], mask)
   return total, (batch_stats, metrics)
 

@@ -14,6 +14,9 @@ Variables:
   params/router/kernel       [L, C, K] (routing = "example"): each layer's input, pooled over
                              space, adds `pooled @ kernel[l]` to the task's mixture logits, so
                              every example gets its own xi (paper Eq. 1 with content)
+  params/router/{kernel,bias}  [C, tasks] and [tasks] (routing = "task_posterior"): the domain
+                             classifier p(t|x) on the input adapter's output pooled over space;
+                             in evaluation each example uses xi(x) = sum_t p(t|x) xi_t
   params/block_bn            BN scale/bias, [L, C] ("per_layer") or [tasks, L, C] ("per_task")
   params/output_adapter      1x1 conv to c1, average pool, dense to c2
   params/heads/<task>        logits layer of each task
@@ -56,6 +59,10 @@ class CompositionalIsometricNet(nn.Module):
       # checkpoint computes what that checkpoint did until the router learns.
       self.router = self.param("router", lambda key: {
           "kernel": jnp.zeros((spec.num_layers, spec.width, spec.bank_size))})
+    elif spec.routing == "task_posterior":
+      # Zero: a uniform posterior until the classifier has seen the domains.
+      self.router = self.param("router", lambda key: {
+          "kernel": jnp.zeros((spec.width, num_tasks)), "bias": jnp.zeros((num_tasks,))})
     bn_prefix = {"per_layer": (spec.num_layers,), "per_task": (num_tasks, spec.num_layers)}
     if spec.batch_norm in bn_prefix:
       self.block_bn = self.param("block_bn", _init_bn_params, self._bn_channels(),
@@ -75,11 +82,12 @@ class CompositionalIsometricNet(nn.Module):
 
   def logits_and_routes(self, images, task=0):
     """Evaluation's logits and each layer's mixture weights for every image, [L, N, K]
-    (routing='example': the router's output), from one pass."""
-    if self.spec.routing != "example":
-      raise ValueError(f"Routes per image come from the router of routing='example'; this "
-                       f"model has routing={self.spec.routing!r}, whose xi are its mixture "
-                       f"weights.")
+    (routing='example': the router's output; 'task_posterior': sum_t p(t|x) xi_t), from one
+    pass."""
+    if self.spec.routing == "task":
+      raise ValueError("Routes per image come from the router of routing='example' or "
+                       "'task_posterior'; this model has routing='task', whose xi are its "
+                       "mixture weights.")
     features, _, routes = self._body(images, task, False, False, with_routes=True)
     return self._logits(features, task, False), routes
 
@@ -103,17 +111,40 @@ class CompositionalIsometricNet(nn.Module):
     features = ops.at_least_float32(features)
     return features if update_stats else (features, batch_stats)
 
+  def domain_posterior(self, images):
+    """routing='task_posterior': p(t|x) over the model's tasks for every image, [N, tasks],
+    float32."""
+    return jax.nn.softmax(self._domain_logits(self._adapt(images, 0)))
+
   def _body(self, images, task, train, update_stats, with_routes=False):
     """(output of the last block in the compute dtype, the blocks' batch statistics[, the
     routes])."""
-    act = ops.ACTIVATIONS[self.spec.activation]
     task_index = self.spec.task_index(task)
+    x = self._adapt(images, task_index)
+    posterior = None
+    if self.spec.routing == "task_posterior":
+      domain_logits = self._domain_logits(x)
+      if train:
+        # The classifier learns the domain labels; the body trains as the task's own model,
+        # so a one-hot posterior in evaluation is that model, BN statistics included.
+        self.sow("losses", "domain_cross_entropy", jnp.mean(
+            jax.nn.logsumexp(domain_logits, -1) - domain_logits[:, task_index]))
+      else:
+        posterior = jax.nn.softmax(domain_logits)
+    return self._run_blocks(x, task_index, train, update_stats, with_routes, posterior)
+
+  def _adapt(self, images, task_index):
+    """The input adapter's output (patchify conv + act) in the compute dtype."""
+    act = ops.ACTIVATIONS[self.spec.activation]
     adapter = self.input_adapter
     if self.spec.input_adapter == "per_task":
       adapter = jax.tree.map(lambda p: p[task_index], adapter)
     adapter, images = self._in_compute_dtype((adapter, images))
-    x = act(ops.patchify_conv(images, adapter["kernel"], adapter["bias"]))
-    return self._run_blocks(x, task_index, train, update_stats, with_routes)
+    return act(ops.patchify_conv(images, adapter["kernel"], adapter["bias"]))
+
+  def _domain_logits(self, x):
+    pooled = ops.at_least_float32(jnp.mean(x, axis=(1, 2)))
+    return pooled @ self.router["kernel"] + self.router["bias"]
 
   def _embed(self, features):
     """Output adapter: 1x1 conv + act, global average pool, dense + act (compute dtype)."""
@@ -165,10 +196,11 @@ class CompositionalIsometricNet(nn.Module):
     mean over many batches re-estimates the moving ones (precise BN; AdaBN on a new domain)."""
     return self.body_features(images, task, train=True, update_stats=False)[1]
 
-  def _run_blocks(self, x, task_index, train, update_stats, with_routes=False):
+  def _run_blocks(self, x, task_index, train, update_stats, with_routes=False, posterior=None):
     """The blocks' output and, in training, their batch statistics (folded into the moving
     ones when `update_stats`); with `with_routes`, also every layer's per-example mixture
-    weights [L, N, K] (routing='example')."""
+    weights [L, N, K]. A `posterior` [N, tasks] routes every example by it instead of by
+    `task_index` (routing='task_posterior' in evaluation)."""
     spec = self.spec
     stats = jax.tree.map(lambda s: s[task_index], self.bn_stats.value)
     skip = x if spec.input_skip else None
@@ -179,7 +211,9 @@ class CompositionalIsometricNet(nn.Module):
           activation=ops.ACTIVATIONS[spec.activation],
           conv_impl=ops.resolve_conv_impl(spec.conv_impl), bn_eps=spec.bn_eps)
 
-    if spec.routing == "example":
+    if posterior is not None:
+      block, per_layer = self._posterior_block(block, posterior)
+    elif spec.routing == "example":
       block, per_layer = self._routed_block(block, task_index, stats)
     else:
       layer_params, bn = self.layer_parameters(task_index)
@@ -220,6 +254,38 @@ class CompositionalIsometricNet(nn.Module):
       return h, (batch_stats, routes)
 
     return routed, (layer_logits, self.router["kernel"], self._layer_bn(task_index), stats)
+
+  def _posterior_block(self, block, posterior):
+    """routing='task_posterior' in evaluation: the block whose parameters mix the bank per
+    example by xi(x) = sum_t p(t|x) xi_t, with BN scale and offset mixed by p(t|x) too
+    (per-task BN) and the moving statistics of the mixture of the tasks' activations: mean
+    sum_t p_t mu_t, variance sum_t p_t (var_t + (mu_t - mean)^2) (law of total variance; with
+    a one-hot posterior both are that task's, exactly)."""
+    spec = self.spec
+    xi = templates.mixture_weights(templates.task_mixture_logits(self._mixture_params()))
+    routes = jnp.einsum("nt,tlk->lnk", posterior, xi)
+    per_example = lambda a: a[:, :, None, None, :]  # [L, N, C] -> [L, N, 1, 1, C]: NHWC
+    mix = lambda per_task: per_example(jnp.einsum("nt,tlc->lnc", posterior, per_task))
+    bn = self._layer_bn(0) if spec.batch_norm == "per_layer" else jax.tree.map(
+        mix, self.block_bn)
+
+    def mixed_stats(stats):
+      mean = jnp.einsum("nt,tlc->lnc", posterior, stats["mean"])
+      spread = stats["var"][:, :, None] + jnp.square(stats["mean"][:, :, None] - mean)
+      return {"mean": per_example(mean),
+              "var": per_example(jnp.einsum("nt,tlnc->lnc", posterior, spread))}
+
+    stats = jax.tree.map(mixed_stats, self.bn_stats.value,
+                         is_leaf=lambda node: isinstance(node, dict) and "mean" in node)
+    bank = self.templates
+
+    def routed(h, layer):
+      layer_routes, layer_bn, layer_stats = layer
+      params = self._in_compute_dtype(templates.mix_templates_per_example(layer_routes, bank))
+      h, batch_stats = block(h, (params, layer_bn, layer_stats))
+      return h, (batch_stats, layer_routes)
+
+    return routed, (routes, bn, stats)
 
   def _update_moving_stats(self, task_index, old, batch):
     momentum = self.spec.bn_momentum

@@ -18,8 +18,9 @@ BATCH_NORM_MODES = ("per_layer", "per_task", "mixed")
 INPUT_ADAPTER_MODES = ("shared", "per_task")
 # How a layer picks its mixture of templates (config.model.routing): "task" by the task's xi
 # alone (the paper); "example" adds a router on the layer's pooled input to those logits, so
-# every example gets its own xi (docs/model.md, "Routing by content").
-ROUTINGS = ("task", "example")
+# every example gets its own xi; "task_posterior" infers the task in evaluation and mixes the
+# tasks' xi by its posterior (docs/model.md, "Routing by content").
+ROUTINGS = ("task", "example", "task_posterior")
 LAYER_ITERATIONS = ("auto", "loop", "scan")
 # The dtype of activations and of the convolutions' inputs and kernels
 # (config.model.compute_dtype). Parameters, optimizer state, EMA, BN statistics, the softmax of
@@ -241,8 +242,8 @@ def _validate(spec):
     _validate_explicit_signature(spec)
   if spec.shared_mixture_layers:
     _validate_shared_mixture_layers(spec)
-  if spec.routing == "example":
-    _validate_example_routing(spec)
+  if spec.routing != "task":
+    _validate_content_routing(spec)
   if spec.signature == "progressive" and spec.num_layers < spec.num_templates:
     raise ValueError(f"A progressive signature uses every template at least once, so "
                      f"num_layers ({spec.num_layers}) must be >= num_templates "
@@ -276,13 +277,18 @@ def _validate_shared_mixture_layers(spec):
                      f"{shared}.")
 
 
-def _validate_example_routing(spec):
+def _validate_content_routing(spec):
+  routing = f"config.model.routing={spec.routing!r}"
   if spec.signature != templates.LEARNED:
-    raise ValueError(f"config.model.routing='example' mixes the templates per example, which "
+    raise ValueError(f"{routing} mixes the templates per example, which "
                      f"signature={spec.signature!r} (one fixed template per layer) does not; "
                      f"use signature='mixture' or routing='task'.")
   if spec.batch_norm == "mixed":
-    raise ValueError("config.model.routing='example' mixes kernels and SE per example but "
-                     "keeps BN scale and offset per layer; batch_norm='mixed' (BN in the "
-                     "templates) would need them per example too: use batch_norm='per_layer' "
-                     "or 'per_task', or routing='task'.")
+    raise ValueError(f"{routing} mixes kernels and SE per example but keeps BN scale and "
+                     f"offset per layer or task; batch_norm='mixed' (BN in the templates) would "
+                     f"need them per example too: use batch_norm='per_layer' or 'per_task', or "
+                     f"routing='task'.")
+  if spec.routing == "task_posterior" and spec.input_adapter != "shared":
+    raise ValueError("config.model.routing='task_posterior' infers the task from the input "
+                     "adapter's output, so that adapter cannot depend on the task: use "
+                     "input_adapter='shared'.")

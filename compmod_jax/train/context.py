@@ -164,9 +164,11 @@ class RunContext:
       results[task] = {"test_accuracy": float(totals["correct"]) / count,
                        "test_loss": float(totals["loss_sum"]) / count,
                        "test_examples": int(count)}
-      if "route_sum" in totals:  # routing='example': [L, K] and [L], over the test images
+      if "route_sum" in totals:  # routed per image: [L, K] and [L], over the test images
         results[task].update(mean_route=(totals["route_sum"] / count).tolist(),
                              mean_route_entropy=(totals["route_entropy_sum"] / count).tolist())
+      if "domain_correct" in totals:  # routing='task_posterior'
+        results[task]["domain_accuracy"] = float(totals["domain_correct"]) / count
     return results
 
   def eval_sums(self, state, stream, task, max_batches=None):

@@ -61,11 +61,11 @@ def routing_params(params):
 def routing_health(model, params, results):
   """analysis/routing.py's health of `params`' routes and templates; None for the plain
   signature, whose bank holds each layer's own block (no template is shared). A model that
-  routes each image (routing='example') is read from the routes of its test images, which
-  `results` (ctx.evaluate's) holds per task."""
+  routes each image (routing 'example' or 'task_posterior') is read from the routes of its
+  test images, which `results` (ctx.evaluate's) holds per task."""
   if model.spec.signature == "plain":
     return None
-  if model.spec.routing == "example":
+  if model.spec.routing != "task":
     return routing.health(
         {task: np.asarray(r["mean_route"]) for task, r in results.items()}, params["templates"],
         mean_entropy={task: np.asarray(r["mean_route_entropy"]) for task, r in results.items()})

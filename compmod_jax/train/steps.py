@@ -58,11 +58,12 @@ def train_step(state, batch, *, model, optimization, loss_fn, config):
 def eval_step(state, examples, *, model, task):
   """Sums of correct predictions, cross-entropy, the entropy of the predicted distribution (no
   label needed) and real examples over a padded batch, using the EMA parameters and the moving
-  BN statistics; with routing='example' also of the routes and their entropies."""
+  BN statistics; for a model that routes each image also of the routes and their entropies
+  (and with routing='task_posterior' of the images whose inferred domain is `task`)."""
   variables = {"params": state.ema_params, "batch_stats": state.batch_stats}
   mask = examples["mask"].astype(jnp.float32)
   sums = {}
-  if model.spec.routing == "example":
+  if model.spec.routing != "task":
     # The routes' sums over the real examples: their mean and mean entropy per layer are what
     # the routing health reads of a model that routes each image (analysis/routing.py).
     logits, routes = model.apply(variables, examples["image"], task=task,
@@ -70,6 +71,10 @@ def eval_step(state, examples, *, model, task):
     sums["route_sum"] = jnp.einsum("lnk,n->lk", routes, mask)
     sums["route_entropy_sum"] = -jnp.einsum("lnk,n->l", routes * jnp.log(
         jnp.where(routes > 0, routes, 1.0)), mask)
+  if model.spec.routing == "task_posterior":  # the images its classifier gives their domain
+    posterior = model.apply(variables, examples["image"], method="domain_posterior")
+    sums["domain_correct"] = jnp.sum(
+        (jnp.argmax(posterior, -1) == model.spec.task_index(task)) * mask)
   else:
     logits = model.apply(variables, examples["image"], task=task, train=False)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
