@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from compmod_jax.finetune import pretrained, surgery
+from compmod_jax.finetune import init_from, pretrained, surgery
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.methods import adaptation, supervised
@@ -203,10 +203,18 @@ def test_a_per_task_checkpoint_loads_into_a_routed_model_that_trains_only_its_ro
   config.tasks = {task: config.tasks[task] for task in ("mnist", "mnist_blur")}
   config.data.update(data_dir=str(embedded_dir), eval_split="test[:400]")
   config.update(batch_size=64, eval_batch_size=200, total_steps=8, eval_every=8,
-                checkpoint_every=8, init_from=str(source_workdir), trainable="router")
+                checkpoint_every=8, init_from=str(source_workdir), trainable="router",
+                save_delta=True)
   config.model.routing = routing
   config.transfer.dont_load = ("^params/router/",)
   results = loop.train_and_evaluate(config, str(tmp_path / "routed"))
+  # The run shipped as a delta (its router, new to the base): base + delta is the run's model.
+  config.update(save_delta=False, deltas=(str(tmp_path / "routed" / "delta"),))
+  rebuilt = flat(init_from.pretrained_source(config).variables)
+  expected = flat(pretrained.load(tmp_path / "routed").variables)
+  assert sorted(rebuilt) == sorted(expected)
+  for path, value in expected.items():
+    np.testing.assert_array_equal(rebuilt[path], value, path)
   source = flat(pretrained.load(source_workdir).variables["params"])
   routed = flat(pretrained.load(tmp_path / "routed").variables["params"])
   router = {"example": {"router/kernel"}, "task_posterior": {"router/kernel", "router/bias"}}
