@@ -225,7 +225,8 @@ def test_a_per_task_checkpoint_loads_into_a_routed_model_that_trains_only_its_ro
   trained = np.abs(routed["router/kernel"]).sum(axis=(1, 2) if routing == "example" else 0)
   assert np.all(trained > 0), trained
   if routing == "task_posterior":  # what the eval step counted, per task, as a share
-    accuracies = [results["tasks"][task]["domain_accuracy"] for task in ("mnist", "mnist_blur")]
+    accuracies = [results["tasks"][task][name] for task in ("mnist", "mnist_blur")
+                  for name in ("domain_accuracy", "task_given_accuracy")]
     assert all(0 <= accuracy <= 1 and accuracy * 400 == round(accuracy * 400)
                for accuracy in accuracies), accuracies
   # Its routing health reads its test images' routes: each task's mean route is no longer its
@@ -318,6 +319,12 @@ def test_a_mixed_posterior_mixes_xi_bn_and_the_statistics_by_the_law_of_total_va
                                                           stats)}}
   np.testing.assert_allclose(mixed_model, apply(PER_TASK_BN, as_per_task, task="a"),
                              **REORDERED)
+  # With the task given, whatever the posterior, it is the per-task model: the same program.
+  for task in "ab":
+    np.testing.assert_array_equal(
+        apply(POSTERIOR, with_posterior(variables, np.log(p)), task=task,
+              method="task_given_logits"),
+        apply(PER_TASK_BN, without_router(variables), task=task))
 
 
 def test_with_the_posterior_an_examples_output_does_not_depend_on_its_batch():
@@ -359,8 +366,12 @@ def test_the_supervised_loss_trains_the_classifier_on_the_domain_labels_alone():
 
 
 def test_evaluation_counts_the_images_whose_domain_the_classifier_infers():
+  """And the images the per-task model classifies right with the task given: the labels are
+  its own predictions on four of the five real images."""
   variables = posterior_model()
-  examples = {"image": IMAGES, "label": jnp.zeros(6, jnp.int32),
+  predicted = jnp.argmax(apply(PER_TASK_BN, without_router(variables), task="a"), -1)
+  labels = predicted.at[2].set((predicted[2] + 1) % 10)
+  examples = {"image": IMAGES, "label": labels,
               "mask": jnp.asarray([1, 1, 1, 1, 1, 0], jnp.float32)}
   model = CompositionalIsometricNet(POSTERIOR)
   for log_posterior, expected in (([0.0, -jnp.inf], 5), ([-jnp.inf, 0.0], 0)):
@@ -369,6 +380,7 @@ def test_evaluation_counts_the_images_whose_domain_the_classifier_infers():
                              opt_state=None, ema_params=forced["params"])
     sums = steps.eval_step(state, examples, model=model, task="a")
     assert float(sums["domain_correct"]) == expected
+    assert float(sums["task_given_correct"]) == 4
     assert float(sums["count"]) == 5
 
 

@@ -131,6 +131,24 @@ def test_a_half_written_results_file_is_one_line_naming_it(tmp_path):
     tables.domains_table([run])
 
 
+def test_a_task_posterior_run_gives_its_accuracy_with_the_task_inferred_and_given(tmp_path):
+  runs = []
+  for seed in (0, 1):
+    config = digits_multidomain.get_config("setup=mixture_patches").to_dict()
+    config["seed"] = seed
+    config["model"]["routing"] = "task_posterior"
+    runs.append(write_run(tmp_path / f"posterior_{seed}", config, {"step": 2000, "tasks": {
+        "mnist": {"test_accuracy": 0.9 + seed / 100, "task_given_accuracy": 0.95,
+                  "domain_accuracy": 0.5 + seed / 10}}}))
+  markdown = tables.domains_table(runs)
+  column = "compositional + per-task BN, routing=task_posterior"
+  assert "infers each image's task" in markdown.splitlines()[0]
+  assert markdown.splitlines()[2:5] == [
+      f"| task | {column} | {column}, task given | {column}: domain inferred |",
+      "|---|---:|---:|---:|",
+      "| mnist | 90.50 ± 0.71 (2) | 95.00 ± 0.00 (2) | 55.00 ± 7.07 (2) |"]
+
+
 def test_runs_of_several_depths_get_their_size_in_the_column(tmp_path):
   runs = [multidomain_run(tmp_path / f"L{layers}", "", 0, {"mnist": accuracy})
           for layers, accuracy in ((8, 0.9), (16, 0.8))]

@@ -201,7 +201,15 @@ def model_name(model):
             f"compositional, first {shared} layers' xi shared" if shared else "compositional")
   else:
     name = f"signature {model['signature']}"
-  return name + (" + per-task BN" if model["batch_norm"] == "per_task" else "")
+  routing = model.get("routing", "task")
+  return (name + (" + per-task BN" if model["batch_norm"] == "per_task" else "")
+          + ("" if routing == "task" else f", routing={routing}"))
+
+
+# What a run with routing='task_posterior' adds per task beside its accuracy with the task
+# inferred: {result field: column suffix}.
+_TASK_POSTERIOR_COLUMNS = {"task_given_accuracy": ", task given",
+                           "domain_accuracy": ": domain inferred"}
 
 
 def domains_results(workdirs):
@@ -221,6 +229,9 @@ def domains_results(workdirs):
         column += ", K={}, L={}".format(*_model_size(config["model"]))
       for task, values in results["tasks"].items():
         _add_seed(cells, task, column, seed, values["test_accuracy"], workdir)
+        for field, suffix in _TASK_POSTERIOR_COLUMNS.items():
+          if field in values:
+            _add_seed(cells, task, column + suffix, seed, values[field], workdir)
       continue
     pretraining = read_config(epath.Path(start.checkpoint).parent.parent)
     column, seed = model_name(pretraining["model"]), pretraining["seed"]
@@ -250,8 +261,12 @@ def domains_table(workdirs, out=None):
                   key=lambda m: (_MODEL_ORDER.index(m) if m in _MODEL_ORDER else
                                  len(_MODEL_ORDER), m))
   rows = sorted(table, key=lambda row: (" " in row, row))  # the trained tasks first
+  note = (" A routing=task_posterior column infers each image's task; its ', task given' "
+          "column is the same model given the task, its ': domain inferred' column the share "
+          "of the task's images whose inferred task is right."
+          if any("routing=task_posterior" in model for model in models) else "")
   lines = ["Test accuracy (%) per task and model; a cell of several runs: mean ± standard "
-           "deviation (runs) over the pretraining's seeds.", "",
+           "deviation (runs) over the pretraining's seeds." + note, "",
            "| task | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
   for row in rows:
     lines.append(f"| {row} | " + " | ".join(_cell(table[row][m]) if m in table[row] else ""

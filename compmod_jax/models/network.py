@@ -111,6 +111,13 @@ class CompositionalIsometricNet(nn.Module):
     features = ops.at_least_float32(features)
     return features if update_stats else (features, batch_stats)
 
+  def task_given_logits(self, images, task=0):
+    """routing='task_posterior': evaluation's logits with the images' task given, as the
+    per-task model computes them (the oracle the inferred task is compared with)."""
+    task_index = self.spec.task_index(task)
+    features = self._run_blocks(self._adapt(images, task_index), task_index, False, False)[0]
+    return self._logits(features, task, False)
+
   def domain_posterior(self, images):
     """routing='task_posterior': p(t|x) over the model's tasks for every image, [N, tasks],
     float32."""

@@ -168,7 +168,9 @@ class RunContext:
         results[task].update(mean_route=(totals["route_sum"] / count).tolist(),
                              mean_route_entropy=(totals["route_entropy_sum"] / count).tolist())
       if "domain_correct" in totals:  # routing='task_posterior'
-        results[task]["domain_accuracy"] = float(totals["domain_correct"]) / count
+        results[task].update(
+            domain_accuracy=float(totals["domain_correct"]) / count,
+            task_given_accuracy=float(totals["task_given_correct"]) / count)
     return results
 
   def eval_sums(self, state, stream, task, max_batches=None):
