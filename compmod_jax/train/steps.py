@@ -72,6 +72,8 @@ def eval_step(state, examples, *, model, task):
     sums["route_sum"] = jnp.einsum("lnk,n->lk", routes, mask)
     sums["route_entropy_sum"] = -jnp.einsum("lnk,n->l", routes * jnp.log(
         jnp.where(routes > 0, routes, 1.0)), mask)
+  else:
+    logits = model.apply(variables, examples["image"], task=task, train=False)
   if model.spec.routing == "task_posterior":
     # The images its classifier gives their domain, and the accuracy with the task given.
     posterior = model.apply(variables, examples["image"], method="domain_posterior")
@@ -79,9 +81,8 @@ def eval_step(state, examples, *, model, task):
         (jnp.argmax(posterior, -1) == model.spec.task_index(task)) * mask)
     task_given = model.apply(variables, examples["image"], task=task,
                              method="task_given_logits")
-    sums["task_given_correct"] = jnp.sum((jnp.argmax(task_given, -1) == examples["label"]) * mask)
-  else:
-    logits = model.apply(variables, examples["image"], task=task, train=False)
+    sums["task_given_correct"] = jnp.sum(
+        (jnp.argmax(task_given, -1) == examples["label"]) * mask)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
   log_probabilities = jax.nn.log_softmax(logits)
   entropy = -jnp.sum(jnp.exp(log_probabilities) * log_probabilities, axis=-1)
