@@ -134,6 +134,11 @@ MUTATIONS = {
         "jax.nn.logsumexp(domain_logits, -1) - domain_logits[:, task_index]))",
         "jax.nn.logsumexp(domain_logits, -1) - domain_logits[:, 0]))",
         ("tests/test_content_routing.py",)),
+    "the domain loss reaches the input adapter": (
+        "compmod_jax/models/network.py",
+        "pooled = jax.lax.stop_gradient(ops.at_least_float32(jnp.mean(x, axis=(1, 2))))",
+        "pooled = ops.at_least_float32(jnp.mean(x, axis=(1, 2)))",
+        ("tests/test_content_routing.py",)),
     "the domain accuracy counts padding": (
         "compmod_jax/train/steps.py",
         "(jnp.argmax(posterior, -1) == model.spec.task_index(task)) * mask)",

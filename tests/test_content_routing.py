@@ -341,9 +341,14 @@ def test_with_the_posterior_an_examples_output_does_not_depend_on_its_batch():
 
 def test_the_supervised_loss_trains_the_classifier_on_the_domain_labels_alone():
   """The loss adds the classifier's cross-entropy of every image's domain (here p(t|x) =
-  (0.25, 0.75) for every image); its gradient is all the classifier gets, and the task loss's
-  gradient is the per-task model's."""
+  (0.25, 0.75) for every image); its gradient is all the classifier gets, and every other
+  parameter's gradient is the per-task model's, the input adapter's included."""
   variables = with_posterior(init(POSTERIOR), np.log([0.25, 0.75]))
+  # A classifier that reads the features, whose loss would reach the adapter if it could: a
+  # zero column difference keeps p(t|x) at (0.25, 0.75) for every image.
+  kernel = jnp.broadcast_to(jax.random.normal(jax.random.key(5), (TASK.width, 1)),
+                            (TASK.width, 2))
+  variables["params"]["router"] = dict(variables["params"]["router"], kernel=kernel)
   batch = {task: {"image": IMAGES[3 * i:3 * i + 3], "label": jnp.arange(3),
                   "mask": jnp.ones(3)} for i, task in enumerate("ab")}
   weights = {"a": 1.0, "b": 1.0}
@@ -360,7 +365,7 @@ def test_the_supervised_loss_trains_the_classifier_on_the_domain_labels_alone():
   assert float(metrics["a/domain_cross_entropy"]) == pytest.approx(-np.log(0.25), rel=1e-6)
   assert float(metrics["b/domain_cross_entropy"]) == pytest.approx(-np.log(0.75), rel=1e-6)
   assert float(total) == pytest.approx(float(plain_total) - np.log(0.25 * 0.75), rel=1e-6)
-  for name in ("templates", "mixture_logits", "block_bn", "heads"):
+  for name in ("input_adapter", "templates", "mixture_logits", "block_bn", "heads"):
     jax.tree.map(np.testing.assert_array_equal, grads[name], plain_grads[name])
   assert float(jnp.abs(grads["router"]["kernel"]).sum()) > 0
 

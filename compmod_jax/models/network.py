@@ -150,7 +150,10 @@ class CompositionalIsometricNet(nn.Module):
     return act(ops.patchify_conv(images, adapter["kernel"], adapter["bias"]))
 
   def _domain_logits(self, x):
-    pooled = ops.at_least_float32(jnp.mean(x, axis=(1, 2)))
+    # No gradient into the adapter: the domain loss trains the classifier alone, so the body
+    # trains as the per-task model's does (through the adapter it stalled the five colour
+    # domains near chance; docs/model.md).
+    pooled = jax.lax.stop_gradient(ops.at_least_float32(jnp.mean(x, axis=(1, 2))))
     return pooled @ self.router["kernel"] + self.router["bias"]
 
   def _embed(self, features):
