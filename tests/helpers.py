@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from flax import traverse_util
 
 from compmod_jax.train import checkpoint
 from configs import digits
@@ -70,6 +71,11 @@ def with_fields(config, **dotted_overrides):
   for key, value in dotted_overrides.items():
     set_field(config, key, value)
   return config
+
+
+def flat_host(tree):
+  """A variable tree on the host as {"/"-joined path: array}."""
+  return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
 
 
 def tiny_digits(data_dir, **overrides):

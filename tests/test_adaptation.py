@@ -7,7 +7,6 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from flax import traverse_util
 
 from compmod_jax import experiments
 from compmod_jax.analysis import tables
@@ -16,7 +15,7 @@ from compmod_jax.train import context, loop, start, validation
 from compmod_jax.workdir import Workdir
 from configs import digits_da, domainnet_da
 from mock_tfds import labelled_mock_dataset, write_mock_metadata
-from helpers import read_checkpoint
+from helpers import flat_host, read_checkpoint
 
 SOURCES = ("mnist", "mnist_blur")
 TARGET = "uci_digits"
@@ -70,9 +69,6 @@ def adaptation_setup(method="adversarial", model="compositional", trainable="", 
 def host_batch(batch):
   return jax.tree.map(np.asarray, batch)
 
-
-def flat_host(tree):
-  return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
 
 
 @pytest.mark.parametrize("method, model, trained", [

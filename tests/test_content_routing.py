@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from compmod_jax.finetune import init_from, pretrained, surgery
 from compmod_jax.models.network import CompositionalIsometricNet
@@ -16,7 +15,7 @@ from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.methods import adaptation, supervised
 from compmod_jax.train import loop, steps, validation
 from configs import digits_da, digits_multidomain
-from helpers import tiny_digits, with_one_hot_xi
+from helpers import flat_host, tiny_digits, with_one_hot_xi
 
 TASK = NetworkSpec(tasks=(("a", 10), ("b", 10)), input_channels=1, num_layers=4,
                    num_templates=3, patch_size=4, depth_multiplier=0.2, expansion=2)
@@ -210,13 +209,13 @@ def test_a_per_task_checkpoint_loads_into_a_routed_model_that_trains_only_its_ro
   results = loop.train_and_evaluate(config, str(tmp_path / "routed"))
   # The run shipped as a delta (its router, new to the base): base + delta is the run's model.
   config.update(save_delta=False, deltas=(str(tmp_path / "routed" / "delta"),))
-  rebuilt = flat(init_from.pretrained_source(config).variables)
-  expected = flat(pretrained.load(tmp_path / "routed").variables)
+  rebuilt = flat_host(init_from.pretrained_source(config).variables)
+  expected = flat_host(pretrained.load(tmp_path / "routed").variables)
   assert sorted(rebuilt) == sorted(expected)
   for path, value in expected.items():
     np.testing.assert_array_equal(rebuilt[path], value, path)
-  source = flat(pretrained.load(source_workdir).variables["params"])
-  routed = flat(pretrained.load(tmp_path / "routed").variables["params"])
+  source = flat_host(pretrained.load(source_workdir).variables["params"])
+  routed = flat_host(pretrained.load(tmp_path / "routed").variables["params"])
   router = {"example": {"router/kernel"}, "task_posterior": {"router/kernel", "router/bias"}}
   assert set(routed) == set(source) | router[routing]
   for path, value in source.items():
@@ -241,9 +240,6 @@ def test_a_per_task_checkpoint_loads_into_a_routed_model_that_trains_only_its_ro
   assert max(health["mutual_information"]) > 0
   assert "mean_route" not in results["tasks"]["mnist"]  # read by the health, not a result
 
-
-def flat(tree):
-  return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
 
 
 def with_posterior(variables, log_posterior, kernel_scale=0.0):

@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from compmod_jax.finetune import deltas, growth, init_from, pretrained
 from compmod_jax.models import network_spec, templates
 from compmod_jax.train import loop, start
 from configs import digits_transfer
-from helpers import built_once_per_run, read_checkpoint, with_fields
+from helpers import built_once_per_run, flat_host, read_checkpoint, with_fields
 
 SOURCES = ("mnist", "mnist_blur")
 NEW = "uci_digits"
@@ -43,9 +42,6 @@ def grown_workdir(embedded_dir, source_workdir, tmp_path_factory):
     loop.train_and_evaluate(grown_config(embedded_dir, source_workdir), str(workdir))
   return built_once_per_run(tmp_path_factory, "grown", build)
 
-
-def flat(tree):
-  return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
 
 
 def logits_of(variables, tasks, config, images):
@@ -115,8 +111,8 @@ def test_adding_a_template_leaves_the_checkpoints_tasks_exact_and_trains_the_new
     grown_workdir, source_workdir, embedded_dir):
   base, grown = pretrained.load(str(source_workdir)), pretrained.load(str(grown_workdir))
   _, halfway = read_checkpoint(str(grown_workdir), step=2)
-  old, new, mid = (flat(base.variables["params"]), flat(grown.variables["params"]),
-                   flat(halfway["state"]["ema_params"]))
+  old, new, mid = (flat_host(base.variables["params"]), flat_host(grown.variables["params"]),
+                   flat_host(halfway["state"]["ema_params"]))
   for path, value in old.items():
     if path.startswith("templates/"):
       np.testing.assert_array_equal(new[path][:BASE_TEMPLATES], value, err_msg=path)
@@ -161,7 +157,7 @@ def test_base_plus_delta_is_the_fine_tuned_model_bit_for_bit(grown_workdir, sour
   rebuilt = init_from.pretrained_source(config)
   trained = pretrained.load(str(grown_workdir))
   assert rebuilt.tasks == trained.tasks
-  expected, actual = flat(trained.variables), flat(rebuilt.variables)
+  expected, actual = flat_host(trained.variables), flat_host(rebuilt.variables)
   assert sorted(actual) == sorted(expected)
   for path, value in expected.items():
     np.testing.assert_array_equal(actual[path], value, err_msg=path)
@@ -243,9 +239,9 @@ def test_deltas_of_two_new_tasks_made_against_one_base_apply_together(source_wor
   both = deltas.with_deltas(base, [str(tmp_path / task / "delta") for task in finals])
   assert both.tasks == {**base.tasks, "a_task": 10, "b_task": 10}
   names = sorted(both.tasks)
-  combined = flat(both.variables)
+  combined = flat_host(both.variables)
   for task, (spec, final) in finals.items():
-    for path, value in flat(final).items():
+    for path, value in flat_host(final).items():
       owners = network_spec.task_owners(spec, path)
       if owners is None or len(owners) == 1:
         np.testing.assert_array_equal(combined[path], value, err_msg=path)  # shared, heads
