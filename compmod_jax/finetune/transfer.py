@@ -237,6 +237,11 @@ def _with_row(array, row, value):
 def check_config(config):
   """Errors for config.xi_init and config.transfer, raised before any heavy work."""
   check_xi_init(config.xi_init)
+  if config.model.get("task_free") and (config.init_from or config.get("pretrain")):
+    raise ValueError("config.model.task_free=True trains one network for all tasks from "
+                     "scratch; starting it from a checkpoint (config.init_from or "
+                     "config.pretrain: transfer, growth, deltas) is not supported: unset "
+                     "config.init_from, or use task_free=False.")
   for rule in config.transfer.dont_load:
     try:
       re.compile(rule)

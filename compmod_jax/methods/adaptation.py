@@ -87,6 +87,10 @@ def check_config(config):
                      f"e.g. ('mixture_logits',), got {adaptation.target_params!r}")
   ranges.check_positive_integer("config.adaptation.discriminator_channels",
                                 adaptation.discriminator_channels)
+  if config.model.get("task_free"):
+    raise ValueError(f"config.method={config.method!r} adapts the target's own rows and "
+                     f"head, which config.model.task_free=True (one network for all tasks) "
+                     f"does not have: use task_free=False.")
   if config.model.routing == "task_posterior":
     raise ValueError(f"config.method={config.method!r} does not train the domain classifier "
                      f"of config.model.routing='task_posterior' (the supervised loss does): use "

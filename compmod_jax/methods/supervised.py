@@ -3,7 +3,8 @@
 A batch is {task name: {"image", "label", "mask"}}. Each task's images go through the network
 with that task's mixture weights, head and BN statistics; the loss is the weighted sum of the
 tasks' masked mean cross-entropies. All tasks share one jitted step (the task loop below is
-unrolled at trace time, so nothing recompiles per task).
+unrolled at trace time, so nothing recompiles per task). A task_free model reads no task: all
+tasks' images go through it in one call.
 """
 import functools
 
@@ -28,9 +29,7 @@ def classification_loss(model, params, batch_stats, batch, rng, task_weights):
         train=True, mutable=["batch_stats", "losses"],
         rngs={"dropout": jax.random.fold_in(rng, index)})
     batch_stats = updates["batch_stats"]
-    mask = examples["mask"].astype(jnp.float32)
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
-    loss = masked_mean(cross_entropy, mask)
+    loss, metrics[f"{task}/accuracy"] = _loss_and_accuracy(logits, examples)
     total = total + task_weights[task] * loss
     metrics[f"{task}/loss"] = loss
     # The model's own losses (routing='task_posterior': its domain classifier's
@@ -38,14 +37,44 @@ def classification_loss(model, params, batch_stats, batch, rng, task_weights):
     for name, (value,) in updates.get("losses", {}).items():
       total = total + value
       metrics[f"{task}/{name}"] = value
-    metrics[f"{task}/accuracy"] = masked_mean(jnp.argmax(logits, -1) == examples["label"], mask)
   return total, (batch_stats, metrics)
 
 
+def _loss_and_accuracy(logits, examples):
+  """The masked mean cross-entropy and accuracy of one task's logits."""
+  mask = examples["mask"].astype(jnp.float32)
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
+  return (masked_mean(cross_entropy, mask),
+          masked_mean(jnp.argmax(logits, -1) == examples["label"], mask))
+
+
+def pooled_classification_loss(model, params, batch_stats, batch, rng, task_weights):
+  """classification_loss for a task_free model: the tasks' images go through the network
+  together, so BN normalises them with the statistics of the whole batch (in evaluation, the
+  moving ones of every task's images: nothing there knows an image's task); each task's loss
+  and weight are as in classification_loss."""
+  tasks = sorted(batch)
+  logits, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      jnp.concatenate([batch[task]["image"] for task in tasks]), task=tasks[0], train=True,
+      mutable=["batch_stats"], rngs={"dropout": rng})
+  total = 0.0
+  metrics = {}
+  start = 0
+  for task in tasks:
+    examples = batch[task]
+    end = start + examples["label"].shape[0]
+    loss, metrics[f"{task}/accuracy"] = _loss_and_accuracy(logits[start:end], examples)
+    start = end
+    total = total + task_weights[task] * loss
+    metrics[f"{task}/loss"] = loss
+  return total, (updates["batch_stats"], metrics)
+
+
 def make_loss(config, spec):
-  del spec  # every task of the batch is classified
   task_weights = {task: config.tasks[task].weight for task in config.tasks}
-  return functools.partial(classification_loss, task_weights=task_weights)
+  loss = pooled_classification_loss if spec.task_free else classification_loss
+  return functools.partial(loss, task_weights=task_weights)
 
 
 registry.register(registry.Method("supervised", make_loss=make_loss))

@@ -21,6 +21,9 @@ Variables:
   params/output_adapter      1x1 conv to c1, average pool, dense to c2
   params/heads/<task>        logits layer of each task
   batch_stats/block_bn       BN moving mean/var, [tasks, L, C]: per task and layer, never mixed
+
+With task_free the network never reads the task: every "[tasks, ...]" above has one row, and
+params/heads/all_tasks is the one logits layer (the tasks only name the data's domains).
 """
 import math
 
@@ -39,7 +42,7 @@ class CompositionalIsometricNet(nn.Module):
   def setup(self):
     spec = self.spec
     c1, c2 = spec.output_adapter_channels
-    num_tasks = len(spec.tasks)
+    num_tasks = spec.num_rows
     self.input_adapter = self.param("input_adapter", self._init_input_adapter)
     self.templates = self.param("templates", self._init_templates)
     if spec.signature == templates.LEARNED:
@@ -73,7 +76,8 @@ class CompositionalIsometricNet(nn.Module):
         "conv_kernel": (spec.width, c1), "conv_bias": (c1,),
         "dense_kernel": (c1, c2), "dense_bias": (c2,)})
     self.heads = self.param("heads", _init_dense_tree, {
-        name: {"kernel": (c2, classes), "bias": (classes,)} for name, classes in spec.tasks})
+        spec.head_name(name): {"kernel": (c2, classes), "bias": (classes,)}
+        for name, classes in spec.tasks})
     self.dropout = nn.Dropout(spec.dropout_rate)
 
   def __call__(self, images, task=0, train=False):
@@ -97,7 +101,7 @@ class CompositionalIsometricNet(nn.Module):
 
   def _logits(self, features, task, train):
     embedding = self.dropout(self._embed(features), deterministic=not train)
-    head = self._in_compute_dtype(self.heads[self.spec.tasks[self.spec.task_index(task)][0]])
+    head = self._in_compute_dtype(self.heads[self.spec.head_name(task)])
     return ops.at_least_float32(embedding @ head["kernel"] + head["bias"])
 
   def embedding(self, images, task=0, train=False):
@@ -315,7 +319,7 @@ class CompositionalIsometricNet(nn.Module):
     if spec.input_adapter == "shared":
       return adapter
     # Every task starts from the same adapter, as when a shared one is loaded into each row.
-    return jax.tree.map(lambda p: jnp.broadcast_to(p, (len(spec.tasks),) + p.shape), adapter)
+    return jax.tree.map(lambda p: jnp.broadcast_to(p, (spec.num_rows,) + p.shape), adapter)
 
   def _init_templates(self, key):
     spec = self.spec

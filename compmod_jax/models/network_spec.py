@@ -38,6 +38,8 @@ REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable
 # Below this depth a Python loop over layers compiles quickly enough and gives the faster CPU
 # step; deeper models use lax.scan so that compile time stays nearly flat (benchmarks/depth.py).
 AUTO_SCAN_MIN_LAYERS = 24
+# The one logits layer of a task_free model, which every task's images go through.
+TASK_FREE_HEAD = "all_tasks"
 
 
 def round_channels(channels, divisor=8):
@@ -68,6 +70,7 @@ class NetworkSpec:
   mixture_init_scale: float = 1.0
   shared_mixture_layers: int = 0
   routing: str = "task"
+  task_free: bool = False
   batch_norm: str = "per_layer"
   input_adapter: str = "shared"
   input_skip: bool = False
@@ -118,6 +121,17 @@ class NetworkSpec:
     return self.num_layers if self.signature == "plain" else self.num_templates
 
   @property
+  def num_rows(self):
+    """Rows of the per-task variables (mixture logits, per-task BN and adapter, moving
+    statistics): one per task, or one for all with task_free (the network never reads the
+    task; the tasks only name the data's domains)."""
+    return 1 if self.task_free else len(self.tasks)
+
+  def head_name(self, task):
+    """The key of `task`'s logits layer under params/heads: the task, or TASK_FREE_HEAD."""
+    return TASK_FREE_HEAD if self.task_free else self.tasks[self.task_index(task)][0]
+
+  @property
   def per_task_signatures(self):
     """Whether explicit_signature gives each task its own (a tuple of tuples)."""
     return bool(self.explicit_signature) and isinstance(self.explicit_signature[0], tuple)
@@ -131,7 +145,7 @@ class NetworkSpec:
       return tuple(tuple(t - 1 for t in row) for row in self.explicit_signature)
     signature = templates.build_signature(self.signature, self.num_layers, self.bank_size,
                                           self.explicit_signature, self.signature_seed)
-    return (signature,) * len(self.tasks)
+    return (signature,) * self.num_rows
 
   @property
   def dtype(self):
@@ -145,12 +159,13 @@ class NetworkSpec:
     return self.layer_iteration == "scan"
 
   def task_index(self, task):
+    """The row of `task` (a name or an index) in the per-task variables."""
     names = [name for name, _ in self.tasks]
     if isinstance(task, int):
-      return task
+      return 0 if self.task_free else task
     if task not in names:
       raise ValueError(f"Unknown task {task!r}; the model's tasks are {names}")
-    return names.index(task)
+    return 0 if self.task_free else names.index(task)
 
 
 def config_defaults():
@@ -167,6 +182,8 @@ def task_owners(spec, path):
   names along axis 0 for arrays with one row per task, (task,) for a task's head, None for a
   variable all tasks share. Transfer and the trainable masks use this to touch only some
   tasks' rows."""
+  if spec.task_free:  # one row and one head, which every task shares
+    return None
   names = tuple(name for name, _ in spec.tasks)
   if (path == "params/mixture_logits" or path.startswith("batch_stats/block_bn/")
       or (spec.batch_norm == "per_task" and path.startswith("params/block_bn/"))
@@ -244,6 +261,8 @@ def _validate(spec):
     _validate_shared_mixture_layers(spec)
   if spec.routing != "task":
     _validate_content_routing(spec)
+  if spec.task_free:
+    _validate_task_free(spec)
   if spec.signature == "progressive" and spec.num_layers < spec.num_templates:
     raise ValueError(f"A progressive signature uses every template at least once, so "
                      f"num_layers ({spec.num_layers}) must be >= num_templates "
@@ -292,3 +311,19 @@ def _validate_content_routing(spec):
     raise ValueError("config.model.routing='task_posterior' infers the task from the input "
                      "adapter's output, so that adapter cannot depend on the task: use "
                      "input_adapter='shared'.")
+
+
+def _validate_task_free(spec):
+  classes = {name: count for name, count in spec.tasks}
+  if len(set(classes.values())) > 1:
+    raise ValueError(f"config.model.task_free=True gives every task one head, so the tasks "
+                     f"need the same classes; their class counts are {classes}. Train tasks "
+                     f"with other labels with task_free=False.")
+  if spec.routing == "task_posterior":
+    raise ValueError("config.model.task_free=True already never reads the task, so "
+                     "routing='task_posterior' has no task to infer: use routing='task' (one "
+                     "xi for all) or 'example' (a router per image).")
+  if spec.per_task_signatures:
+    raise ValueError("config.model.task_free=True gives all tasks one signature; "
+                     "explicit_signature gives one per task (';'): give one, or "
+                     "task_free=False.")

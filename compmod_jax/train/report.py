@@ -24,7 +24,7 @@ def mixture_weights_by_task(model, params):
     xi = np.asarray(templates.mixture_weights(templates.task_mixture_logits(params)))
   else:
     xi = np.eye(spec.bank_size)[np.asarray(spec.fixed_signatures)]
-  return {task: xi[index] for index, (task, _) in enumerate(spec.tasks)}
+  return {task: xi[spec.task_index(task)] for task, _ in spec.tasks}
 
 
 def mixture_scalars(model, params):
