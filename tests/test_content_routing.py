@@ -1,15 +1,17 @@
 """Routing by content. config.model.routing='example': every example's xi is its task's mixture
 logits plus a router on each layer's pooled input, and the whole block mixes per example.
 routing='task_posterior': a domain classifier's posterior p(t|x) mixes the tasks' xi, BN scale,
-offset and moving statistics per example in evaluation."""
+offset and moving statistics per example in evaluation. config.model.task_free: one network for
+every task, which never reads the task."""
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from compmod_jax.finetune import init_from, pretrained, surgery
+from compmod_jax.finetune import init_from, pretrained, surgery, transfer
 from compmod_jax.models.network import CompositionalIsometricNet
 from compmod_jax.models.network_spec import NetworkSpec
 from compmod_jax.methods import adaptation, supervised
@@ -381,8 +383,21 @@ def test_evaluation_counts_the_images_whose_domain_the_classifier_infers():
                              opt_state=None, ema_params=forced["params"])
     sums = steps.eval_step(state, examples, model=model, task="a")
     assert float(sums["domain_correct"]) == expected
+    assert float(sums["domain_mass_sum"]) == expected  # p(a|x) is 1 or 0 on 5 real images
     assert float(sums["task_given_correct"]) == 4
     assert float(sums["count"]) == 5
+
+
+def test_the_own_domain_mass_is_the_mean_posterior_of_the_task_over_real_images():
+  variables = with_posterior(posterior_model(), np.log([0.25, 0.75]))
+  state = steps.TrainState(step=0, params=None, batch_stats=variables["batch_stats"],
+                           opt_state=None, ema_params=variables["params"])
+  examples = {"image": IMAGES, "label": jnp.zeros(6, jnp.int32),
+              "mask": jnp.asarray([1, 1, 1, 1, 0, 0], jnp.float32)}
+  model = CompositionalIsometricNet(POSTERIOR)
+  for task, mass in (("a", 0.25), ("b", 0.75)):
+    sums = steps.eval_step(state, examples, model=model, task=task)
+    assert float(sums["domain_mass_sum"]) == pytest.approx(4 * mass, rel=1e-6)
 
 
 def test_adaptation_methods_refuse_the_posterior_routing():
@@ -390,3 +405,94 @@ def test_adaptation_methods_refuse_the_posterior_routing():
   config.model.routing = "task_posterior"
   with pytest.raises(ValueError, match="does not train the domain classifier"):
     adaptation.check_config(config)
+
+
+# One network for both tasks: per-task BN, so that a model reading a task's row would show it.
+FREE = dataclasses.replace(PER_TASK_BN, task_free=True)
+ONE_TASK = dataclasses.replace(PER_TASK_BN, tasks=(("a", 10),))
+
+
+def one_task_as_task_free(variables):
+  """A one-task model's variables as a task_free model's: the same rows, its head renamed."""
+  params = dict(variables["params"], heads={"all_tasks": variables["params"]["heads"]["a"]})
+  return dict(variables, params=params)
+
+
+def test_a_task_free_model_is_one_network_whatever_task_it_is_given():
+  """Its variables are a one-task model's (one row of xi, BN and statistics, one head), and
+  every task computes that model, in evaluation and in training, statistics included."""
+  one = with_distinct_tasks(init(ONE_TASK))
+  free = one_task_as_task_free(one)
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+  assert shapes(init(FREE)) == shapes(free)
+  for task in ("a", "b", 1):
+    np.testing.assert_array_equal(apply(FREE, free, task=task), apply(ONE_TASK, one, task="a"))
+    jax.tree.map(np.testing.assert_array_equal, train_apply(FREE, free, task),
+                 train_apply(ONE_TASK, one, "a"))
+
+
+@pytest.mark.parametrize("routing", ["task", "example"])
+def test_the_supervised_loss_runs_every_tasks_images_through_a_task_free_model_together(routing):
+  """BN normalises the whole batch at once, as a one-task model on the concatenated images;
+  each task's loss is the mean over its own images, weighted by its task weight."""
+  free_spec, one_spec = (dataclasses.replace(spec, routing=routing) for spec in (FREE, ONE_TASK))
+  one = init(one_spec)
+  if routing == "example":
+    one = random_router(one, scale=0.5)
+  labels = jnp.asarray([3, 1, 4, 1, 5, 9])
+  batch = {"a": {"image": IMAGES[:2], "label": labels[:2], "mask": jnp.ones(2)},
+           "b": {"image": IMAGES[2:], "label": labels[2:], "mask": jnp.asarray([1., 1., 1., 0.])}}
+  weights = {"a": 1.0, "b": 2.0}
+  free_loss = supervised.make_loss(
+      ml_collections.ConfigDict({"tasks": {t: {"weight": w} for t, w in weights.items()}}),
+      free_spec)
+
+  def expected(params):
+    logits, updates = apply(one_spec, dict(one, params=params), task="a", train=True,
+                            mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    cross_entropy = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
+    return (jnp.mean(cross_entropy[:2]) + 2.0 * jnp.mean(cross_entropy[2:5]),
+            updates["batch_stats"])
+
+  (total, (stats, metrics)), grads = jax.value_and_grad(
+      lambda params: free_loss(CompositionalIsometricNet(free_spec), params,
+                               one["batch_stats"], batch, jax.random.key(0)),
+      has_aux=True)(one_task_as_task_free(one)["params"])
+  (expected_total, expected_stats), expected_grads = jax.value_and_grad(
+      expected, has_aux=True)(one["params"])
+  assert float(total) == pytest.approx(float(expected_total), rel=1e-6)
+  assert float(metrics["b/loss"]) == pytest.approx(
+      (float(expected_total) - float(metrics["a/loss"])) / 2.0, rel=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               stats, expected_stats)
+  expected_grads = one_task_as_task_free({"params": expected_grads})["params"]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+               grads, expected_grads)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(tasks=(("a", 10), ("b", 7))), r"need the same classes; their class counts are "
+                                        r"\{'a': 10, 'b': 7\}"),
+    (dict(routing="task_posterior"), "has no task to infer"),
+    (dict(signature="explicit", explicit_signature=((1, 2, 3, 1), (1, 1, 2, 3))),
+     "gives all tasks one signature"),
+])
+def test_bad_task_free_options_give_one_clear_error(changes, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(FREE, **changes)
+
+
+def test_what_needs_per_task_rows_refuses_a_task_free_model(tmp_path, monkeypatch):
+  config = digits_da.get_config("method=adversarial,tiny=1")
+  config.model.task_free = True
+  with pytest.raises(ValueError, match="adapts the target's own rows and head"):
+    adaptation.check_config(config)
+  config = tiny_digits(tmp_path, **{"model.task_free": True, "init_from": "/nowhere"})
+  with pytest.raises(ValueError, match="task_free=True trains one network for all tasks from "
+                                       "scratch"):
+    transfer.check_config(config)
+  run = surgery.TrainedRun(workdir="runs/free", config=config, source_tasks={},
+                           variables=None, step=0)
+  monkeypatch.setattr(surgery, "load_run", lambda workdir, data_dir: run)
+  with pytest.raises(surgery.SurgeryError, match="task_free=True"):
+    surgery.load_learned_run("runs/free", None, "hardened")

@@ -60,6 +60,16 @@ def test_model_columns_are_named_from_each_runs_model_config():
                    "shared_mixture_layers=2": "compositional, first 2 layers' xi shared",
                    "setup=mixture_patches": "compositional + per-task BN",
                    "": "compositional"}
+  task_free = {}
+  for argument, routing in (("setup=simple_baseline", "task"), ("setup=mixture_patches", "task"),
+                            ("setup=mixture_patches", "example")):
+    model = digits_multidomain.get_config(argument).model
+    model.update(task_free=True, routing=routing)
+    task_free[argument, routing] = tables.model_name(model)
+  assert task_free == {("setup=simple_baseline", "task"): "isometric, task-free",
+                       ("setup=mixture_patches", "task"): "compositional, task-free",
+                       ("setup=mixture_patches", "example"):
+                           "compositional, task-free, routing=example"}
 
 
 def test_table12_gives_each_domain_and_the_source_only_target_per_model(tmp_path):
@@ -139,14 +149,15 @@ def test_a_task_posterior_run_gives_its_accuracy_with_the_task_inferred_and_give
     config["model"]["routing"] = "task_posterior"
     runs.append(write_run(tmp_path / f"posterior_{seed}", config, {"step": 2000, "tasks": {
         "mnist": {"test_accuracy": 0.9 + seed / 100, "task_given_accuracy": 0.95,
-                  "domain_accuracy": 0.5 + seed / 10}}}))
+                  "domain_accuracy": 0.5 + seed / 10, "domain_mass": 0.4}}}))
   markdown = tables.domains_table(runs)
   column = "compositional + per-task BN, routing=task_posterior"
   assert "infers each image's task" in markdown.splitlines()[0]
   assert markdown.splitlines()[2:5] == [
-      f"| task | {column} | {column}, task given | {column}: domain inferred |",
-      "|---|---:|---:|---:|",
-      "| mnist | 90.50 ± 0.71 (2) | 95.00 ± 0.00 (2) | 55.00 ± 7.07 (2) |"]
+      f"| task | {column} | {column}, task given | {column}: domain inferred | "
+      f"{column}: own-domain mass |",
+      "|---|---:|---:|---:|---:|",
+      "| mnist | 90.50 ± 0.71 (2) | 95.00 ± 0.00 (2) | 55.00 ± 7.07 (2) | 40.00 ± 0.00 (2) |"]
 
 
 def test_runs_of_several_depths_get_their_size_in_the_column(tmp_path):

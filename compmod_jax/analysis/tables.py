@@ -202,6 +202,8 @@ def model_name(model):
   else:
     name = f"signature {model['signature']}"
   routing = model.get("routing", "task")
+  if model.get("task_free"):  # one network for all tasks: its "per-task" BN is one row
+    return name + ", task-free" + ("" if routing == "task" else f", routing={routing}")
   return (name + (" + per-task BN" if model["batch_norm"] == "per_task" else "")
           + ("" if routing == "task" else f", routing={routing}"))
 
@@ -209,7 +211,8 @@ def model_name(model):
 # What a run with routing='task_posterior' adds per task beside its accuracy with the task
 # inferred: {result field: column suffix}.
 _TASK_POSTERIOR_COLUMNS = {"task_given_accuracy": ", task given",
-                           "domain_accuracy": ": domain inferred"}
+                           "domain_accuracy": ": domain inferred",
+                           "domain_mass": ": own-domain mass"}
 
 
 def domains_results(workdirs):
@@ -263,7 +266,8 @@ def domains_table(workdirs, out=None):
   rows = sorted(table, key=lambda row: (" " in row, row))  # the trained tasks first
   note = (" A routing=task_posterior column infers each image's task; its ', task given' "
           "column is the same model given the task, its ': domain inferred' column the share "
-          "of the task's images whose inferred task is right."
+          "of the task's images whose inferred task is right, its ': own-domain mass' column "
+          "the mean p(task|image) over them."
           if any("routing=task_posterior" in model for model in models) else "")
   lines = ["Test accuracy (%) per task and model; a cell of several runs: mean ± standard "
            "deviation (runs) over the pretraining's seeds." + note, "",

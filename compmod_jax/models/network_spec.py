@@ -182,8 +182,6 @@ def task_owners(spec, path):
   names along axis 0 for arrays with one row per task, (task,) for a task's head, None for a
   variable all tasks share. Transfer and the trainable masks use this to touch only some
   tasks' rows."""
-  if spec.task_free:  # one row and one head, which every task shares
-    return None
   names = tuple(name for name, _ in spec.tasks)
   if (path == "params/mixture_logits" or path.startswith("batch_stats/block_bn/")
       or (spec.batch_norm == "per_task" and path.startswith("params/block_bn/"))

@@ -170,6 +170,7 @@ class RunContext:
       if "domain_correct" in totals:  # routing='task_posterior'
         results[task].update(
             domain_accuracy=float(totals["domain_correct"]) / count,
+            domain_mass=float(totals["domain_mass_sum"]) / count,
             task_given_accuracy=float(totals["task_given_correct"]) / count)
     return results
 

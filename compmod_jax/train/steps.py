@@ -59,8 +59,8 @@ def eval_step(state, examples, *, model, task):
   """Sums of correct predictions, cross-entropy, the entropy of the predicted distribution (no
   label needed) and real examples over a padded batch, using the EMA parameters and the moving
   BN statistics; for a model that routes each image also of the routes and their entropies
-  (and with routing='task_posterior' of the images whose inferred domain is `task`, and of
-  the correct predictions with the task given)."""
+  (and with routing='task_posterior' of the images whose inferred domain is `task`, of the
+  posterior's mass on `task`, and of the correct predictions with the task given)."""
   variables = {"params": state.ema_params, "batch_stats": state.batch_stats}
   mask = examples["mask"].astype(jnp.float32)
   sums = {}
@@ -77,8 +77,9 @@ def eval_step(state, examples, *, model, task):
   if model.spec.routing == "task_posterior":
     # The images its classifier gives their domain, and the accuracy with the task given.
     posterior = model.apply(variables, examples["image"], method="domain_posterior")
-    sums["domain_correct"] = jnp.sum(
-        (jnp.argmax(posterior, -1) == model.spec.task_index(task)) * mask)
+    own = model.spec.task_index(task)
+    sums["domain_correct"] = jnp.sum((jnp.argmax(posterior, -1) == own) * mask)
+    sums["domain_mass_sum"] = jnp.sum(posterior[:, own] * mask)
     task_given = model.apply(variables, examples["image"], task=task,
                              method="task_given_logits")
     sums["task_given_correct"] = jnp.sum(
