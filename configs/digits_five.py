@@ -10,6 +10,12 @@ a task with its own mixture weights and head; the UCI handwritten digits are the
   python -m compmod_jax.main --config=configs/digits_five.py:shared_mixture_layers=4 \
       --workdir=workdirs/five_half_shared
 
+With each test image's domain unknown (docs/model.md, "Evaluating with the task unknown"): one
+network for all five domains, `--config.model.task_free=True`, with one xi
+(`:setup=mixture_patches`), the plain network (`:setup=simple_baseline`) or a router per image
+(`:setup=mixture_patches --config.model.routing=example`); or the per-domain model that infers
+the domain, `:setup=mixture_patches --config.model.routing=task_posterior`.
+
 Every image is 28x28 RGB: the grayscale domains are fed as three equal channels, so one input
 adapter reads them all. The recipe is configs/digits_multidomain.py's (8 layers, 4 templates,
 4x4 patches, RMSProp, random translations, 32 examples per domain and step, 2,000 steps) with

@@ -482,6 +482,17 @@ def test_bad_task_free_options_give_one_clear_error(changes, message):
     dataclasses.replace(FREE, **changes)
 
 
+def test_task_free_tasks_of_other_classes_are_refused_before_any_work(embedded_dir,
+                                                                        no_heavy_work):
+  config = digits_multidomain.get_config("tiny=1")
+  config.data.data_dir = str(embedded_dir)
+  config.model.task_free = True
+  config.tasks.mnist.label_map = "parity"
+  with pytest.raises(ValueError, match="need the same classes; their class counts are "
+                                       "{'mnist': 2, 'mnist_blur': 10"):
+    validation.validate(config)
+
+
 def test_what_needs_per_task_rows_refuses_a_task_free_model(tmp_path, monkeypatch):
   config = digits_da.get_config("method=adversarial,tiny=1")
   config.model.task_free = True

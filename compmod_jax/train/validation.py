@@ -75,9 +75,10 @@ def validate(config, planning=False):
                        f"{error}") from None
     _check_splits(task, data_config)
     _check_batch_fits(task, data_config, batch_sizes[task])
-  # The model gets 2 classes per task as placeholders: the real counts come from the data, and
-  # no check depends on them.
-  model = start.model_for(config, {task: 2 for task in config.tasks})
+  # The model gets 2 classes per task as placeholders, except a task_free model, whose one head
+  # needs every task's classes alike: the counts come from the datasets' metadata.
+  model = start.model_for(config, context.task_classes(config) if config.model.task_free
+                          else {task: 2 for task in config.tasks})
   images = start.example_images(config)  # the input shape, read once from the metadata
   side = images.shape[1]
   _check_patches_tile(side, config.model.patch_size)
