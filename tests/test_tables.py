@@ -51,6 +51,25 @@ def source_only_run(tmp_path, pretraining, xi_init, accuracy, picked):
                         "xi_init": xi_init, "coefficients": coefficients}}}})
 
 
+def test_the_routing_table_gives_each_models_health_over_seeds(tmp_path):
+  runs = []
+  for seed, (information, usage) in enumerate(((0.1, 0.2), (0.3, 0.1))):
+    config = digits_multidomain.get_config("setup=mixture_patches").to_dict()
+    config["seed"] = seed
+    runs.append(write_run(tmp_path / f"run_{seed}", config, {"step": 10, "tasks": {},
+        "routing": {"mutual_information": [information, 3 * information],
+                    "balance": [0.5, 1.0], "template_usage": [usage, 1 - usage],
+                    "max_template_cosine": 0.5, "warnings": ["template 1 is unused"] * seed}}))
+  markdown = tables.routing_table(runs)
+  assert markdown.splitlines()[2:] == [
+      "| | compositional + per-task BN |", "|---|---:|",
+      "| mutual information (nats), mean over layers | 0.400 ± 0.283 (2) |",
+      "| balance, mean over layers | 0.750 ± 0.000 (2) |",
+      "| least-used template's share | 0.150 ± 0.071 (2) |",
+      "| largest kernel cosine of two templates | 0.500 ± 0.000 (2) |",
+      "| warnings (unused or collapsed templates) | 0.500 ± 0.707 (2) |"]
+
+
 def test_model_columns_are_named_from_each_runs_model_config():
   names = {argument: tables.model_name(digits_multidomain.get_config(argument).model)
            for argument in ("setup=simple_baseline", "shared_mixture_layers=4",
@@ -158,6 +177,22 @@ def test_a_task_posterior_run_gives_its_accuracy_with_the_task_inferred_and_give
       f"{column}: own-domain mass |",
       "|---|---:|---:|---:|---:|",
       "| mnist | 90.50 ± 0.71 (2) | 95.00 ± 0.00 (2) | 55.00 ± 7.07 (2) | 40.00 ± 0.00 (2) |"]
+
+
+def test_a_checkpoint_of_the_same_tasks_re_evaluated_is_its_models_column(tmp_path):
+  """A 0-step run from a checkpoint of its own tasks adds no row: it is a column, as the run
+  that trained it; a run from that checkpoint that adds a task gives that task's row."""
+  pretraining = multidomain_run(tmp_path, "setup=simple_baseline", 1, {"mnist": 0.9})
+  config = json.loads((pretraining / "config.json").read_text())
+  new_task = source_only_run(tmp_path, pretraining, "best_source", 0.5, "mnist")
+  re_evaluated = write_run(tmp_path / "re_evaluated", config, {
+      "step": 0, "tasks": {"mnist": {"test_accuracy": 0.9, "domain_mass": 0.25}},
+      "init_from": {"checkpoint": str(pretraining / "checkpoints" / "2000"),
+                    "trainable": "all", "new_tasks": {}}})
+  cells, _ = tables.domains_results([re_evaluated, new_task])
+  assert cells == {
+      "mnist": {"isometric": {1: 0.9}, "isometric: own-domain mass": {1: 0.25}},
+      "uci_digits source-only, variables from best_source": {"isometric": {1: 0.5}}}
 
 
 def test_runs_of_several_depths_get_their_size_in_the_column(tmp_path):

@@ -6,6 +6,7 @@ r"""Tables over finished runs, from their results.json files.
   python -m compmod_jax.analysis.tables signatures workdirs/signatures/*.hard --out=...
   python -m compmod_jax.analysis.tables similarity workdirs/five/compositional_seed* \
       --group=mnist,mnist_scale,mnist_shear --out=...
+  python -m compmod_jax.analysis.tables routing workdirs/task_unknown/* --out=...
 
 `transfer`: one row per run started from a pretrained checkpoint: xi initialisation, trainable
 set, the new task's test accuracy before and after fine-tuning, the parameters it added to the
@@ -19,7 +20,8 @@ table3.md and table3.json in that directory.
 isometric, compositional half-shared, compositional, ... named from each run's config.model)
 from multi-task runs, plus rows for runs started from one of them (config.init_from) that
 evaluate a new task, e.g. source-only (0 steps) on a domain none of them trained on; mean and
-standard deviation over seeds (the pretraining run's). Runs of several depths or template counts
+standard deviation over seeds (the pretraining run's); a run from a checkpoint of its own tasks
+(0 steps: a re-evaluation) is a column as a run from scratch. Runs of several depths or template counts
 (the signature study) get K and L in their column. --out: domains.md and domains.json.
 `signatures`: the single-task signature study, from the output folders of
 `python -m compmod_jax.surgery harden`: per run its regularisers, seed, mixed and hardened test
@@ -30,6 +32,11 @@ standard deviation over seeds. --out: signatures.md and signatures.json.
 layer, the Bhattacharyya similarity of two tasks' xi (analysis/similarity.py; the EMA weights of
 the newest checkpoint) averaged over the pairs of tasks within --group and over every other pair,
 then mean and standard deviation over the runs. --out: similarity.md and similarity.json.
+`routing`: the routing health of each run's final evaluation (results.json "routing";
+analysis/routing.py) per model (columns, named as `domains` names them), mean and standard
+deviation over seeds: the mutual information and balance averaged over layers, the least-used
+template's share, the largest kernel cosine of two templates and the number of warnings.
+--out: routing.md and routing.json.
 """
 import json
 import sys
@@ -49,7 +56,7 @@ flags.DEFINE_string("task", None, "The new task to tabulate (default: each run's
 flags.DEFINE_list("group", [], "similarity: the tasks whose pairs are compared with the others.")
 flags.DEFINE_string("out", None, "da, domains, signatures: directory to write the table into "
                     "(Markdown and JSON).")
-MODES = ("transfer", "da", "domains", "signatures", "similarity")
+MODES = ("transfer", "da", "domains", "signatures", "similarity", "routing")
 FLAGS = flags.FLAGS
 
 
@@ -146,10 +153,12 @@ def _summary(by_seed):
           "by_seed": {str(seed): accuracy for seed, accuracy in sorted(by_seed.items())}}
 
 
-def _cell(summary):
+def _cell(summary, scale=100, digits=2):
+  """A summary as "mean ± std (runs)", in percent unless `scale` says otherwise."""
+  mean, std = scale * summary["mean"], scale * summary["std"]
   if len(summary["by_seed"]) == 1:
-    return f"{100 * summary['mean']:.2f}"
-  return f"{100 * summary['mean']:.2f} ± {100 * summary['std']:.2f} ({len(summary['by_seed'])})"
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {std:.{digits}f} ({len(summary['by_seed'])})"
 
 
 def _add_seed(cells, row, column, seed, accuracy, workdir):
@@ -223,10 +232,12 @@ def domains_results(workdirs):
   cells, picked = {}, {}
   runs = [(workdir, read_results(workdir), read_config(workdir)) for workdir in workdirs]
   sizes = {_model_size(config["model"]) for _, results, config in runs
-           if not run_start(results).checkpoint}
+           if not run_start(results).new_tasks}
   for workdir, results, config in runs:
     start = run_start(results)
-    if not start.checkpoint:
+    # A run that started from a checkpoint of its own tasks (0 steps: that checkpoint
+    # re-evaluated) is a column of its own model, as a run from scratch.
+    if not start.checkpoint or not start.new_tasks:
       column, seed = model_name(config["model"]), config["seed"]
       if len(sizes) > 1:
         column += ", K={}, L={}".format(*_model_size(config["model"]))
@@ -282,6 +293,40 @@ def domains_table(workdirs, out=None):
     lines += ["", f"{row}: the source each run copied (chosen by target labels): {choices}."]
   return _write(out, "domains", "\n".join(lines) + "\n",
                 {"test_accuracy": table, "best_source_picked": picked})
+
+
+# The routing table's rows: {row: the value of a results.json "routing" record}.
+ROUTING_ROWS = {
+    "mutual information (nats), mean over layers":
+        lambda health: np.mean(health["mutual_information"]),
+    "balance, mean over layers": lambda health: np.mean(health["balance"]),
+    "least-used template's share": lambda health: min(health["template_usage"]),
+    "largest kernel cosine of two templates": lambda health: health["max_template_cosine"],
+    "warnings (unused or collapsed templates)": lambda health: len(health["warnings"]),
+}
+
+
+def routing_table(workdirs, out=None):
+  cells = {}
+  for workdir in workdirs:
+    results, config = read_results(workdir), read_config(workdir)
+    if "routing" not in results:
+      raise ValueError(f"{workdir}/results.json has no routing health: its model has no "
+                       f"templates shared across layers (signature='plain').")
+    for row, value in ROUTING_ROWS.items():
+      _add_seed(cells, row, model_name(config["model"]), config["seed"],
+                float(value(results["routing"])), workdir)
+  table = {row: {model: _summary(by_seed) for model, by_seed in by_model.items()}
+           for row, by_model in cells.items()}
+  models = sorted({model for row in table.values() for model in row})
+  lines = ["Routing health at the end of each run (results.json \"routing\"); a cell of several "
+           "runs: mean ± standard deviation (runs) over seeds.", "",
+           "| | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+  for row in ROUTING_ROWS:
+    lines.append(f"| {row} | " + " | ".join(
+        _cell(table[row][m], scale=1, digits=3) if m in table[row] else "" for m in models)
+        + " |")
+  return _write(out, "routing", "\n".join(lines) + "\n", table)
 
 
 def regularizer_name(config):
@@ -410,7 +455,8 @@ def main(argv):
   elif argv[1] == "similarity":
     sys.stdout.write(similarity_table(argv[2:], FLAGS.group, FLAGS.out))
   else:
-    table = {"da": da_table, "domains": domains_table, "signatures": signatures_table}[argv[1]]
+    table = {"da": da_table, "domains": domains_table, "signatures": signatures_table,
+             "routing": routing_table}[argv[1]]
     sys.stdout.write(table(argv[2:], FLAGS.out))
 
 
