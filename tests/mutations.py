@@ -21,6 +21,8 @@ COPIED = ("compmod_jax", "configs", "tests", "pytest.ini", "setup.py")
 
 # The node id prefix of the content-routing tests, for mutations that one test catches.
 T_ROUTING = "tests/test_content_routing.py::"
+T_POOLED_LOSS = (T_ROUTING + "test_the_supervised_loss_runs_every_tasks_images_through_a_task_"
+                 "free_model_together")
 # name: (file, the line as it is, the mutated line, the test files to run)
 MUTATIONS = {
     "bn re-estimation sums instead of averaging": (
@@ -150,12 +152,13 @@ MUTATIONS = {
         "compmod_jax/train/steps.py",
         "jnp.sum(posterior[:, own] * mask)",
         "jnp.sum(posterior[:, 0] * mask)",
-        (T_ROUTING + "test_the_own_domain_mass_is_the_mean_posterior_of_the_task_over_real_images",)),
+        (T_ROUTING + "test_the_own_domain_mass_is_the_mean_posterior_of_the_task_over_real_"
+         "images",)),
     "a task_free model runs each task's images through it apart": (
         "compmod_jax/methods/supervised.py",
         "loss = pooled_classification_loss if spec.task_free else classification_loss",
         "loss = classification_loss",
-        (T_ROUTING + "test_the_supervised_loss_runs_every_tasks_images_through_a_task_free_model_together",)),
+        (T_POOLED_LOSS,)),
     "a task_free model reads the task's row": (
         "compmod_jax/models/network_spec.py",
         "return 0 if self.task_free else names.index(task)",
@@ -163,9 +166,10 @@ MUTATIONS = {
         (T_ROUTING + "test_a_task_free_model_is_one_network_whatever_task_it_is_given",)),
     "a task_free loss weighs every task alike": (
         "compmod_jax/methods/supervised.py",
-        "    total = total + task_weights[task] * loss\n    metrics[f\"{task}/loss\"] = loss\n  return total, (updates",
+        "    total = total + task_weights[task] * loss\n    metrics[f\"{task}/loss\"] = loss\n"
+        "  return total, (updates",
         "    total = total + loss\n    metrics[f\"{task}/loss\"] = loss\n  return total, (updates",
-        (T_ROUTING + "test_the_supervised_loss_runs_every_tasks_images_through_a_task_free_model_together",)),
+        (T_POOLED_LOSS,)),
     "a content-routed model's mean entropy is the entropy of each task's mean route": (
         "compmod_jax/analysis/routing.py", "  if route_entropy is None:", "  if True:",
         ("tests/test_routing.py",)),

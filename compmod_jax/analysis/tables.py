@@ -20,9 +20,10 @@ table3.md and table3.json in that directory.
 isometric, compositional half-shared, compositional, ... named from each run's config.model)
 from multi-task runs, plus rows for runs started from one of them (config.init_from) that
 evaluate a new task, e.g. source-only (0 steps) on a domain none of them trained on; mean and
-standard deviation over seeds (the pretraining run's); a run from a checkpoint of its own tasks
-(0 steps: a re-evaluation) is a column as a run from scratch. Runs of several depths or template counts
-(the signature study) get K and L in their column. --out: domains.md and domains.json.
+standard deviation over seeds (the pretraining run's); a run from a checkpoint of its own
+tasks (0 steps: a re-evaluation) is a column as a run from scratch. Runs of several depths or
+template counts (the signature study) get K and L in their column. --out: domains.md and
+domains.json.
 `signatures`: the single-task signature study, from the output folders of
 `python -m compmod_jax.surgery harden`: per run its regularisers, seed, mixed and hardened test
 accuracy, mean largest mixture weight per layer, hardened signature, and whether that is

@@ -158,8 +158,8 @@ def load_learned_run(workdir, data_dir, operation):
                        f"model with mixture weights can be {operation}.")
   if run.config.model.get("task_free"):
     raise SurgeryError(f"{workdir} trained one network for all tasks "
-                       f"(config.model.task_free=True); surgery rewrites per-task mixture "
-                       f"weights and heads task by task, which this model shares: it is not supported.")
+                       f"(config.model.task_free=True); surgery rewrites the mixture weights "
+                       f"and heads of each task, which this model does not have apart.")
   if run.config.model.get("routing", "task") != "task":
     raise SurgeryError(f"{workdir} routes by content (config.model.routing="
                        f"{run.config.model.routing!r}): each image gets its own xi, so there "
