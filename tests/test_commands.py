@@ -45,7 +45,8 @@ MISTAKES = {
     "tables, an unknown table": (
         ("compmod_jax.analysis.tables", "table3", "{tmp}"),
         r"^compmod_jax\.analysis\.tables: CommandError: usage: python -m "
-        r"compmod_jax\.analysis\.tables \{transfer,da,domains,signatures,similarity\} WORKDIR\.\.\.$"),
+        r"compmod_jax\.analysis\.tables \{transfer,da,domains,signatures,similarity,routing\} "
+        r"WORKDIR\.\.\.$"),
     "tables, a run that has not evaluated": (
         ("compmod_jax.analysis.tables", "da", "{tmp}"),
         r"^compmod_jax\.analysis\.tables: FileNotFoundError: .*/results\.json does not exist"),
